@@ -1,0 +1,96 @@
+"""The built-in demo's data: small string tasks that a tiny model learns in minutes on a CPU.
+
+Written by the project (nothing copied): `python -m lmforge.shared.demo OUT_DIR [--rows N]`
+writes, deterministically,
+    tasks.jsonl   alpaca rows   {"instruction", "input", "output"}
+    chat.json     sharegpt rows {"conversations": [...]} with two tasks per conversation
+    prefs.jsonl   pairwise rows {"instruction", "input", "chosen", "rejected"}
+    corpus.txt    plain text, one worked example per line, for pre-training
+    eval.jsonl    held-out alpaca rows for before/after evaluation
+
+The tasks (reverse a list of words, sort it, count it, repeat the first word, uppercase) are
+learnable by a model of a few hundred thousand parameters, so the metrics really move.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+WORDS = ("apple bird cat dog egg fish goat hat ink jam kite lamp moon nest owl pig queen rose sun "
+         "tree umbrella van wolf box yarn zoo ball cake door fork gift hill iron jar key leaf milk "
+         "nose orange pen quilt ring star tent vase window yak zebra").split()
+TASKS = ("reverse", "sort", "count", "first", "upper")
+INSTRUCTIONS = {
+    "reverse": "Reverse the order of the words.",
+    "sort": "Sort the words alphabetically.",
+    "count": "How many words are there?",
+    "first": "What is the first word?",
+    "upper": "Write the words in capital letters.",
+}
+NUMBERS = "zero one two three four five six seven eight nine".split()
+
+
+def answer(task: str, words: list[str]) -> str:
+    if task == "reverse":
+        return " ".join(reversed(words))
+    if task == "sort":
+        return " ".join(sorted(words))
+    if task == "count":
+        return NUMBERS[len(words)]
+    if task == "first":
+        return words[0]
+    return " ".join(w.upper() for w in words)
+
+
+def example(rng: random.Random) -> tuple[str, str, str]:
+    task = rng.choice(TASKS)
+    words = rng.sample(WORDS, rng.randint(2, 5))
+    return INSTRUCTIONS[task], " ".join(words), answer(task, words)
+
+
+def wrong(rng: random.Random, instruction: str, words: str, right: str) -> str:
+    """A plausible wrong answer for preference data: the words unchanged, or shuffled."""
+    options = [words, " ".join(rng.sample(words.split(), len(words.split())))]
+    options = [o for o in options if o != right] or [right + " " + rng.choice(WORDS)]
+    return rng.choice(options)
+
+
+def write(out: Path, rows: int = 2000, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "tasks.jsonl", "w", encoding="utf-8") as f:
+        for _ in range(rows):
+            ins, inp, outp = example(rng)
+            f.write(json.dumps({"instruction": ins, "input": inp, "output": outp}) + "\n")
+    chats = []
+    for _ in range(rows // 4):
+        turns = []
+        for _ in range(2):
+            ins, inp, outp = example(rng)
+            turns += [{"from": "human", "value": f"{ins}\n{inp}"}, {"from": "gpt", "value": outp}]
+        chats.append({"conversations": turns})
+    (out / "chat.json").write_text(json.dumps(chats, indent=1) + "\n", encoding="utf-8")
+    with open(out / "prefs.jsonl", "w", encoding="utf-8") as f:
+        for _ in range(rows // 2):
+            ins, inp, outp = example(rng)
+            f.write(json.dumps({"instruction": ins, "input": inp, "chosen": outp,
+                                "rejected": wrong(rng, ins, inp, outp)}) + "\n")
+    with open(out / "corpus.txt", "w", encoding="utf-8") as f:
+        for _ in range(rows):
+            ins, inp, outp = example(rng)
+            f.write(f"{ins} {inp} => {outp}\n")
+    with open(out / "eval.jsonl", "w", encoding="utf-8") as f:
+        for _ in range(100):
+            ins, inp, outp = example(rng)
+            f.write(json.dumps({"instruction": ins, "input": inp, "output": outp}) + "\n")
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: python -m lmforge.shared.demo OUT_DIR [ROWS]", file=sys.stderr)
+        sys.exit(2)
+    write(Path(args[0]), int(args[1]) if len(args) > 1 else 2000)

@@ -1,0 +1,114 @@
+"""Messages and progress on stderr; stdout is kept for data, paths and --json results.
+
+`--quiet` silences info and progress (warnings and errors still show). When stderr is a
+terminal, progress is a rich bar; otherwise (CI logs, files, pipes) it is a plain line every
+LMFORGE_LOG_INTERVAL seconds (default 10) and a final summary, with no animation.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+_quiet = False
+_debug = False
+
+
+def set_quiet(value: bool) -> None:
+    global _quiet
+    _quiet = bool(value)
+
+
+def set_debug(value: bool) -> None:
+    global _debug
+    _debug = bool(value)
+
+
+def quiet() -> bool:
+    return _quiet
+
+
+def debug() -> bool:
+    return _debug or os.environ.get("LMFORGE_DEBUG", "") not in ("", "0", "false", "no")
+
+
+def info(message: str) -> None:
+    if not _quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _interactive() -> bool:
+    return not _quiet and sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+
+
+def _fmt_num(value: float) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return f"{value:,}"
+
+
+class Progress:
+    """Counts work done. `advance(n, **fields)` adds n units and updates the shown fields.
+
+    Used as a context manager; the summary line on exit says how much was done and how fast.
+    """
+
+    def __init__(self, description: str, total: int | None = None, unit: str = "rows"):
+        self.description = description
+        self.total = total
+        self.unit = unit
+        self.done = 0
+        self.fields: dict[str, object] = {}
+        self._start = time.monotonic()
+        self._last_line = self._start
+        self._interval = float(os.environ.get("LMFORGE_LOG_INTERVAL", "10"))
+        self._bar = None
+        self._task = None
+
+    def __enter__(self) -> "Progress":
+        if _interactive():
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
+                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+
+            self._bar = RichProgress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[extra]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(self.description, total=self.total, extra="")
+        return self
+
+    def _extra(self) -> str:
+        return "  ".join(f"{k} {_fmt_num(v) if isinstance(v, (int, float)) else v}"
+                         for k, v in self.fields.items())
+
+    def rate(self) -> float:
+        return self.done / max(time.monotonic() - self._start, 1e-9)
+
+    def advance(self, n: int = 1, **fields: object) -> None:
+        self.done += n
+        self.fields.update(fields)
+        if self._bar is not None:
+            self._bar.update(self._task, advance=n, extra=self._extra())
+            return
+        now = time.monotonic()
+        if not _quiet and now - self._last_line >= self._interval:
+            self._last_line = now
+            of = f"/{self.total:,}" if self.total else ""
+            extra = self._extra()
+            info(f"{self.description}: {self.done:,}{of} {self.unit} ({self.rate():,.0f} {self.unit}/s)"
+                 + (f"  {extra}" if extra else ""))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+        if exc_type is None:
+            elapsed = time.monotonic() - self._start
+            info(f"{self.description}: {self.done:,} {self.unit} in {elapsed:.1f}s"
+                 f" ({self.rate():,.0f} {self.unit}/s)")

@@ -1,0 +1,170 @@
+"""A corpus of malformed inputs: each gives exit 2, one line naming the problem, no traceback,
+and leaves no output file behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import LMFORGE, bad, ok, write_jsonl
+
+ALPACA = {"instruction": "q", "output": "a"}
+
+
+def _arrow(tmp: Path, rows=None, stage="sft") -> Path:
+    src = write_jsonl(tmp / f"src_{stage}.jsonl", rows or [ALPACA])
+    out = tmp / f"{stage}.arrow"
+    ok(["data", "align", src, "-o", out] + (["--format", "pairwise"] if stage == "pairwise" else []))
+    src.unlink()
+    return out
+
+
+def _file(tmp: Path, name: str, content: bytes | str) -> Path:
+    path = tmp / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+# Each case: (id, setup(tmp) -> args, words the error must contain)
+CASES = [
+    ("truncated-json", lambda t: ["data", "align", _file(t, "a.json", '[{"instruction": "q", "output": "a"}, {"inst')],
+     "truncated JSON"),
+    ("wrong-type", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [{"instruction": 5, "output": "a"}])],
+     "line 1: 'instruction' must be a string"),
+    ("non-utf8-jsonl", lambda t: ["data", "align", _file(t, "a.jsonl", b'{"instruction": "\xff\xfe", "output": "a"}\n')],
+     "not valid UTF-8"),
+    ("non-utf8-json", lambda t: ["data", "align", _file(t, "a.json", b'[{"instruction": "caf\xe9", "output": "a"}]')],
+     "not valid UTF-8"),
+    ("non-utf8-txt", lambda t: ["data", "align", _file(t, "a.txt", b"fine\nbad \xff line\n")],
+     "line 2: not valid UTF-8"),
+    ("empty-json", lambda t: ["data", "align", _file(t, "a.json", "")], "empty file"),
+    ("empty-jsonl", lambda t: ["data", "align", _file(t, "a.jsonl", "\n\n")], "empty file"),
+    ("missing-columns", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [{"question": "q", "answer": "a"}])],
+     "cannot tell the format"),
+    ("missing-output", lambda t: ["data", "align", "--format", "alpaca",
+                                  write_jsonl(t / "a.jsonl", [{"instruction": "q"}])], "missing 'output'"),
+    ("odd-turn-order", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [{"conversations": [
+        {"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}])], "wrong turn order"),
+    ("unknown-role", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [{"conversations": [
+        {"from": "human", "value": "x"}, {"from": "robot", "value": "y"}]}])], "unknown role 'robot'"),
+    ("empty-content", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [{"conversations": [
+        {"from": "human", "value": "  "}, {"from": "gpt", "value": "y"}]}])], "empty content"),
+    ("unknown-format", lambda t: ["data", "align", "--format", "xml", write_jsonl(t / "a.jsonl", [ALPACA])],
+     "'xml' is not one of"),
+    ("unreadable-path", lambda t: ["data", "align", t / "missing.json"], "no such file"),
+    ("not-a-directory", lambda t: ["data", "align", str(_file(t, "f.json", "[]")) + "/inner.json"], "no such file"),
+    ("broken-symlink", lambda t: ["data", "align", _symlink(t)], "broken symbolic link"),
+    ("empty-directory", lambda t: ["data", "align", _mkdir(t / "nothing")], "holds no data files"),
+    ("unknown-extension", lambda t: ["data", "align", _file(t, "a.xml", "<a/>")], "unknown file type '.xml'"),
+    ("garbage-jsonl-line", lambda t: ["data", "align", _file(t, "a.jsonl", json.dumps(ALPACA) + "\n{oops\n")],
+     "line 2: invalid JSON"),
+    ("json-object-not-array", lambda t: ["data", "align", _file(t, "a.json", '"just a string"')],
+     "expected a JSON array"),
+    ("csv-extra-field", lambda t: ["data", "align", _file(t, "a.csv", "instruction,output\nq,a\nq,a,extra\n")],
+     "line 3: the row has more fields"),
+    ("kto-label-type", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [{"messages": [
+        {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "label": "maybe"}])],
+     "must be a boolean"),
+    ("tools-not-json", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [{"conversations": [
+        {"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}], "tools": "{not json"}])],
+     "'tools' is not valid JSON"),
+    ("function-call-not-json", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [{"conversations": [
+        {"from": "human", "value": "x"}, {"from": "function_call", "value": "call it"},
+        {"from": "observation", "value": "r"}, {"from": "gpt", "value": "y"}]}])],
+     "function call content is not valid JSON"),
+    ("columns-syntax", lambda t: ["data", "align", "--columns", "instruction", write_jsonl(t / "a.jsonl", [ALPACA])],
+     "is not NAME=VALUE"),
+    ("columns-unknown-name", lambda t: ["data", "align", "--columns", "instructoin=q",
+                                        write_jsonl(t / "a.jsonl", [ALPACA])], "did you mean 'instruction'"),
+    ("mixed-stages", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [ALPACA]),
+                                write_jsonl(t / "b.jsonl", [{"instruction": "q", "chosen": "a", "rejected": "b"}])],
+     "different stages"),
+    ("dataset-info-unknown-name", lambda t: ["data", "align", "--dataset-info",
+                                             _file(t, "dataset_info.json", '{"alpaca": {"file_name": "a.json"}}'),
+                                             "--name", "alpaka"], "no dataset named 'alpaka'"),
+    ("show-not-arrow", lambda t: ["data", "show", write_jsonl(t / "a.jsonl", [ALPACA])], "not an Arrow dataset"),
+    ("show-truncated-arrow", lambda t: ["data", "show", _truncated(t), "--rows", "0"], "truncated or corrupt"),
+    ("merge-different-stages", lambda t: ["data", "merge", _arrow(t), _arrow(t, [
+        {"instruction": "q", "chosen": "a", "rejected": "b"}], "pairwise")], "stage"),
+    ("merge-probs-count", lambda t: ["data", "merge", _arrow(t), _arrow(t), "--mix", "interleave-under",
+                                     "--probs", "0.2,0.3,0.5"], "--probs has 3 values for 2 inputs"),
+    ("split-too-large", lambda t: ["data", "split", _arrow(t), "--val-size", "5", "-o", t / "split_out"],
+     "leave some rows for training"),
+    ("config-bad-yaml", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [ALPACA]), "--config",
+                                   _file(t, "c.yaml", "columns: [unclosed\n")], "config file"),
+    ("unknown-option", lambda t: ["data", "align", "--colour", "x"], "No such option"),
+    ("output-dir-missing", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [ALPACA]), "-o",
+                                      t / "no" / "such" / "out.arrow"], "does not exist"),
+]
+
+
+def _symlink(t: Path) -> Path:
+    link = t / "link.json"
+    os.symlink(t / "gone.json", link)
+    return link
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _truncated(t: Path) -> Path:
+    full = _arrow(t, [{"instruction": f"q{i}" * 50, "output": "a" * 100} for i in range(5000)])
+    data = full.read_bytes()
+    cut = t / "cut.arrow"
+    cut.write_bytes(data[: len(data) // 2])
+    full.unlink()
+    return cut
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clean_line(tmp_path, case):
+    _, setup, words = case
+    args = setup(tmp_path)
+    before = {p for p in tmp_path.rglob("*")}
+    out = tmp_path / "result.arrow"
+    if "-o" not in args and args[:2] != ["data", "show"]:
+        args = args + ["-o", out]
+    line = bad(args)
+    assert words.lower() in line.lower(), line
+    after = {p for p in tmp_path.rglob("*")}
+    assert after == before, f"left behind: {sorted(map(str, after - before))}"
+
+
+def test_corpus_is_large_enough():
+    assert len(CASES) >= 20
+
+
+def test_binary_output_to_a_terminal_is_refused(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", [ALPACA])
+    main, secondary = pty.openpty()
+    proc = subprocess.run(LMFORGE + ["data", "align", str(src)], stdout=secondary, stderr=subprocess.PIPE,
+                          timeout=60)
+    os.close(secondary)
+    os.close(main)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "refusing to write binary Arrow data to a terminal" in err
+    assert "Traceback" not in err
+
+
+def test_failure_midstream_poisons_the_pipe(tmp_path):
+    """A failure after some batches went to stdout must not look like a complete stream."""
+    rows = [{"instruction": f"q{i}", "output": "a"} for i in range(10000)] + [{"instruction": 1, "output": "a"}]
+    src = write_jsonl(tmp_path / "late.jsonl", rows)
+    produced = subprocess.run(LMFORGE + ["data", "align", str(src)], capture_output=True, timeout=120)
+    assert produced.returncode == 2 and len(produced.stdout) > 0
+    line = bad(["data", "show", "-", "--rows", "0"], input=produced.stdout)
+    assert "truncated or corrupt" in line
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from conftest import run
+
+    result = run(["data", "align", tmp_path / "missing.json", "--debug"])
+    assert result.returncode == 2 and b"Traceback" in result.stderr

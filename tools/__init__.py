@@ -1,0 +1,1 @@
+"""lmforge.tools: the commands. Heavy libraries are imported inside commands, never here."""

@@ -1,0 +1,104 @@
+"""The `lmforge` command: the root app, its command groups, and the error-to-exit-code policy.
+
+Exit codes: 0 ok; 2 bad input or usage (one line on stderr); 1 runtime failure; 130 interrupted.
+A traceback is shown only with --debug or LMFORGE_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from lmforge.shared import __version__, log
+from lmforge.shared.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, LmforgeError
+
+from . import completion, data
+from ._cli import command
+
+app = typer.Typer(
+    help="Fine-tune large language models with small composable tools.\n\n"
+         "Each command does one job, reads Arrow datasets or checkpoint directories, and writes one.",
+    no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]})
+app.add_typer(data.app, name="data")
+command(app, "completion")(completion.completion)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"lmforge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (also LMFORGE_DEBUG=1).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info on stderr.")] = False,
+) -> None:
+    log.set_debug(debug)
+    if quiet:
+        log.set_quiet(True)
+
+
+def _error(text: str) -> None:
+    print(f"error: {' '.join(text.split())}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    command = typer.main.get_command(app)
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        result = command.main(args=args, prog_name="lmforge", standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except typer.TyperException as exc:  # click's usage errors, vendored by typer
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            print(exc.format_message(), file=sys.stderr)
+            code = EXIT_BAD_INPUT
+        else:
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            _error(exc.format_message() + where)
+            code = getattr(exc, "exit_code", EXIT_BAD_INPUT)
+    except typer.Abort:
+        _error("aborted")
+        code = EXIT_FAILURE
+    except LmforgeError as exc:
+        if log.debug():
+            import traceback
+
+            traceback.print_exc()
+        _error(exc.one_line())
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        _error("interrupted")
+        code = EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader went away (`| head`): stop quietly, like other Unix tools
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 141
+    except MemoryError:
+        _error("out of memory; use smaller batches or a smaller cutoff")
+        code = EXIT_FAILURE
+    except Exception as exc:  # a bug or a library failure: short line unless --debug
+        if log.debug():
+            import traceback
+
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _error(f"{type(exc).__name__}: {first}" + ("" if log.debug() else " (run with --debug for the traceback)"))
+        code = EXIT_FAILURE
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        pass
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
