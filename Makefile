@@ -9,7 +9,7 @@ EXTRAS ?= test,cpu-extras
 OUT    ?= demo-out
 LM     := $(BIN)/lmforge
 
-.PHONY: install test test-fast demo completions bench clean-demo
+.PHONY: install test test-fast demo completions bench clean-demo lf-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,3 +61,10 @@ clean-demo:
 
 bench: install
 	$(BIN)/python tests/bench/run.py
+
+# LLaMA-Factory in its own virtualenv (it needs torch 2.11 for torchaudio): a peer to measure against
+lf-venv: .bench/lf-venv/bin/llamafactory-cli
+.bench/lf-venv/bin/llamafactory-cli:
+	$(PYTHON) -m venv .bench/lf-venv
+	.bench/lf-venv/bin/python -m pip install -q --upgrade pip
+	.bench/lf-venv/bin/python -m pip install -q torch==2.11.0 torchaudio==2.11.0 torchvision==0.26.0 llamafactory==0.9.5

@@ -20,9 +20,12 @@ class LmforgeError(Exception):
     exit_code = EXIT_FAILURE
 
     def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
+        super().__init__(message, hint)  # both in args, so the error survives pickling (worker pools)
         self.message = message
         self.hint = hint
+
+    def __str__(self) -> str:
+        return self.one_line()
 
     def one_line(self) -> str:
         text = self.message if not self.hint else f"{self.message}; {self.hint}"

@@ -46,10 +46,14 @@ def _plain(value: object) -> object:
     return str(value)
 
 
+EXECUTION_ONLY = ("output", "num_proc")
+
+
 def step(command: str, options: dict, **extra: object) -> dict:
     """One provenance entry: the command and the options it ran with (JSON-safe)."""
-    # where the result is written is not part of how it was made (and would break byte-identity)
-    kept = {k: v for k, v in options.items() if k not in ("output",)}
+    # where the result is written, and how many processes wrote it, are not part of how it was
+    # made (and would break byte-identity between runs)
+    kept = {k: v for k, v in options.items() if k not in EXECUTION_ONLY}
     clean = json.loads(json.dumps(kept, sort_keys=True, default=_plain))
     return {"command": command, "version": __version__, "options": clean, **extra}
 

@@ -90,3 +90,29 @@ def demo_raw(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     demo.write(out, rows=200)
     return out
+
+
+def word_tokenizer(directory: Path, words: list[str], specials: list[str], *, eos: str, bos: str | None = None,
+                   chat_template: str | None = None) -> Path:
+    """A tiny word-level tokenizer (ids predictable by hand), saved as a model directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", *specials, *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token=eos,
+                                        bos_token=bos, additional_special_tokens=[s for s in specials if s not in (eos, bos)])
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+def aligned(tmp: Path, name: str, rows: list[dict], *extra: str) -> Path:
+    """Align rows written as JSON lines; returns the Arrow path."""
+    src = write_jsonl(tmp / f"{name}.jsonl", rows)
+    out = tmp / f"{name}.arrow"
+    ok(["data", "align", src, "-o", out, *extra])
+    return out

@@ -174,3 +174,85 @@ def show(
         if rows and printed >= rows:
             break
     sys.stdout.flush()
+
+
+@command(app, "pack")
+def pack(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model directory or Hub id whose tokenizer to use.")],
+    input: Annotated[str, typer.Argument(help="Aligned dataset, or '-' for stdin.")] = "-",
+    output: Output = None,
+    template: Annotated[str, typer.Option(
+        "--template", "-t", help="Chat template name, or auto for the tokenizer's own (`lmforge data templates`).")] = "auto",
+    stage: Annotated[Literal["pt", "sft", "rm", "dpo", "kto", "ppo"], typer.Option(
+        "--stage", "-s", help="Training stage the data is for.")] = "sft",
+    cutoff: Annotated[int, typer.Option(help="Maximum tokens per example (and per packed row).")] = 1024,
+    packing: Annotated[bool, typer.Option(help="Pack several examples per row (best-fit decreasing).")] = False,
+    neat_packing: Annotated[bool, typer.Option(
+        help="Pack, keeping each example's own positions so attention never crosses examples.")] = False,
+    train_on_prompt: Annotated[bool, typer.Option(help="Compute the loss on prompt tokens too.")] = False,
+    mask_history: Annotated[bool, typer.Option(help="Loss on the last assistant turn only.")] = False,
+    num_proc: Annotated[int, typer.Option(help="Worker processes for tokenization.")] = 1,
+    seed: Seed = 42,
+) -> None:
+    """Tokenize aligned data with a chat template: ids, loss labels, truncation, packing."""
+    from lmforge.shared import arrowio, meta
+    from lmforge.shared import pack as packing_
+
+    arrowio.check_output(output)
+    options = packing_.PackOptions(model=model, template=template, stage=stage, cutoff=cutoff,
+                                   packing=packing or neat_packing, neat_packing=neat_packing,
+                                   train_on_prompt=train_on_prompt, mask_history=mask_history,
+                                   num_proc=num_proc, seed=seed)
+    packing_.validate(options)
+    if template != "auto":
+        from lmforge.shared.templates import get
+
+        get(template)  # an unknown name fails before the tokenizer loads
+    source = arrowio.open_arrow(input)
+    packing_.check_stage(source.meta, source.name, stage)
+    encoder = packing_.Encoder(options)
+    if encoder.added:
+        from lmforge.shared import log
+
+        log.info(f"pack: template {encoder.render.name} needs {', '.join(encoder.added)}, missing from the "
+                 "tokenizer: added as special tokens (train adds them too and resizes the embeddings)")
+    cmd, opts = invocation()
+    metadata = packing_.metadata(encoder, options, source.meta, meta.step(cmd, opts))
+    stats = packing_.Stats()
+    with arrowio.ArrowOutput(output, packing_.SCHEMAS[stage], metadata) as out:
+        for batch in packing_.run(encoder, source.batches(), options, stats):
+            out.write(batch)
+        summary = stats.as_dict(options)
+        out.set_summary(summary)
+    packing_.log_summary(summary, options)
+
+
+@command(app, "stats")
+def stats(
+    input: Annotated[str, typer.Argument(help="Packed dataset, or '-' for stdin.")] = "-",
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object instead of a table.")] = False,
+) -> None:
+    """Token statistics of packed data: lengths, truncation, packing efficiency, loss share."""
+    from lmforge.shared import arrowio, packstats
+
+    source = arrowio.open_arrow(input)
+    info = packstats.compute(source)
+    if json_out:
+        print_json(info)
+    else:
+        packstats.print_table(info)
+
+
+@command(app, "templates")
+def templates(json_out: Annotated[bool, typer.Option("--json", help="As JSON.")] = False) -> None:
+    """List the chat templates `data pack --template` knows."""
+    from lmforge.shared.templates import TEMPLATES
+
+    rows = {name: {"description": t.description, "tools": t.supports_tools,
+                   "stop_words": list(t.stop_words)} for name, t in TEMPLATES.items()}
+    if json_out:
+        print_json(rows)
+        return
+    for name, info in rows.items():
+        tools = "tools" if info["tools"] else "     "
+        print(f"{name:<14} {tools}  {info['description']}")
