@@ -3,18 +3,30 @@
 
 _lmforge_words() {
   case "$1" in
-    "") echo "completion data --version --debug --quiet -q --help -h";;
-    "completion") echo "--config --debug --quiet -q --install-completion --show-completion --help -h";;
-    "data") echo "align merge show split --help -h";;
-    "data align") echo "--output -o --format -f --columns --tags --dataset-info --name --skip-invalid --no-skip-invalid --max-samples --sample --seed --config --debug --quiet -q --install-completion --show-completion --help -h";;
-    "data merge") echo "--output -o --mix --probs --seed --config --debug --quiet -q --install-completion --show-completion --help -h";;
-    "data show") echo "--rows -n --schema --stats --json --config --debug --quiet -q --install-completion --show-completion --help -h";;
-    "data split") echo "--output -o --val-size --seed --config --debug --quiet -q --install-completion --show-completion --help -h";;
+    "") echo "adapter completion data train --version --debug --quiet -q --help -h";;
+    "adapter") echo "merge --help -h";;
+    "adapter merge") echo "--output -o --dtype --max-shard-size --overwrite --no-overwrite --config --debug --quiet -q --help -h";;
+    "completion") echo "--config --debug --quiet -q --help -h";;
+    "data") echo "align merge pack show split stats templates --help -h";;
+    "data align") echo "--output -o --format -f --columns --tags --dataset-info --name --skip-invalid --no-skip-invalid --max-samples --sample --seed --config --debug --quiet -q --help -h";;
+    "data merge") echo "--output -o --mix --probs --seed --config --debug --quiet -q --help -h";;
+    "data pack") echo "--model -m --output -o --template -t --stage -s --cutoff --packing --no-packing --neat-packing --no-neat-packing --train-on-prompt --no-train-on-prompt --mask-history --no-mask-history --num-proc --seed --config --debug --quiet -q --help -h";;
+    "data show") echo "--rows -n --schema --stats --json --config --debug --quiet -q --help -h";;
+    "data split") echo "--output -o --val-size --seed --config --debug --quiet -q --help -h";;
+    "data stats") echo "--json --config --debug --quiet -q --help -h";;
+    "data templates") echo "--json --config --debug --quiet -q --help -h";;
+    "train") echo "pt sft --help -h";;
+    "train pt") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --config --debug --quiet -q --help -h";;
+    "train sft") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --config --debug --quiet -q --help -h";;
   esac
 }
 
 _lmforge_value() {
   case "$1|$2" in
+    "adapter merge|--output"|"adapter merge|-o") echo "@file";;
+    "adapter merge|--dtype") echo "auto fp32 bf16 fp16";;
+    "adapter merge|--max-shard-size") echo "@any";;
+    "adapter merge|--config") echo "@file";;
     "completion|--config") echo "@file";;
     "data align|--output"|"data align|-o") echo "@file";;
     "data align|--format"|"data align|-f") echo "auto alpaca sharegpt openai pairwise kto text";;
@@ -31,12 +43,104 @@ _lmforge_value() {
     "data merge|--probs") echo "@any";;
     "data merge|--seed") echo "@any";;
     "data merge|--config") echo "@file";;
+    "data pack|--model"|"data pack|-m") echo "@file";;
+    "data pack|--output"|"data pack|-o") echo "@file";;
+    "data pack|--template"|"data pack|-t") echo "@any";;
+    "data pack|--stage"|"data pack|-s") echo "pt sft rm dpo kto ppo";;
+    "data pack|--cutoff") echo "@any";;
+    "data pack|--num-proc") echo "@any";;
+    "data pack|--seed") echo "@any";;
+    "data pack|--config") echo "@file";;
     "data show|--rows"|"data show|-n") echo "@any";;
     "data show|--config") echo "@file";;
     "data split|--output"|"data split|-o") echo "@file";;
     "data split|--val-size") echo "@any";;
     "data split|--seed") echo "@any";;
     "data split|--config") echo "@file";;
+    "data stats|--config") echo "@file";;
+    "data templates|--config") echo "@file";;
+    "train pt|--model"|"train pt|-m") echo "@file";;
+    "train pt|--data"|"train pt|-d") echo "@file";;
+    "train pt|--output"|"train pt|-o") echo "@file";;
+    "train pt|--eval-data") echo "@any";;
+    "train pt|--method") echo "full freeze lora dora pissa llama-pro galore badam";;
+    "train pt|--quant") echo "@any";;
+    "train pt|--lora-rank") echo "@any";;
+    "train pt|--lora-alpha") echo "@any";;
+    "train pt|--lora-dropout") echo "@any";;
+    "train pt|--lora-target") echo "@any";;
+    "train pt|--loraplus-ratio") echo "@any";;
+    "train pt|--freeze-layers") echo "@any";;
+    "train pt|--freeze-modules") echo "@any";;
+    "train pt|--freeze-extra") echo "@any";;
+    "train pt|--expand-layers") echo "@any";;
+    "train pt|--galore-rank") echo "@any";;
+    "train pt|--galore-scale") echo "@any";;
+    "train pt|--galore-update-interval") echo "@any";;
+    "train pt|--galore-target") echo "@any";;
+    "train pt|--badam-mode") echo "ascending descending random";;
+    "train pt|--badam-switch-interval") echo "@any";;
+    "train pt|--learning-rate"|"train pt|--lr") echo "@any";;
+    "train pt|--epochs") echo "@any";;
+    "train pt|--max-steps") echo "@any";;
+    "train pt|--warmup") echo "@any";;
+    "train pt|--weight-decay") echo "@any";;
+    "train pt|--max-grad-norm") echo "@any";;
+    "train pt|--batch-size") echo "@any";;
+    "train pt|--grad-accum") echo "@any";;
+    "train pt|--scheduler") echo "@any";;
+    "train pt|--optim") echo "@any";;
+    "train pt|--precision") echo "auto bf16 fp16 fp32";;
+    "train pt|--attn") echo "auto sdpa eager flash_attention_2";;
+    "train pt|--rope-scaling") echo "auto linear dynamic yarn none";;
+    "train pt|--seed") echo "@any";;
+    "train pt|--save-steps") echo "@any";;
+    "train pt|--logging-steps") echo "@any";;
+    "train pt|--eval-steps") echo "@any";;
+    "train pt|--report") echo "none tensorboard";;
+    "train pt|--deepspeed") echo "@any";;
+    "train pt|--config") echo "@file";;
+    "train sft|--model"|"train sft|-m") echo "@file";;
+    "train sft|--data"|"train sft|-d") echo "@file";;
+    "train sft|--output"|"train sft|-o") echo "@file";;
+    "train sft|--eval-data") echo "@any";;
+    "train sft|--method") echo "full freeze lora dora pissa llama-pro galore badam";;
+    "train sft|--quant") echo "@any";;
+    "train sft|--lora-rank") echo "@any";;
+    "train sft|--lora-alpha") echo "@any";;
+    "train sft|--lora-dropout") echo "@any";;
+    "train sft|--lora-target") echo "@any";;
+    "train sft|--loraplus-ratio") echo "@any";;
+    "train sft|--freeze-layers") echo "@any";;
+    "train sft|--freeze-modules") echo "@any";;
+    "train sft|--freeze-extra") echo "@any";;
+    "train sft|--expand-layers") echo "@any";;
+    "train sft|--galore-rank") echo "@any";;
+    "train sft|--galore-scale") echo "@any";;
+    "train sft|--galore-update-interval") echo "@any";;
+    "train sft|--galore-target") echo "@any";;
+    "train sft|--badam-mode") echo "ascending descending random";;
+    "train sft|--badam-switch-interval") echo "@any";;
+    "train sft|--learning-rate"|"train sft|--lr") echo "@any";;
+    "train sft|--epochs") echo "@any";;
+    "train sft|--max-steps") echo "@any";;
+    "train sft|--warmup") echo "@any";;
+    "train sft|--weight-decay") echo "@any";;
+    "train sft|--max-grad-norm") echo "@any";;
+    "train sft|--batch-size") echo "@any";;
+    "train sft|--grad-accum") echo "@any";;
+    "train sft|--scheduler") echo "@any";;
+    "train sft|--optim") echo "@any";;
+    "train sft|--precision") echo "auto bf16 fp16 fp32";;
+    "train sft|--attn") echo "auto sdpa eager flash_attention_2";;
+    "train sft|--rope-scaling") echo "auto linear dynamic yarn none";;
+    "train sft|--seed") echo "@any";;
+    "train sft|--save-steps") echo "@any";;
+    "train sft|--logging-steps") echo "@any";;
+    "train sft|--eval-steps") echo "@any";;
+    "train sft|--report") echo "none tensorboard";;
+    "train sft|--deepspeed") echo "@any";;
+    "train sft|--config") echo "@file";;
     *) return 1;;
   esac
 }
@@ -69,7 +173,7 @@ _lmforge() {
   for w in $all; do [[ "$w" == -* ]] || subs="$subs $w"; done
   COMPREPLY=($(compgen -W "$subs" -- "$cur"))
   case "$path" in
-    "completion"|"data align"|"data merge"|"data show"|"data split") COMPREPLY+=($(compgen -f -- "$cur"));;
+    "adapter merge"|"completion"|"data align"|"data merge"|"data pack"|"data show"|"data split"|"data stats") COMPREPLY+=($(compgen -f -- "$cur"));;
   esac
   return 0
 }

@@ -62,7 +62,7 @@ def backend_json(tokenizer) -> str:
 
 def fingerprint(tokenizer) -> str:
     digest = hashlib.sha256(backend_json(tokenizer).encode("utf-8"))
-    for name in ("bos_token", "eos_token", "pad_token"):
+    for name in ("bos_token", "eos_token"):  # (not pad: training sets one when missing)
         digest.update(f"{name}={getattr(tokenizer, name, None)}".encode())
     return digest.hexdigest()[:16]
 

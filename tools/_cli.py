@@ -53,7 +53,7 @@ def _quiet_callback(value: bool) -> None:
 
 def _common_params() -> list:
     """--config/--debug/--quiet as Typer builds them, taken from a throwaway command."""
-    probe = typer.Typer()
+    probe = typer.Typer(add_completion=False)
 
     @probe.command()
     def _probe(
@@ -109,3 +109,25 @@ def print_path(path: str | Path) -> None:
     """A tool that makes a directory prints its path, and only that, on stdout."""
     sys.stdout.write(f"{path}\n")
     sys.stdout.flush()
+
+
+REQUIRED = object()
+
+
+def with_options(*groups: list[tuple[str, Any, Any]]):
+    """Give a `def fn(**options)` command the options of `groups`, each a list of
+    (name, Annotated[type, typer.Option(...)], default). Shared option sets are written once."""
+    import inspect
+
+    def decorate(fn):
+        params = []
+        for group in groups:
+            for name, annotation, default in group:
+                params.append(inspect.Parameter(
+                    name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                    default=inspect.Parameter.empty if default is REQUIRED else default))
+        fn.__signature__ = inspect.Signature(params)
+        fn.__annotations__ = {p.name: p.annotation for p in params}
+        return fn
+
+    return decorate

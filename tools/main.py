@@ -15,7 +15,7 @@ import typer
 from lmforge.shared import __version__, log
 from lmforge.shared.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, LmforgeError
 
-from . import completion, data
+from . import adapter, completion, data, train
 from ._cli import command
 
 app = typer.Typer(
@@ -24,6 +24,8 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]})
 app.add_typer(data.app, name="data")
+app.add_typer(train.app, name="train")
+app.add_typer(adapter.app, name="adapter")
 command(app, "completion")(completion.completion)
 
 

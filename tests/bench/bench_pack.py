@@ -53,25 +53,39 @@ def aligned_input() -> Path:
 
 
 def llamafactory(raw: Path, tokdir: Path) -> dict | None:
+    """LLaMA-Factory's data pipeline alone: it writes the tokenized dataset to `tokenized_path`.
+
+    (0.9.5 then goes on to load model weights; the stand-in model directory has none, so the run
+    ends there, after the data is written. Its time is the pipeline's, plus start-up.)"""
     cli = LF_VENV / "bin" / "llamafactory-cli"
     if not cli.exists():
         return None
+    import yaml
+
     work = WORK / "lf"
     shutil.rmtree(work, ignore_errors=True)
     (work / "data").mkdir(parents=True)
+    (work / "model").mkdir()
+    for f in tokdir.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, work / "model" / f.name)
+    (work / "model" / "config.json").write_text(json.dumps({
+        "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "vocab_size": 151936, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "max_position_embeddings": 4096}))
     shutil.copy(raw, work / "data" / "alpaca_bench.json")
     (work / "data" / "dataset_info.json").write_text(json.dumps({"alpaca_bench": {"file_name": "alpaca_bench.json"}}))
-    config = {"model_name_or_path": str(tokdir), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+    config = {"model_name_or_path": str(work / "model"), "stage": "sft", "do_train": True, "finetuning_type": "lora",
               "dataset": "alpaca_bench", "dataset_dir": str(work / "data"), "template": "qwen3", "cutoff_len": 1024,
               "packing": True, "preprocessing_num_workers": 2, "tokenized_path": str(work / "tokenized"),
               "output_dir": str(work / "out"), "overwrite_cache": True, "report_to": "none"}
-    (work / "config.json").write_text(json.dumps(config))
-    try:
-        return measure_isolated([cli, "train", work / "config.json"], cwd=work,
-                                env={"HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1", "CUDA_VISIBLE_DEVICES": ""})
-    except RuntimeError as exc:
-        print(f"LLaMA-Factory run failed: {str(exc)[-800:]}")
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    result = measure_isolated([cli, "train", work / "config.yaml"], allow_failure=True, cwd=work,
+                              env={"HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1", "CUDA_VISIBLE_DEVICES": ""})
+    if not (work / "tokenized" / "dataset_dict.json").exists():
+        print(f"LLaMA-Factory run failed: {result['stderr'][-800:]}")
         return None
+    return result
 
 
 def main() -> None:
