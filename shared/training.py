@@ -409,7 +409,25 @@ def build_default_trainer(o: TrainOptions, model, tokenizer, args, data: PackedD
     trainer = Trainer(model=model, args=args, train_dataset=data.dataset,
                       eval_dataset=eval_data.dataset if eval_data else None, data_collator=collator,
                       optimizers=optimizers)
+    if not _zero3(o.deepspeed):
+        from . import lossfn
+
+        trainer.lmforge_restore = lossfn.install(model)  # output layer + loss in chunks: less memory
     return trainer, collator
+
+
+def _zero3(spec: str | None) -> bool:
+    """ZeRO-3 only gathers a layer's weights inside that layer's forward: keep the standard loss."""
+    if not spec:
+        return False
+    if spec.startswith("z3"):
+        return True
+    import json
+
+    try:
+        return json.loads(Path(spec).read_text()).get("zero_optimization", {}).get("stage") == 3
+    except (OSError, ValueError):
+        return False
 
 
 def save_result(o: TrainOptions, trainer, model, tokenizer, data: PackedData, out: Path, metrics: dict,
@@ -417,6 +435,9 @@ def save_result(o: TrainOptions, trainer, model, tokenizer, data: PackedData, ou
     """The final model or adapter, the tokenizer, a generation config, the log plot, lmforge.json."""
     import shutil
 
+    restore = getattr(trainer, "lmforge_restore", None)
+    if restore is not None:
+        restore()
     trainer.save_model(str(out))
     if not trainer.is_world_process_zero():
         return
