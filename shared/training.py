@@ -268,7 +268,8 @@ def quiet_libraries() -> None:
     import logging
     import warnings
 
-    for name in ("bitsandbytes", "DeepSpeed", "deepspeed", "accelerate", "torch.distributed", "peft"):
+    for name in ("bitsandbytes", "bitsandbytes.backends.cpu.ops", "DeepSpeed", "deepspeed", "accelerate",
+                 "torch.distributed", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_visible() else "cuda")
 
@@ -367,8 +368,6 @@ def run(o: TrainOptions, build_trainer=None) -> Path:
         evaluated = trainer.evaluate()
         metrics.update({k: round(float(v), 6) for k, v in evaluated.items() if k.startswith("eval_") and
                         isinstance(v, (int, float))})
-        rundir.JsonlLog(out / rundir.LOG).write({"step": int(result.global_step), **{
-            k: v for k, v in metrics.items() if k.startswith("eval_")}})
     save_result(o, trainer, model, tokenizer, data, out, metrics, device, pissa_init)
     return out
 
@@ -454,7 +453,8 @@ def save_result(o: TrainOptions, trainer, model, tokenizer, data: PackedData, ou
         shutil.rmtree(out / rundir.CHECKPOINTS, ignore_errors=True)
     rundir.plot_loss(out)
     record = {
-        "lmforge_version": __version__, "kind": "adapter" if o.method.is_adapter else "model",
+        "lmforge_version": __version__,
+        "kind": o.extra.get("kind") or ("adapter" if o.method.is_adapter else "model"),
         "stage": o.stage, "base_model": str(Path(o.model).resolve()) if Path(o.model).exists() else o.model,
         "method": o.method.method, "method_options": {k: v for k, v in asdict(o.method).items()
                                                       if k != "added_token_ids"},
@@ -469,7 +469,7 @@ def save_result(o: TrainOptions, trainer, model, tokenizer, data: PackedData, ou
                             "seed": o.seed, "precision": device.dtype_name, "optim": o.optim,
                             "gradient_checkpointing": o.gradient_checkpointing, "quant": o.quant,
                             "deepspeed": o.deepspeed, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-                            **{k: v for k, v in o.extra.items() if k not in ("training_arguments", "data_stages")}},
+                            **{k: v for k, v in o.extra.items() if k not in ("training_arguments", "data_stages", "kind")}},
         "device": {"kind": device.kind, "attention": device.attn}, "metrics": metrics,
     }
     rundir.write_json(out / rundir.RECORD, record)

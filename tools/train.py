@@ -116,3 +116,121 @@ def pt(**opts) -> None:
 @with_options(*COMMON)
 def sft(**opts) -> None:
     run_and_print(options_from("sft", opts))
+
+
+RM_DATA = "Reward model"
+PREF = "Preference loss"
+PREFERENCE = [
+    ("loss", Annotated[Literal["sigmoid", "ipo", "hinge", "orpo", "simpo", "kto"], typer.Option(
+        help="sigmoid (DPO), ipo, hinge: with a reference model; orpo, simpo: without; kto: on KTO-labelled data.",
+        rich_help_panel=PREF)], "sigmoid"),
+    ("beta", Annotated[Optional[float], typer.Option(
+        help="Strength of the preference term (default 0.1; 2.0 for simpo; ORPO's lambda for orpo).", rich_help_panel=PREF)], None),
+    ("ftx", Annotated[float, typer.Option(
+        help="DPO-ftx: add FTX x the SFT loss on the chosen answer (logged as sft_loss).", rich_help_panel=PREF)], 0.0),
+    ("simpo_gamma", Annotated[float, typer.Option(help="simpo: the target reward margin gamma.", rich_help_panel=PREF)], 0.5),
+    ("precompute_ref", Annotated[bool, typer.Option(
+        help="Full tuning: compute reference log-probs once before training instead of keeping a frozen copy.",
+        rich_help_panel=PREF)], False),
+    ("desirable_weight", Annotated[float, typer.Option(help="kto: weight of desirable examples.", rich_help_panel=PREF)], 1.0),
+    ("undesirable_weight", Annotated[float, typer.Option(help="kto: weight of undesirable examples.", rich_help_panel=PREF)], 1.0),
+]
+
+
+def _no_custom_optimizer(stage: str, opts: dict) -> None:
+    from lmforge.shared.errors import BadInput
+
+    if opts.get("loraplus_ratio"):
+        raise BadInput(f"--loraplus-ratio is for train pt/sft, not {stage}")
+    if opts.get("method") == "badam":
+        raise BadInput(f"--method badam is for train pt/sft, not {stage}")
+    if opts.get("method") == "pissa" and stage == "rm":
+        raise BadInput("--method pissa is not supported for reward models", "use lora or dora")
+
+
+@command(app, "rm", help="Reward model: the base + a value head, trained on pairwise data (`data pack --stage rm`).")
+@with_options(*COMMON)
+def rm(**opts) -> None:
+    from lmforge.shared.preference import build_rm_trainer
+
+    _no_custom_optimizer("rm", opts)
+    run_and_print(options_from("rm", opts, data_stages=("rm", "dpo"), kind="reward"), build_rm_trainer)
+
+
+@command(app, "dpo", help="Preference optimisation: DPO, IPO, hinge, ORPO, SimPO, KTO; DPO-ftx with --ftx.")
+@with_options(*COMMON, PREFERENCE)
+def dpo(**opts) -> None:
+    from lmforge.shared.preference import build_dpo_trainer
+
+    _no_custom_optimizer("dpo", opts)
+    loss = opts.pop("loss")
+    beta = opts.pop("beta")
+    extra = {"loss": loss, "beta": beta if beta is not None else (2.0 if loss == "simpo" else 0.1),
+             "ftx": opts.pop("ftx"), "simpo_gamma": opts.pop("simpo_gamma"), "precompute_ref": opts.pop("precompute_ref"),
+             "desirable_weight": opts.pop("desirable_weight"), "undesirable_weight": opts.pop("undesirable_weight"),
+             "data_stages": ("kto",) if loss == "kto" else ("dpo", "rm")}
+    run_and_print(options_from("dpo", opts, **extra), build_dpo_trainer)
+
+
+G = "PPO"
+PPO_OPTIONS = [
+    ("model", Annotated[str, typer.Option("--model", "-m", help="Base model (directory or Hub id).", rich_help_panel=P)], REQUIRED),
+    ("reward", Annotated[str, typer.Option(help="Reward model directory (`lmforge train rm`).", rich_help_panel=P)], REQUIRED),
+    ("data", Annotated[str, typer.Option("--data", "-d", help="Prompts packed with `data pack --stage ppo`.", rich_help_panel=P)], REQUIRED),
+    ("output", Annotated[Path, typer.Option("--output", "-o", help="Output directory (printed on stdout).", rich_help_panel=P)], REQUIRED),
+    ("sft", Annotated[Optional[str], typer.Option(help="The SFT adapter (merged into the base in memory) or SFT model directory.", rich_help_panel=P)], None),
+    ("overwrite", Annotated[bool, typer.Option(help="Replace a non-empty output directory.", rich_help_panel=P)], False),
+    ("resume", Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.", rich_help_panel=P)], False),
+    ("layout", Annotated[Literal["shared", "separate"], typer.Option(
+        help="shared: one base model serves policy, reference and reward by switching adapters; separate: four models.",
+        rich_help_panel=G)], "shared"),
+    ("lora_rank", Annotated[int, typer.Option(help="Rank of the policy's LoRA adapter.", rich_help_panel=G)], 8),
+    ("lora_alpha", Annotated[Optional[float], typer.Option(help="LoRA alpha (default 2 x rank).", rich_help_panel=G)], None),
+    ("lora_target", Annotated[str, typer.Option(help="Modules to adapt (all, or names).", rich_help_panel=G)], "all"),
+    ("learning_rate", Annotated[float, typer.Option("--learning-rate", "--lr", help="Learning rate.", rich_help_panel=G)], 1e-5),
+    ("batch_size", Annotated[int, typer.Option(help="Prompts per PPO step (rollouts).", rich_help_panel=G)], 8),
+    ("mini_batch_size", Annotated[int, typer.Option(help="Rollouts per gradient update.", rich_help_panel=G)], 4),
+    ("ppo_epochs", Annotated[int, typer.Option(help="Passes over each batch of rollouts.", rich_help_panel=G)], 4),
+    ("max_steps", Annotated[int, typer.Option(help="PPO steps.", rich_help_panel=G)], 100),
+    ("epochs", Annotated[Optional[float], typer.Option(help="Passes over the prompts (overrides --max-steps).", rich_help_panel=G)], None),
+    ("max_new_tokens", Annotated[int, typer.Option(help="Longest response sampled.", rich_help_panel=G)], 64),
+    ("temperature", Annotated[float, typer.Option(help="Sampling temperature (0: greedy).", rich_help_panel=G)], 1.0),
+    ("top_k", Annotated[int, typer.Option(help="Top-k sampling (0: off).", rich_help_panel=G)], 0),
+    ("top_p", Annotated[float, typer.Option(help="Nucleus sampling.", rich_help_panel=G)], 1.0),
+    ("kl_coef", Annotated[float, typer.Option(help="Initial per-token KL penalty coefficient.", rich_help_panel=G)], 0.05),
+    ("kl_target", Annotated[float, typer.Option(help="Adaptive KL target (0: fixed coefficient).", rich_help_panel=G)], 6.0),
+    ("kl_horizon", Annotated[int, typer.Option(help="Adaptive KL horizon.", rich_help_panel=G)], 10000),
+    ("gamma", Annotated[float, typer.Option(help="Discount.", rich_help_panel=G)], 1.0),
+    ("lam", Annotated[float, typer.Option(help="GAE lambda.", rich_help_panel=G)], 0.95),
+    ("clip_range", Annotated[float, typer.Option(help="PPO ratio clipping.", rich_help_panel=G)], 0.2),
+    ("clip_range_value", Annotated[float, typer.Option(help="Value clipping.", rich_help_panel=G)], 0.2),
+    ("vf_coef", Annotated[float, typer.Option(help="Weight of the value loss.", rich_help_panel=G)], 0.1),
+    ("reward_scale", Annotated[float, typer.Option(help="Multiply scores by this.", rich_help_panel=G)], 1.0),
+    ("reward_clip", Annotated[Optional[float], typer.Option(help="Clip scores to +-this.", rich_help_panel=G)], None),
+    ("reward_norm", Annotated[bool, typer.Option(help="Normalise scores by their running mean and std.", rich_help_panel=G)], False),
+    ("missing_eos_penalty", Annotated[Optional[float], typer.Option(help="Subtract this from the score of answers that never stop.", rich_help_panel=G)], None),
+    ("whiten_advantages", Annotated[bool, typer.Option(help="Normalise advantages over each batch.", rich_help_panel=G)], True),
+    ("max_grad_norm", Annotated[float, typer.Option(help="Gradient clipping (0: none).", rich_help_panel=G)], 1.0),
+    ("precision", Annotated[Literal["auto", "bf16", "fp16", "fp32"], typer.Option(help="Weights' precision.", rich_help_panel=G)], "auto"),
+    ("seed", Annotated[int, typer.Option(help="Random seed.", rich_help_panel=R)], 42),
+    ("save_steps", Annotated[int, typer.Option(help="Checkpoint every N steps.", rich_help_panel=R)], 50),
+    ("keep_checkpoints", Annotated[bool, typer.Option(help="Keep checkpoints/ at the end.", rich_help_panel=R)], False),
+    ("logging_steps", Annotated[int, typer.Option(help="Log every N steps.", rich_help_panel=R)], 1),
+]
+
+
+@command(app, "ppo", help="RLHF with PPO: SFT model + reward model, one shared base model in memory.")
+@with_options(PPO_OPTIONS)
+def ppo(**opts) -> None:
+    import os
+
+    from lmforge.shared import training
+
+    training.quiet_libraries()  # before torch loads: it autoloads bitsandbytes, which talks
+    from lmforge.shared import ppo as ppo_
+
+    options = ppo_.PPOOptions(**opts)
+    with training.stdout_guard():
+        out = ppo_.run(options)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_path(out)
