@@ -3,7 +3,7 @@
 
 _lmforge_words() {
   case "$1" in
-    "") echo "adapter completion data train --version --debug --quiet -q --help -h";;
+    "") echo "adapter completion data eval model train --version --debug --quiet -q --help -h";;
     "adapter") echo "merge --help -h";;
     "adapter merge") echo "--output -o --dtype --max-shard-size --overwrite --no-overwrite --config --debug --quiet -q --help -h";;
     "completion") echo "--config --debug --quiet -q --help -h";;
@@ -15,6 +15,16 @@ _lmforge_words() {
     "data split") echo "--output -o --val-size --seed --config --debug --quiet -q --help -h";;
     "data stats") echo "--json --config --debug --quiet -q --help -h";;
     "data templates") echo "--json --config --debug --quiet -q --help -h";;
+    "eval") echo "ceval cmmlu generate mmlu perplexity rm --help -h";;
+    "eval ceval") echo "--model -m --adapter --data -d --mapping --split --shots --subjects --batch-size --template --cutoff --predictions --json --config --debug --quiet -q --help -h";;
+    "eval cmmlu") echo "--model -m --adapter --data -d --mapping --split --shots --subjects --batch-size --template --cutoff --predictions --json --config --debug --quiet -q --help -h";;
+    "eval generate") echo "--model -m --adapter --data -d --template --max-new-tokens --temperature --top-p --seed --batch-size --max-samples --output -o --json --config --debug --quiet -q --help -h";;
+    "eval mmlu") echo "--model -m --adapter --data -d --mapping --split --shots --subjects --batch-size --template --cutoff --predictions --json --config --debug --quiet -q --help -h";;
+    "eval perplexity") echo "--model -m --adapter --data -d --batch-size --json --config --debug --quiet -q --help -h";;
+    "eval rm") echo "--model -m --reward --data -d --batch-size --json --config --debug --quiet -q --help -h";;
+    "model") echo "init quantize --help -h";;
+    "model init") echo "--output -o --arch --layers --hidden --heads --kv-heads --intermediate --vocab-size --max-position --tokenizer --train-tokenizer --seed --overwrite --no-overwrite --config --debug --quiet -q --help -h";;
+    "model quantize") echo "--output -o --method --bits --group-size --calib --calib-samples --eval-data --eval-samples --max-length --overwrite --no-overwrite --seed --config --debug --quiet -q --help -h";;
     "train") echo "dpo ppo pt rm sft --help -h";;
     "train dpo") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --loss --beta --ftx --simpo-gamma --precompute-ref --no-precompute-ref --desirable-weight --undesirable-weight --config --debug --quiet -q --help -h";;
     "train ppo") echo "--model -m --reward --data -d --output -o --sft --overwrite --no-overwrite --resume --no-resume --layout --lora-rank --lora-alpha --lora-target --learning-rate --lr --batch-size --mini-batch-size --ppo-epochs --max-steps --epochs --max-new-tokens --temperature --top-k --top-p --kl-coef --kl-target --kl-horizon --gamma --lam --clip-range --clip-range-value --vf-coef --reward-scale --reward-clip --reward-norm --no-reward-norm --missing-eos-penalty --whiten-advantages --no-whiten-advantages --max-grad-norm --precision --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --config --debug --quiet -q --help -h";;
@@ -62,6 +72,88 @@ _lmforge_value() {
     "data split|--config") echo "@file";;
     "data stats|--config") echo "@file";;
     "data templates|--config") echo "@file";;
+    "eval ceval|--model"|"eval ceval|-m") echo "@file";;
+    "eval ceval|--adapter") echo "@file";;
+    "eval ceval|--data"|"eval ceval|-d") echo "@file";;
+    "eval ceval|--mapping") echo "@any";;
+    "eval ceval|--split") echo "test val dev";;
+    "eval ceval|--shots") echo "@any";;
+    "eval ceval|--subjects") echo "@any";;
+    "eval ceval|--batch-size") echo "@any";;
+    "eval ceval|--template") echo "@any";;
+    "eval ceval|--cutoff") echo "@any";;
+    "eval ceval|--predictions") echo "@file";;
+    "eval ceval|--config") echo "@file";;
+    "eval cmmlu|--model"|"eval cmmlu|-m") echo "@file";;
+    "eval cmmlu|--adapter") echo "@file";;
+    "eval cmmlu|--data"|"eval cmmlu|-d") echo "@file";;
+    "eval cmmlu|--mapping") echo "@any";;
+    "eval cmmlu|--split") echo "test val dev";;
+    "eval cmmlu|--shots") echo "@any";;
+    "eval cmmlu|--subjects") echo "@any";;
+    "eval cmmlu|--batch-size") echo "@any";;
+    "eval cmmlu|--template") echo "@any";;
+    "eval cmmlu|--cutoff") echo "@any";;
+    "eval cmmlu|--predictions") echo "@file";;
+    "eval cmmlu|--config") echo "@file";;
+    "eval generate|--model"|"eval generate|-m") echo "@file";;
+    "eval generate|--adapter") echo "@file";;
+    "eval generate|--data"|"eval generate|-d") echo "@file";;
+    "eval generate|--template") echo "@any";;
+    "eval generate|--max-new-tokens") echo "@any";;
+    "eval generate|--temperature") echo "@any";;
+    "eval generate|--top-p") echo "@any";;
+    "eval generate|--seed") echo "@any";;
+    "eval generate|--batch-size") echo "@any";;
+    "eval generate|--max-samples") echo "@any";;
+    "eval generate|--output"|"eval generate|-o") echo "@file";;
+    "eval generate|--config") echo "@file";;
+    "eval mmlu|--model"|"eval mmlu|-m") echo "@file";;
+    "eval mmlu|--adapter") echo "@file";;
+    "eval mmlu|--data"|"eval mmlu|-d") echo "@file";;
+    "eval mmlu|--mapping") echo "@any";;
+    "eval mmlu|--split") echo "test val dev";;
+    "eval mmlu|--shots") echo "@any";;
+    "eval mmlu|--subjects") echo "@any";;
+    "eval mmlu|--batch-size") echo "@any";;
+    "eval mmlu|--template") echo "@any";;
+    "eval mmlu|--cutoff") echo "@any";;
+    "eval mmlu|--predictions") echo "@file";;
+    "eval mmlu|--config") echo "@file";;
+    "eval perplexity|--model"|"eval perplexity|-m") echo "@file";;
+    "eval perplexity|--adapter") echo "@file";;
+    "eval perplexity|--data"|"eval perplexity|-d") echo "@file";;
+    "eval perplexity|--batch-size") echo "@any";;
+    "eval perplexity|--config") echo "@file";;
+    "eval rm|--model"|"eval rm|-m") echo "@file";;
+    "eval rm|--reward") echo "@any";;
+    "eval rm|--data"|"eval rm|-d") echo "@file";;
+    "eval rm|--batch-size") echo "@any";;
+    "eval rm|--config") echo "@file";;
+    "model init|--output"|"model init|-o") echo "@file";;
+    "model init|--arch") echo "llama qwen2 qwen3 mistral";;
+    "model init|--layers") echo "@any";;
+    "model init|--hidden") echo "@any";;
+    "model init|--heads") echo "@any";;
+    "model init|--kv-heads") echo "@any";;
+    "model init|--intermediate") echo "@any";;
+    "model init|--vocab-size") echo "@any";;
+    "model init|--max-position") echo "@any";;
+    "model init|--tokenizer") echo "@any";;
+    "model init|--train-tokenizer") echo "@any";;
+    "model init|--seed") echo "@any";;
+    "model init|--config") echo "@file";;
+    "model quantize|--output"|"model quantize|-o") echo "@file";;
+    "model quantize|--method") echo "bnb-nf4 bnb-int8 gptq awq";;
+    "model quantize|--bits") echo "@any";;
+    "model quantize|--group-size") echo "@any";;
+    "model quantize|--calib") echo "@any";;
+    "model quantize|--calib-samples") echo "@any";;
+    "model quantize|--eval-data") echo "@any";;
+    "model quantize|--eval-samples") echo "@any";;
+    "model quantize|--max-length") echo "@any";;
+    "model quantize|--seed") echo "@any";;
+    "model quantize|--config") echo "@file";;
     "train dpo|--model"|"train dpo|-m") echo "@file";;
     "train dpo|--data"|"train dpo|-d") echo "@file";;
     "train dpo|--output"|"train dpo|-o") echo "@file";;
@@ -300,7 +392,7 @@ _lmforge() {
   for w in $all; do [[ "$w" == -* ]] || subs="$subs $w"; done
   COMPREPLY=($(compgen -W "$subs" -- "$cur"))
   case "$path" in
-    "adapter merge"|"completion"|"data align"|"data merge"|"data pack"|"data show"|"data split"|"data stats") COMPREPLY+=($(compgen -f -- "$cur"));;
+    "adapter merge"|"completion"|"data align"|"data merge"|"data pack"|"data show"|"data split"|"data stats"|"model quantize") COMPREPLY+=($(compgen -f -- "$cur"));;
   esac
   return 0
 }

@@ -112,3 +112,43 @@ class Progress:
             elapsed = time.monotonic() - self._start
             info(f"{self.description}: {self.done:,} {self.unit} in {elapsed:.1f}s"
                  f" ({self.rate():,.0f} {self.unit}/s)")
+
+
+class captured:
+    """Send everything written to stdout/stderr (file descriptors 1 and 2, so C extensions and
+    child threads too) to a temporary file while a chatty library works. On an error the last
+    lines are replayed to stderr; with --debug nothing is captured."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def __enter__(self) -> "captured":
+        if debug():
+            self.file = None
+            return self
+        import tempfile
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.file = tempfile.TemporaryFile()
+        self.saved = (os.dup(1), os.dup(2))
+        os.dup2(self.file.fileno(), 1)
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.file is None:
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(self.saved[0], 1)
+        os.dup2(self.saved[1], 2)
+        for fd in self.saved:
+            os.close(fd)
+        if exc_type is not None:
+            self.file.seek(0)
+            tail = self.file.read().decode("utf-8", "replace").splitlines()[-20:]
+            if tail:
+                print(f"{self.label}: last output before the failure:", file=sys.stderr)
+                print("\n".join("  " + line[-300:] for line in tail), file=sys.stderr)
+        self.file.close()

@@ -76,6 +76,11 @@ def merge(base: str, adapters: list[str], out: Path, dtype_name: str = "auto",
 
     from .training import write_generation_config
 
+    from .models import is_quantized_dir
+
+    if is_quantized_dir(base):
+        raise BadInput(f"{base}: holds quantized weights, which adapters cannot be merged into",
+                       "merge into the original model, then quantize the result with `lmforge model quantize`")
     busy = (out.is_dir() and any(out.iterdir())) or (out.exists() and not out.is_dir())
     if busy and not overwrite:
         raise BadInput(f"{out}: exists", "pass --overwrite to replace it")

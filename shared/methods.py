@@ -114,7 +114,8 @@ def apply(model, o: MethodOptions):
 def _lora(model, o: MethodOptions):
     from peft import LoraConfig, get_peft_model
 
-    target = "all-linear" if o.lora_target == "all" else _names(o.lora_target)
+    target = ("all-linear" if not _quantized_linears(model) else _quantized_linears(model)) \
+        if o.lora_target == "all" else _names(o.lora_target)
     if target != "all-linear":
         present = {n.split(".")[-1] for n, _ in model.named_modules()}
         unknown = [t for t in target if t not in present]
@@ -127,6 +128,12 @@ def _lora(model, o: MethodOptions):
         use_rslora=o.rslora, init_lora_weights="pissa_niter_16" if o.method == "pissa" else True,
         trainable_token_indices=o.added_token_ids or None)
     return get_peft_model(model, config)
+
+
+def _quantized_linears(model) -> list[str]:
+    """Names of GPTQ/AWQ layers (PEFT's "all-linear" only recognises torch Linear layers)."""
+    names = {name.split(".")[-1] for name, module in model.named_modules() if hasattr(module, "qweight")}
+    return sorted(names)
 
 
 def _freeze(model, o: MethodOptions):

@@ -108,6 +108,10 @@ def load_model(name: str | Path, device: Device, *, cutoff: int | None = None, r
     if quant:
         kwargs["quantization_config"] = quantization_config(quant, device)
         kwargs["device_map"] = {"": 0} if device.kind == "cuda" else {"": "cpu"}
+    elif is_quantized_dir(name):  # GPTQ/AWQ/bitsandbytes weights: loaded as stored
+        kwargs["device_map"] = {"": 0} if device.kind == "cuda" else {"": "cpu"}
+        kwargs.pop("dtype")
+        quant = True
     try:
         model = AutoModelForCausalLM.from_pretrained(str(name), **kwargs)
     except (OSError, ValueError) as exc:

@@ -158,6 +158,14 @@ def validate(o: TrainOptions) -> None:
                        "use --method lora, dora or pissa")
     if o.quant not in (None, 4, 8):
         raise BadInput(f"--quant {o.quant}: use 4 or 8")
+    from .models import is_quantized_dir
+
+    if is_quantized_dir(o.model):
+        if not o.method.is_adapter:
+            raise BadInput(f"--model {o.model} holds quantized weights: they train adapters only, "
+                           f"not --method {o.method.method}", "use --method lora, dora or pissa")
+        if o.quant:
+            raise BadInput(f"--model {o.model} is already quantized", "drop --quant")
 
 
 def _training_arguments(o: TrainOptions, device, out: Path, eval_data: PackedData | None):
@@ -269,7 +277,7 @@ def quiet_libraries() -> None:
     import warnings
 
     for name in ("bitsandbytes", "bitsandbytes.backends.cpu.ops", "DeepSpeed", "deepspeed", "accelerate",
-                 "torch.distributed", "peft"):
+                 "torch.distributed", "peft", "torchao", "torch.utils._pytree", "gptqmodel"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_visible() else "cuda")
 

@@ -31,12 +31,76 @@ def shared_path(relative: str) -> Path:
 
 
 def run(args: list[str], *, input: bytes | None = None, cwd: Path | None = None,
-        env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `lmforge ARGS` in a fresh process; stdout/stderr as bytes."""
-    full_env = {**os.environ, "LMFORGE_LOG_INTERVAL": "1000", **(env or {})}
-    full_env.pop("LMFORGE_DEBUG", None)
-    return subprocess.run(LMFORGE + [str(a) for a in args], input=input, capture_output=True,
-                          cwd=cwd, env=full_env, timeout=timeout)
+        env: dict | None = None, timeout: float = 600, fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run `lmforge ARGS`; stdout/stderr as bytes.
+
+    By default in this process (the same `main()`, with file descriptors 0-2 redirected and the
+    environment and global state restored afterwards), which saves seconds of imports per call;
+    `fresh=True` (or LMFORGE_TEST_SUBPROCESS=1) runs a real subprocess."""
+    args = [str(a) for a in args]
+    if fresh or cwd is not None or os.environ.get("LMFORGE_TEST_SUBPROCESS") == "1":
+        full_env = {**os.environ, "LMFORGE_LOG_INTERVAL": "1000", **(env or {})}
+        full_env.pop("LMFORGE_DEBUG", None)
+        return subprocess.run(LMFORGE + args, input=input, capture_output=True, cwd=cwd, env=full_env,
+                              timeout=timeout)
+    return _in_process(args, input, env or {})
+
+
+def _in_process(args: list[str], data: bytes | None, env: dict) -> subprocess.CompletedProcess:
+    import io
+    import tempfile
+
+    from lmforge.shared import log
+    from lmforge.tools.main import main
+
+    saved_env = dict(os.environ)
+    os.environ.update({"LMFORGE_LOG_INTERVAL": "1000", **env})
+    os.environ.pop("LMFORGE_DEBUG", None)
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch else None
+    files = [tempfile.TemporaryFile() for _ in range(3)]
+    if data:
+        files[0].write(data)
+        files[0].seek(0)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved_fds = [os.dup(fd) for fd in (0, 1, 2)]
+    saved_streams = (sys.stdin, sys.stdout, sys.stderr)
+    for fd, f in zip((0, 1, 2), files):
+        os.dup2(f.fileno(), fd)
+    sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(os.dup(0), "rb")))
+    sys.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(os.dup(1), "wb")), write_through=True)
+    sys.stderr = io.TextIOWrapper(io.BufferedWriter(io.FileIO(os.dup(2), "wb")), write_through=True)
+    code = 0
+    try:
+        main(args)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        for stream in (sys.stdin, sys.stdout, sys.stderr):
+            try:
+                stream.close()
+            except (OSError, ValueError):
+                pass
+        sys.stdin, sys.stdout, sys.stderr = saved_streams
+        for fd, saved in zip((0, 1, 2), saved_fds):
+            os.dup2(saved, fd)
+            os.close(saved)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        log.set_quiet(False)
+        log.set_debug(False)
+        if threads:
+            torch.set_num_threads(threads)
+    out, err = [(f.seek(0), f.read())[1] for f in files[1:]]
+    for f in files:
+        f.close()
+    return subprocess.CompletedProcess(["lmforge", *args], code, out, err)
 
 
 def ok(args: list[str], **kwargs) -> subprocess.CompletedProcess:

@@ -217,3 +217,11 @@ def test_preference_refusals(prefs, tmp_path):
                             "--loraplus-ratio", "4"])
     meta = read_meta(prefs["ppo"])
     assert meta["stage"] == "ppo"
+
+
+def test_eval_rm_reports_accuracy_and_margin(prefs):
+    report = json.loads(ok(["eval", "rm", "-m", prefs["base"], "--reward", prefs["rm"], "-d", prefs["rm_val"],
+                            "--json"]).stdout)
+    assert report["pairs"] == 48 and report["accuracy"] >= 90 and report["mean_margin"] > 1.0
+    assert "not a reward model" in bad(["eval", "rm", "-m", prefs["base"], "--reward", prefs["dir"],
+                                        "-d", prefs["rm_val"]])

@@ -15,7 +15,7 @@ import typer
 from lmforge.shared import __version__, log
 from lmforge.shared.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, LmforgeError
 
-from . import adapter, completion, data, train
+from . import adapter, completion, data, evaluation, model, train
 from ._cli import command
 
 app = typer.Typer(
@@ -26,6 +26,8 @@ app = typer.Typer(
 app.add_typer(data.app, name="data")
 app.add_typer(train.app, name="train")
 app.add_typer(adapter.app, name="adapter")
+app.add_typer(model.app, name="model")
+app.add_typer(evaluation.app, name="eval")
 command(app, "completion")(completion.completion)
 
 
