@@ -3,9 +3,10 @@
 
 _lmforge_words() {
   case "$1" in
-    "") echo "adapter completion data eval model train --version --debug --quiet -q --help -h";;
+    "") echo "adapter chat completion data eval model serve train --version --debug --quiet -q --help -h";;
     "adapter") echo "merge --help -h";;
     "adapter merge") echo "--output -o --dtype --max-shard-size --overwrite --no-overwrite --config --debug --quiet -q --help -h";;
+    "chat") echo "--model -m --adapter --template --system --max-tokens --temperature --config --debug --quiet -q --help -h";;
     "completion") echo "--config --debug --quiet -q --help -h";;
     "data") echo "align merge pack show split stats templates --help -h";;
     "data align") echo "--output -o --format -f --columns --tags --dataset-info --name --skip-invalid --no-skip-invalid --max-samples --sample --seed --config --debug --quiet -q --help -h";;
@@ -25,6 +26,7 @@ _lmforge_words() {
     "model") echo "init quantize --help -h";;
     "model init") echo "--output -o --arch --layers --hidden --heads --kv-heads --intermediate --vocab-size --max-position --tokenizer --train-tokenizer --seed --overwrite --no-overwrite --config --debug --quiet -q --help -h";;
     "model quantize") echo "--output -o --method --bits --group-size --calib --calib-samples --eval-data --eval-samples --max-length --overwrite --no-overwrite --seed --config --debug --quiet -q --help -h";;
+    "serve") echo "--model -m --adapter --template --name --host --port --api-key --backend --max-concurrency --max-batch --config --debug --quiet -q --help -h";;
     "train") echo "dpo ppo pt rm sft --help -h";;
     "train dpo") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --loss --beta --ftx --simpo-gamma --precompute-ref --no-precompute-ref --desirable-weight --undesirable-weight --config --debug --quiet -q --help -h";;
     "train ppo") echo "--model -m --reward --data -d --output -o --sft --overwrite --no-overwrite --resume --no-resume --layout --lora-rank --lora-alpha --lora-target --learning-rate --lr --batch-size --mini-batch-size --ppo-epochs --max-steps --epochs --max-new-tokens --temperature --top-k --top-p --kl-coef --kl-target --kl-horizon --gamma --lam --clip-range --clip-range-value --vf-coef --reward-scale --reward-clip --reward-norm --no-reward-norm --missing-eos-penalty --whiten-advantages --no-whiten-advantages --max-grad-norm --precision --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --config --debug --quiet -q --help -h";;
@@ -40,6 +42,13 @@ _lmforge_value() {
     "adapter merge|--dtype") echo "auto fp32 bf16 fp16";;
     "adapter merge|--max-shard-size") echo "@any";;
     "adapter merge|--config") echo "@file";;
+    "chat|--model"|"chat|-m") echo "@file";;
+    "chat|--adapter") echo "@file";;
+    "chat|--template") echo "@any";;
+    "chat|--system") echo "@any";;
+    "chat|--max-tokens") echo "@any";;
+    "chat|--temperature") echo "@any";;
+    "chat|--config") echo "@file";;
     "completion|--config") echo "@file";;
     "data align|--output"|"data align|-o") echo "@file";;
     "data align|--format"|"data align|-f") echo "auto alpaca sharegpt openai pairwise kto text";;
@@ -154,6 +163,17 @@ _lmforge_value() {
     "model quantize|--max-length") echo "@any";;
     "model quantize|--seed") echo "@any";;
     "model quantize|--config") echo "@file";;
+    "serve|--model"|"serve|-m") echo "@file";;
+    "serve|--adapter") echo "@file";;
+    "serve|--template") echo "@any";;
+    "serve|--name") echo "@any";;
+    "serve|--host") echo "@any";;
+    "serve|--port") echo "@any";;
+    "serve|--api-key") echo "@any";;
+    "serve|--backend") echo "hf vllm";;
+    "serve|--max-concurrency") echo "@any";;
+    "serve|--max-batch") echo "@any";;
+    "serve|--config") echo "@file";;
     "train dpo|--model"|"train dpo|-m") echo "@file";;
     "train dpo|--data"|"train dpo|-d") echo "@file";;
     "train dpo|--output"|"train dpo|-o") echo "@file";;

@@ -4,7 +4,7 @@
 function __lmforge_children
     switch $argv[1]
         case ''
-            printf '%s\n' adapter completion data eval model train
+            printf '%s\n' adapter chat completion data eval model serve train
         case 'adapter'
             printf '%s\n' merge
         case 'data'
@@ -34,10 +34,12 @@ end
 
 complete -c lmforge -f
 complete -c lmforge -n '__lmforge_at ""' -a adapter -d 'Work with PEFT adapters (LoRA, DoRA, PiSSA) made by...'
+complete -c lmforge -n '__lmforge_at ""' -a chat -d 'Talk to a model in the terminal: answers stream as they...'
 complete -c lmforge -n '__lmforge_at ""' -a completion -d 'Print the completion script for a shell (see completions/...'
 complete -c lmforge -n '__lmforge_at ""' -a data -d 'Align, merge, split, pack and inspect datasets (Arrow...'
 complete -c lmforge -n '__lmforge_at ""' -a eval -d 'Evaluate models: MMLU / CMMLU / C-Eval, generation...'
 complete -c lmforge -n '__lmforge_at ""' -a model -d 'Make and transform model directories (quantize, init).'
+complete -c lmforge -n '__lmforge_at ""' -a serve -d 'Serve a model over an OpenAI-compatible HTTP API (chat,...'
 complete -c lmforge -n '__lmforge_at ""' -a train -d 'Train a model (pt, sft, rm, dpo, ppo) on packed data.'
 complete -c lmforge -n '__lmforge_at ""' -l version -d 'Print the version and exit'
 complete -c lmforge -n '__lmforge_at ""' -l debug -d 'Show tracebacks (also LMFORGE_DEBUG=1)'
@@ -54,6 +56,16 @@ complete -c lmforge -n '__lmforge_at "adapter merge"' -l debug -d 'Show tracebac
 complete -c lmforge -n '__lmforge_at "adapter merge"' -l quiet -s q -d 'No progress or info messages on stderr'
 complete -c lmforge -n '__lmforge_at "adapter merge"' -l help -s h -d 'Show the help'
 complete -c lmforge -n '__lmforge_at "adapter merge"' -F
+complete -c lmforge -n '__lmforge_at "chat"' -l model -s m -r -F -d 'Model directory or Hub id'
+complete -c lmforge -n '__lmforge_at "chat"' -l adapter -r -F -d 'A PEFT adapter to use'
+complete -c lmforge -n '__lmforge_at "chat"' -l template -x -d 'auto or a template name'
+complete -c lmforge -n '__lmforge_at "chat"' -l system -x -d 'A system prompt'
+complete -c lmforge -n '__lmforge_at "chat"' -l max-tokens -x -d 'Longest answer'
+complete -c lmforge -n '__lmforge_at "chat"' -l temperature -x -d 'Sampling temperature (0: greedy)'
+complete -c lmforge -n '__lmforge_at "chat"' -l config -r -F -d 'YAML file of option values (keys are option names); flags override it'
+complete -c lmforge -n '__lmforge_at "chat"' -l debug -d 'Show tracebacks (also LMFORGE_DEBUG=1)'
+complete -c lmforge -n '__lmforge_at "chat"' -l quiet -s q -d 'No progress or info messages on stderr'
+complete -c lmforge -n '__lmforge_at "chat"' -l help -s h -d 'Show the help'
 complete -c lmforge -n '__lmforge_at "completion"' -l config -r -F -d 'YAML file of option values (keys are option names); flags override it'
 complete -c lmforge -n '__lmforge_at "completion"' -l debug -d 'Show tracebacks (also LMFORGE_DEBUG=1)'
 complete -c lmforge -n '__lmforge_at "completion"' -l quiet -s q -d 'No progress or info messages on stderr'
@@ -260,6 +272,20 @@ complete -c lmforge -n '__lmforge_at "model quantize"' -l debug -d 'Show traceba
 complete -c lmforge -n '__lmforge_at "model quantize"' -l quiet -s q -d 'No progress or info messages on stderr'
 complete -c lmforge -n '__lmforge_at "model quantize"' -l help -s h -d 'Show the help'
 complete -c lmforge -n '__lmforge_at "model quantize"' -F
+complete -c lmforge -n '__lmforge_at "serve"' -l model -s m -r -F -d 'Model directory or Hub id'
+complete -c lmforge -n '__lmforge_at "serve"' -l adapter -r -F -d 'A PEFT adapter to serve on the model'
+complete -c lmforge -n '__lmforge_at "serve"' -l template -x -d 'auto (what the model was trained with, else its chat template) or a te'
+complete -c lmforge -n '__lmforge_at "serve"' -l name -x -d 'Model id clients use (default: the directory name)'
+complete -c lmforge -n '__lmforge_at "serve"' -l host -x -d 'Address to listen on (127'
+complete -c lmforge -n '__lmforge_at "serve"' -l port -x -d 'Port to listen on'
+complete -c lmforge -n '__lmforge_at "serve"' -l api-key -x -d 'Require Authorization: Bearer KEY (also LMFORGE_API_KEY)'
+complete -c lmforge -n '__lmforge_at "serve"' -l backend -x -a 'hf vllm' -d 'hf: transformers (CPU or GPU); vllm: vLLM (GPU)'
+complete -c lmforge -n '__lmforge_at "serve"' -l max-concurrency -x -d 'Requests generated at once; more wait their turn'
+complete -c lmforge -n '__lmforge_at "serve"' -l max-batch -x -d 'hf backend: most sequences in one generation batch'
+complete -c lmforge -n '__lmforge_at "serve"' -l config -r -F -d 'YAML file of option values (keys are option names); flags override it'
+complete -c lmforge -n '__lmforge_at "serve"' -l debug -d 'Show tracebacks (also LMFORGE_DEBUG=1)'
+complete -c lmforge -n '__lmforge_at "serve"' -l quiet -s q -d 'No progress or info messages on stderr'
+complete -c lmforge -n '__lmforge_at "serve"' -l help -s h -d 'Show the help'
 complete -c lmforge -n '__lmforge_at "train"' -a dpo -d 'Preference optimisation: DPO, IPO, hinge, ORPO, SimPO,...'
 complete -c lmforge -n '__lmforge_at "train"' -a ppo -d 'RLHF with PPO: SFT model + reward model, one shared base...'
 complete -c lmforge -n '__lmforge_at "train"' -a pt -d 'Continued pre-training on packed text (`data pack --stage...'

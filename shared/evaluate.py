@@ -165,7 +165,7 @@ def generate_eval(model_dir: str, adapter: str | None, data: str, template: str,
                   max_samples: int | None, output: Path | None) -> dict:
     from .aligned import turns_of
     from .arrowio import open_arrow
-    from .generation import generate, stop_token_ids
+    from .generation import encode_chat_prompt, generate, stop_token_ids
     from .meta import require
     from .metrics import all_metrics
 
@@ -189,7 +189,7 @@ def generate_eval(model_dir: str, adapter: str | None, data: str, template: str,
         for start in range(0, len(rows), batch_size):
             part = rows[start:start + batch_size]
             prompts = [render.generation_prompt(turns_of(r["prompt"]), r["system"], r["tools"]) for r in part]
-            ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+            ids = [encode_chat_prompt(tokenizer, p)[0] for p in prompts]  # as serve and pack
             for r, prompt, result in zip(part, prompts, generate(model, tokenizer, ids, sampling, stops)):
                 reference = r["response"][0]["content"]
                 predictions.append(result.text.strip())

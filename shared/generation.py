@@ -43,6 +43,18 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return text[: min(positions)], True
 
 
+def encode_chat_prompt(tokenizer, prompt: str) -> tuple[list[int], str]:
+    """Token ids for a rendered chat prompt, exactly as `data pack` trained them, and the spaces
+    left for the model to write.
+
+    A header that ends in spaces ("Assistant: ") is packed with those spaces trained as part of
+    the answer (tokenizers glue a space to the next word, "▁there"), so the untrained prefix is the
+    prompt without its trailing spaces: that is what the model is fed, and the spaces it writes
+    first are dropped from the answer text."""
+    body = prompt.rstrip(" ")
+    return tokenizer(body, add_special_tokens=False).input_ids, prompt[len(body):]
+
+
 def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, stop_ids: list[int],
              streamer=None) -> list[Output]:
     """Generate for a batch of prompt token ids (one forward pass per new token, all together)."""

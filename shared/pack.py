@@ -150,6 +150,19 @@ def _first_token_at(enc, char: int, default: int) -> int:
     return default if t is None else t
 
 
+def _spaces_with_answers(r):
+    """The rendering with each span start moved back over the spaces that end its header."""
+    from dataclasses import replace
+
+    spans = []
+    for a, b in r.spans:
+        start = a
+        while start > 0 and r.text[start - 1] == " ":
+            start -= 1
+        spans.append((start if start > 0 else a, b))
+    return r if spans == r.spans else replace(r, spans=spans)
+
+
 def cut_prompt(ids: list[int], keep: int, header: int) -> list[int]:
     """Keep `keep` prompt tokens: the beginning, and the last `header` tokens (the answer's header)."""
     if keep >= len(ids):
@@ -207,6 +220,11 @@ class Encoder:
         """For each rendered conversation: ids, the token range of each trained span, and how many
         tokens the last answer's header takes (kept when the prompt is cut)."""
         header = len(self.render.header)
+        # A header ending in spaces ("Assistant: "): the spaces are trained with the answer. Most
+        # tokenizers glue a space to the next word ("▁there"), some keep it apart before other
+        # characters ("▁", "{"); either way the untrained prefix is then exactly the tokens of the
+        # prompt without its trailing spaces, which is what `serve` feeds the model.
+        rendered = [_spaces_with_answers(r) for r in rendered]
         results: list = [None] * len(rendered)
         slow = list(range(len(rendered)))
         if self.fast is not None and self.fast.enabled:

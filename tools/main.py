@@ -15,7 +15,7 @@ import typer
 from lmforge.shared import __version__, log
 from lmforge.shared.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, LmforgeError
 
-from . import adapter, completion, data, evaluation, model, train
+from . import adapter, completion, data, evaluation, model, serve, train
 from ._cli import command
 
 app = typer.Typer(
@@ -28,6 +28,8 @@ app.add_typer(train.app, name="train")
 app.add_typer(adapter.app, name="adapter")
 app.add_typer(model.app, name="model")
 app.add_typer(evaluation.app, name="eval")
+command(app, "serve")(serve.serve)
+command(app, "chat")(serve.chat)
 command(app, "completion")(completion.completion)
 
 
