@@ -175,6 +175,7 @@ class HFEngine:
                     job.emit({"done": True, "error": f"{type(exc).__name__}: {exc}"})
             finally:
                 self.running = 0
+                _release_memory()
 
     def stats(self) -> dict:
         return {"running": self.running, "waiting": len(self.waiting) + self.jobs.qsize(),
@@ -264,6 +265,25 @@ class HFEngine:
                     if len(choices[-1]["text"]) > len(sent[r]) and choices[-1]["text"].startswith(sent[r]):
                         job.emit({"index": index, "text": choices[-1]["text"][len(sent[r]):]})
             job.emit({"done": True, "choices": choices, "prompt_tokens": len(job.prompt_ids)})
+
+
+def _release_memory() -> None:
+    """Give freed heap back to the OS after a batch: batches of varying shapes otherwise leave
+    glibc's arenas fragmented and a long-running server's RSS creeps up."""
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 class VLLMEngine:

@@ -24,7 +24,7 @@ def serve(
         help="Require 'Authorization: Bearer KEY' (also LMFORGE_API_KEY).", envvar="LMFORGE_API_KEY")] = None,
     backend: Annotated[Literal["hf", "vllm"], typer.Option(help="hf: transformers (CPU or GPU); vllm: vLLM (GPU).")] = "hf",
     max_concurrency: Annotated[int, typer.Option(help="Requests generated at once; more wait their turn.", min=1)] = 32,
-    max_batch: Annotated[int, typer.Option(help="hf backend: most sequences in one generation batch.", min=1)] = 8,
+    max_batch: Annotated[int, typer.Option(help="hf backend: most sequences in one generation batch.", min=1)] = 32,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming, tools)."""
     from lmforge.shared import log, serving, training
