@@ -34,27 +34,98 @@ completions: install
 	$(LM) completion fish > completions/lmforge.fish
 
 # ---------------------------------------------------------------- the built-in demo
-# Every target is a real file, so `make demo` reruns only what changed.
+# The whole pipeline on the project's own data and a model made by `lmforge model init`:
+#   data align -> data merge/split -> data pack (pt, sft, dpo) -> train pt -> train sft (lora)
+#   -> adapter merge -> train dpo (lora) -> eval generate (before vs after) -> serve one request.
+# Every target is a real file (a dataset, or the run record each training run writes last), so
+# `make demo` reruns only what changed. `make demo MODEL=dir-or-hub-id` runs the same pipeline
+# on any Hugging Face causal LM (its own chat template unless TEMPLATE=... says otherwise).
+
+ifeq ($(strip $(MODEL)),)
+OUT      ?= demo-out
+BASE     := $(OUT)/init
+TEMPLATE ?= chatml
+PT_ARGS  ?= --method full --learning-rate 1e-2 --warmup 0.05 --epochs 15 --batch-size 8 --grad-accum 1
+SFT_ARGS ?= --method lora --lora-rank 16 --lora-target all --learning-rate 5e-3 --epochs 3 --batch-size 8 --grad-accum 1
+DPO_ARGS ?= --method lora --lora-rank 16 --lora-target all --learning-rate 2e-3 --epochs 1 --batch-size 8 --grad-accum 1
+else
+OUT      ?= demo-out-$(notdir $(MODEL))
+BASE     := $(MODEL)
+TEMPLATE ?= auto
+PT_ARGS  ?= --method lora --learning-rate 2e-4 --max-steps 20 --batch-size 4 --grad-accum 1
+SFT_ARGS ?= --method lora --lora-target all --learning-rate 5e-4 --max-steps 60 --batch-size 4 --grad-accum 1
+DPO_ARGS ?= --method lora --lora-target all --learning-rate 1e-4 --max-steps 20 --batch-size 4 --grad-accum 1
+endif
+ROWS     ?= 2000
+EVAL     := --max-new-tokens 16 --json -q
 
 $(OUT)/raw/tasks.jsonl: shared/demo.py | install
-	$(BIN)/python -m lmforge.shared.demo $(OUT)/raw
+	$(BIN)/python -m lmforge.shared.demo $(OUT)/raw $(ROWS)
 
-$(OUT)/tasks.arrow: $(OUT)/raw/tasks.jsonl
-	$(LM) data align $< -o $@
-
-$(OUT)/chat.arrow: $(OUT)/raw/tasks.jsonl
-	$(LM) data align $(OUT)/raw/chat.json -o $@
+$(OUT)/%.arrow: $(OUT)/raw/tasks.jsonl
+	$(LM) data align $(wildcard $(OUT)/raw/$*.*) -o $@
 
 $(OUT)/sft.arrow: $(OUT)/tasks.arrow $(OUT)/chat.arrow
-	$(LM) data merge $^ --mix interleave-over -o $@
+	$(LM) data merge $^ -o $@
 
 $(OUT)/split/train.arrow: $(OUT)/sft.arrow
-	$(LM) data split $< --val-size 0.1 -o $(OUT)/split
+	$(LM) data split $< --val-size 0.05 -o $(OUT)/split
 
-demo: $(OUT)/split/train.arrow
-	@echo "== aligned and merged: $(OUT)/sft.arrow"
-	$(LM) data show $(OUT)/sft.arrow --stats
-	$(LM) data show $(OUT)/split/train.arrow --rows 2
+$(OUT)/init/lmforge.json: $(OUT)/sft.arrow
+	$(LM) model init -o $(OUT)/init --arch llama --layers 4 --hidden 128 --heads 4 --vocab-size 1024 \
+		--max-position 512 --train-tokenizer $< --overwrite
+
+ifeq ($(strip $(MODEL)),)
+BASE_READY := $(OUT)/init/lmforge.json
+endif
+
+$(OUT)/pt.packed: $(OUT)/corpus.arrow $(BASE_READY)
+	$(LM) data pack $< -m $(BASE) --stage pt --cutoff 256 -o $@
+$(OUT)/sft.packed: $(OUT)/split/train.arrow $(BASE_READY)
+	$(LM) data pack $< -m $(BASE) -t $(TEMPLATE) --cutoff 256 --packing -o $@
+$(OUT)/dpo.packed: $(OUT)/prefs.arrow $(BASE_READY)
+	$(LM) data pack $< -m $(BASE) -t $(TEMPLATE) --stage dpo --cutoff 256 -o $@
+
+$(OUT)/pt/lmforge.json: $(OUT)/pt.packed
+	$(LM) train pt -m $(BASE) -d $< -o $(OUT)/pt $(PT_ARGS) --overwrite
+ifeq ($(strip $(MODEL)),)
+PT_MODEL := $(OUT)/pt
+else  # a LoRA pre-training run on a real model: fold it in
+PT_MODEL := $(OUT)/pt-merged
+$(OUT)/pt-merged/lmforge.json: $(OUT)/pt/lmforge.json
+	$(LM) adapter merge $(BASE) $(OUT)/pt -o $(OUT)/pt-merged --overwrite
+endif
+
+$(OUT)/sft-lora/lmforge.json: $(OUT)/sft.packed $(PT_MODEL)/lmforge.json
+	$(LM) train sft -m $(PT_MODEL) -d $< -o $(OUT)/sft-lora $(SFT_ARGS) --overwrite
+
+$(OUT)/sft/lmforge.json: $(OUT)/sft-lora/lmforge.json
+	$(LM) adapter merge $(PT_MODEL) $(OUT)/sft-lora -o $(OUT)/sft --overwrite
+
+$(OUT)/dpo/lmforge.json: $(OUT)/dpo.packed $(OUT)/sft/lmforge.json
+	$(LM) train dpo -m $(OUT)/sft -d $< -o $(OUT)/dpo $(DPO_ARGS) --overwrite
+
+$(OUT)/eval-before.json: $(OUT)/eval.arrow $(BASE_READY)
+	$(LM) eval generate -m $(BASE) -d $< -t $(TEMPLATE) $(EVAL) > $@.tmp && mv $@.tmp $@
+$(OUT)/eval-sft.json: $(OUT)/eval.arrow $(OUT)/sft/lmforge.json
+	$(LM) eval generate -m $(OUT)/sft -d $< $(EVAL) > $@.tmp && mv $@.tmp $@
+$(OUT)/eval-dpo.json: $(OUT)/eval.arrow $(OUT)/dpo/lmforge.json
+	$(LM) eval generate -m $(OUT)/sft --adapter $(OUT)/dpo -d $< $(EVAL) > $@.tmp && mv $@.tmp $@
+
+$(OUT)/served.txt: $(OUT)/dpo/lmforge.json
+	$(BIN)/python -m lmforge.shared.demo --serve-once $(OUT)/sft $(OUT)/dpo > $@.tmp && mv $@.tmp $@
+
+demo: $(OUT)/eval-before.json $(OUT)/eval-sft.json $(OUT)/eval-dpo.json $(OUT)/served.txt
+	@echo
+	@echo "== made in $(OUT)/"
+	@echo "   data:     tasks/chat/prefs/corpus/eval.arrow (aligned), sft.arrow (merged), split/, *.packed"
+	@echo "   models:   $(if $(MODEL),$(MODEL) (base),init/ (model init))  pt/ (train pt)  sft-lora/ (train sft)"
+	@echo "             sft/ (adapter merge)  dpo/ (train dpo adapter)"
+	@echo "== one request through lmforge serve (sft + dpo adapter):"
+	@sed 's/^/   /' $(OUT)/served.txt
+	@echo "== eval generate on held-out tasks, before and after training:"
+	@$(BIN)/python -m lmforge.shared.demo --table before=$(OUT)/eval-before.json \
+		"after sft"=$(OUT)/eval-sft.json "after dpo"=$(OUT)/eval-dpo.json | sed 's/^/   /'
 
 clean-demo:
 	rm -rf $(OUT)

@@ -88,9 +88,68 @@ def write(out: Path, rows: int = 2000, seed: int = 0) -> None:
             f.write(json.dumps({"instruction": ins, "input": inp, "output": outp}) + "\n")
 
 
+def table(reports: list[tuple[str, Path]]) -> str:
+    """The before/after table `make demo` ends with: one column per model, from `eval --json` files."""
+    loaded = [(name, json.loads(Path(path).read_text())) for name, path in reports]
+    metrics = ["exact_match", "rouge-l", "bleu-4"]
+    width = max(len(name) for name, _ in loaded) + 2
+    lines = ["metric (held-out demo tasks)".ljust(30) + "".join(name.rjust(width) for name, _ in loaded)]
+    for metric in metrics:
+        lines.append(metric.ljust(30) + "".join(f"{report[metric]:.1f}".rjust(width) for _, report in loaded))
+    return "\n".join(lines)
+
+
+def serve_once(model: str, adapter: str | None, question: str) -> str:
+    """Start `lmforge serve` on a free port, ask one question through the API, stop it."""
+    import os
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lmforge = Path(sys.executable).parent / "lmforge"
+    cmd = [str(lmforge), "serve", "-m", model, "--port", str(port), "-q"] + (["--adapter", adapter] if adapter else [])
+    server = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=os.environ)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"serve failed: {server.stderr.read().decode()[-2000:]}")
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise SystemExit("serve did not start in 300 s") from None
+                time.sleep(0.3)
+        body = json.dumps({"messages": [{"role": "user", "content": question}], "max_tokens": 24,
+                           "temperature": 0}).encode()
+        request = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
+        return answer["choices"][0]["message"]["content"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+USAGE = """usage: python -m lmforge.shared.demo OUT_DIR [ROWS]          write the demo data
+       python -m lmforge.shared.demo --table NAME=EVAL.json...   the before/after table
+       python -m lmforge.shared.demo --serve-once MODEL [ADAPTER]  one request through `lmforge serve`"""
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     if not args or args[0] in ("-h", "--help"):
-        print("usage: python -m lmforge.shared.demo OUT_DIR [ROWS]", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         sys.exit(2)
-    write(Path(args[0]), int(args[1]) if len(args) > 1 else 2000)
+    if args[0] == "--table":
+        print(table([tuple(a.split("=", 1)) for a in args[1:]]))
+    elif args[0] == "--serve-once":
+        question = "Reverse the order of the words.\nmoon star tree"
+        print(f"POST /v1/chat/completions  user: {question!r}")
+        print(f"assistant: {serve_once(args[1], args[2] if len(args) > 2 else None, question)!r}")
+    else:
+        write(Path(args[0]), int(args[1]) if len(args) > 1 else 2000)

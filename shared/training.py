@@ -288,6 +288,17 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # peft imports GPTQModel (when installed) as it wraps layers, and GPTQModel prints a banner
+    # on import: import it now, with its output captured.
+    import importlib.util
+    import sys
+
+    if "gptqmodel" not in sys.modules and importlib.util.find_spec("gptqmodel") is not None:
+        with log.captured("gptqmodel"):
+            try:
+                import gptqmodel  # noqa: F401
+            except Exception:  # noqa: BLE001 - a broken optional extra must not stop other work
+                pass
 
 
 def _cuda_visible() -> bool:
