@@ -47,7 +47,7 @@ BASE     := $(OUT)/init
 TEMPLATE ?= chatml
 PT_ARGS  ?= --method full --learning-rate 1e-2 --warmup 0.05 --epochs 15 --batch-size 8 --grad-accum 1
 SFT_ARGS ?= --method lora --lora-rank 16 --lora-target all --learning-rate 5e-3 --epochs 3 --batch-size 8 --grad-accum 1
-DPO_ARGS ?= --method lora --lora-rank 16 --lora-target all --learning-rate 2e-3 --epochs 1 --batch-size 8 --grad-accum 1
+DPO_ARGS ?= --method lora --lora-rank 16 --lora-target all --learning-rate 5e-4 --epochs 1 --batch-size 8 --grad-accum 1
 else
 OUT      ?= demo-out-$(notdir $(MODEL))
 BASE     := $(MODEL)
@@ -63,7 +63,7 @@ $(OUT)/raw/tasks.jsonl: shared/demo.py | install
 	$(BIN)/python -m lmforge.shared.demo $(OUT)/raw $(ROWS)
 
 $(OUT)/%.arrow: $(OUT)/raw/tasks.jsonl
-	$(LM) data align $(wildcard $(OUT)/raw/$*.*) -o $@
+	$(LM) data align $(OUT)/raw/$*.* -o $@
 
 $(OUT)/sft.arrow: $(OUT)/tasks.arrow $(OUT)/chat.arrow
 	$(LM) data merge $^ -o $@
@@ -106,7 +106,7 @@ $(OUT)/dpo/lmforge.json: $(OUT)/dpo.packed $(OUT)/sft/lmforge.json
 	$(LM) train dpo -m $(OUT)/sft -d $< -o $(OUT)/dpo $(DPO_ARGS) --overwrite
 
 $(OUT)/eval-before.json: $(OUT)/eval.arrow $(BASE_READY)
-	$(LM) eval generate -m $(BASE) -d $< -t $(TEMPLATE) $(EVAL) > $@.tmp && mv $@.tmp $@
+	$(LM) eval generate -m $(BASE) -d $< --template $(TEMPLATE) $(EVAL) > $@.tmp && mv $@.tmp $@
 $(OUT)/eval-sft.json: $(OUT)/eval.arrow $(OUT)/sft/lmforge.json
 	$(LM) eval generate -m $(OUT)/sft -d $< $(EVAL) > $@.tmp && mv $@.tmp $@
 $(OUT)/eval-dpo.json: $(OUT)/eval.arrow $(OUT)/dpo/lmforge.json

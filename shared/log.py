@@ -134,11 +134,16 @@ class captured:
         self.saved = (os.dup(1), os.dup(2))
         os.dup2(self.file.fileno(), 1)
         os.dup2(self.file.fileno(), 2)
+        # and Python-level writers, in case sys.stdout/stderr are not fds 1 and 2 (test runners)
+        self.streams = (sys.stdout, sys.stderr)
+        sys.stdout = sys.stderr = open(os.dup(self.file.fileno()), "w", encoding="utf-8", errors="replace")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.file is None:
             return
+        sys.stdout.flush()  # left open: a library may have kept a reference to it
+        sys.stdout, sys.stderr = self.streams
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(self.saved[0], 1)
