@@ -549,55 +549,71 @@ def _sse(obj: object) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _stream_chat(served: Served, slots, request, job: Job, chat_id: str, tools: bool, style: str | None,
-                       usage: bool):
+async def _stream(served: Served, slots, request, job: Job, head: list[str], on_text, on_done):
+    """The SSE loop both streaming routes share. Once a slot is held, send `head`, then the lines
+    `on_text(event)` makes of each piece of text, then those of `on_done(event)` and [DONE]. A client
+    that goes away cancels its rows in the engine; a failed generation ends in an SSE error event."""
+    async with slots:
+        for line in head:
+            yield line
+        async for event in served.engine.generate(job):
+            if await request.is_disconnected():
+                job.cancelled = True
+                return
+            if not event.get("done"):
+                for line in on_text(event):
+                    yield line
+                continue
+            if event.get("error"):
+                yield _sse({"error": {"message": event["error"], "type": "server_error"}})
+                return
+            for line in on_done(event):
+                yield line
+            yield "data: [DONE]\n\n"
+            return
+
+
+def _stream_chat(served: Served, slots, request, job: Job, chat_id: str, tools: bool, style: str | None,
+                 usage: bool):
     from .templates import parse_calls
 
     created = int(time.time())
+    held: dict[int, str] = {}  # with tools: text held back until it is clearly not a tool call
+    released: set[int] = set()
 
     def chunk(index: int, delta: dict, reason=None) -> str:
         return _sse({"id": chat_id, "object": "chat.completion.chunk", "created": created, "model": served.name,
                      "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}]})
 
-    async with slots:
-        for i in range(job.n):
-            yield chunk(i, {"role": "assistant", "content": ""})
-        held: dict[int, str] = {}  # with tools: text held back until it is clearly not a tool call
-        released: set[int] = set()
-        async for event in served.engine.generate(job):
-            if await request.is_disconnected():
-                job.cancelled = True
+    def on_text(event: dict):
+        index, text = event["index"], event["text"]
+        if tools and index not in released:
+            held[index] = held.get(index, "") + text
+            if _could_be_call(held[index], style):
                 return
-            if event.get("done"):
-                if event.get("error"):
-                    yield _sse({"error": {"message": event["error"], "type": "server_error"}})
-                    return
-                for c in sorted(event["choices"], key=lambda c: c["index"]):
-                    reason = c["finish_reason"]
-                    if tools and c["index"] not in released:
-                        content, calls = parse_calls(style, c["text"])
-                        if calls:
-                            for k, call in enumerate(_tool_calls(calls)):
-                                yield chunk(c["index"], {"tool_calls": [{"index": k, **call}]})
-                            reason = "tool_calls"
-                        elif held.get(c["index"]):
-                            yield chunk(c["index"], {"content": held[c["index"]]})
-                    yield chunk(c["index"], {}, reason)
-                if usage:  # stream_options.include_usage, as OpenAI: a last chunk with no choices
-                    completion = sum(c["completion_tokens"] for c in event["choices"])
-                    yield _sse({"id": chat_id, "object": "chat.completion.chunk", "created": created,
-                                "model": served.name, "choices": [],
-                                "usage": _usage(event["prompt_tokens"], completion)})
-                yield "data: [DONE]\n\n"
-                return
-            index, text = event["index"], event["text"]
-            if tools and index not in released:
-                held[index] = held.get(index, "") + text
-                if _could_be_call(held[index], style):
-                    continue
-                released.add(index)
-                text = held.pop(index)
-            yield chunk(index, {"content": text})
+            released.add(index)
+            text = held.pop(index)
+        yield chunk(index, {"content": text})
+
+    def on_done(event: dict):
+        for c in sorted(event["choices"], key=lambda c: c["index"]):
+            reason = c["finish_reason"]
+            if tools and c["index"] not in released:
+                content, calls = parse_calls(style, c["text"])
+                if calls:
+                    for k, call in enumerate(_tool_calls(calls)):
+                        yield chunk(c["index"], {"tool_calls": [{"index": k, **call}]})
+                    reason = "tool_calls"
+                elif held.get(c["index"]):
+                    yield chunk(c["index"], {"content": held[c["index"]]})
+            yield chunk(c["index"], {}, reason)
+        if usage:  # stream_options.include_usage, as OpenAI: a last chunk with no choices
+            completion = sum(c["completion_tokens"] for c in event["choices"])
+            yield _sse({"id": chat_id, "object": "chat.completion.chunk", "created": created,
+                        "model": served.name, "choices": [], "usage": _usage(event["prompt_tokens"], completion)})
+
+    head = [chunk(i, {"role": "assistant", "content": ""}) for i in range(job.n)]
+    return _stream(served, slots, request, job, head, on_text, on_done)
 
 
 def _could_be_call(text: str, style: str | None) -> bool:
@@ -612,30 +628,24 @@ def _could_be_call(text: str, style: str | None) -> bool:
     return start.startswith("{") or start.startswith("[")
 
 
-async def _stream_text(served: Served, slots, request, job: Job, cmpl_id: str, usage: bool):
+def _stream_text(served: Served, slots, request, job: Job, cmpl_id: str, usage: bool):
     created = int(time.time())
-    async with slots:
-        async for event in served.engine.generate(job):
-            if await request.is_disconnected():
-                job.cancelled = True
-                return
-            if event.get("done"):
-                if event.get("error"):
-                    yield _sse({"error": {"message": event["error"], "type": "server_error"}})
-                    return
-                for c in event["choices"]:
-                    yield _sse({"id": cmpl_id, "object": "text_completion", "created": created, "model": served.name,
-                                "choices": [{"index": c["index"], "text": "", "finish_reason": c["finish_reason"],
-                                             "logprobs": None}]})
-                if usage:
-                    completion = sum(c["completion_tokens"] for c in event["choices"])
-                    yield _sse({"id": cmpl_id, "object": "text_completion", "created": created, "model": served.name,
-                                "choices": [], "usage": _usage(event["prompt_tokens"], completion)})
-                yield "data: [DONE]\n\n"
-                return
-            yield _sse({"id": cmpl_id, "object": "text_completion", "created": created, "model": served.name,
-                        "choices": [{"index": event["index"], "text": event["text"], "finish_reason": None,
-                                     "logprobs": None}]})
+
+    def line(choices: list[dict], **extra) -> str:
+        return _sse({"id": cmpl_id, "object": "text_completion", "created": created, "model": served.name,
+                     "choices": choices, **extra})
+
+    def on_text(event: dict):
+        yield line([{"index": event["index"], "text": event["text"], "finish_reason": None, "logprobs": None}])
+
+    def on_done(event: dict):
+        for c in event["choices"]:
+            yield line([{"index": c["index"], "text": "", "finish_reason": c["finish_reason"], "logprobs": None}])
+        if usage:
+            completion = sum(c["completion_tokens"] for c in event["choices"])
+            yield line([], usage=_usage(event["prompt_tokens"], completion))
+
+    return _stream(served, slots, request, job, [], on_text, on_done)
 
 
 # ----------------------------------------------------------------------------- set-up
