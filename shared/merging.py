@@ -8,8 +8,6 @@ lmforge.json). It is written to a temporary sibling and renamed into place when 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from . import __version__, log, rundir
@@ -86,9 +84,7 @@ def merge(base: str, adapters: list[str], out: Path, dtype_name: str = "auto",
         raise BadInput(f"{out}: exists", "pass --overwrite to replace it")
     dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     model, tokenizer, records = load_with_adapters(base, adapters, dtype, merge_all=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with rundir.staged(out) as tmp:
         model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         tokenizer.save_pretrained(str(tmp))
         stops = []
@@ -103,12 +99,6 @@ def merge(base: str, adapters: list[str], out: Path, dtype_name: str = "auto",
                          for a, r in zip(adapters, records)],
             "template": last.get("template"), "stop_words": stops, "added_tokens": last.get("added_tokens", []),
             "dtype": dtype_name})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info(f"adapter merge: {len(adapters)} adapter(s) merged into {base} -> {out}")
     return out
 

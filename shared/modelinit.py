@@ -7,8 +7,6 @@ tokens and a ChatML chat template, so the model works with `--template chatml` o
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 from . import __version__, log, rundir
@@ -89,9 +87,7 @@ def init_model(out: Path, arch: str, layers: int, hidden: int, heads: int, kv_he
         config.head_dim = hidden // heads
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with rundir.staged(out) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         from .training import write_generation_config
@@ -106,11 +102,5 @@ def init_model(out: Path, arch: str, layers: int, hidden: int, heads: int, kv_he
                              "max_position": max_position},
                   "tokenizer": {"trained_on": train_from} if train_from else {"from": tokenizer_dir}}
         rundir.write_json(tmp / rundir.RECORD, record)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info(f"model init: {arch}, {layers} layers, hidden {hidden}, {parameters:,} parameters -> {out}")
     return record

@@ -99,25 +99,21 @@ def load_head(directory: str | Path, hidden: int) -> torch.nn.Linear:
     return head
 
 
-def _reward_trainer_class():
+def _stats_trainer_class():
     from transformers import Trainer
 
-    class RewardTrainer(Trainer):
-        """Pairwise loss on value-head scores; logs accuracy, margin and mean scores."""
+    class StatsTrainer(Trainer):
+        """A Trainer whose compute_loss records extra figures (accuracy, margins, ...) per batch;
+        each log line carries their means since the last one, prefixed eval_ during evaluation."""
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self._stats = {"train": {}, "eval": {}}
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            scores = model(**inputs)
-            chosen, rejected = scores.chunk(2)
-            loss = -F.logsigmoid(chosen - rejected).mean()
+        def record(self, model, figures) -> None:
             stats = self._stats["train" if model.training else "eval"]
-            for key, value in (("accuracy", (chosen > rejected).float().mean()), ("margin", (chosen - rejected).mean()),
-                               ("score_chosen", chosen.mean()), ("score_rejected", rejected.mean())):
+            for key, value in figures:
                 stats.setdefault(key, []).append(float(value.detach()))
-            return (loss, {"chosen": chosen, "rejected": rejected}) if return_outputs else loss
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             inputs = self._prepare_inputs(inputs)
@@ -133,6 +129,21 @@ def _reward_trainer_class():
                     logs[prefix + key] = sum(values) / len(values)
             self._stats[mode] = {}
             super().log(logs, start_time)
+
+    return StatsTrainer
+
+
+def _reward_trainer_class():
+    class RewardTrainer(_stats_trainer_class()):
+        """Pairwise loss on value-head scores; logs accuracy, margin and mean scores."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            scores = model(**inputs)
+            chosen, rejected = scores.chunk(2)
+            loss = -F.logsigmoid(chosen - rejected).mean()
+            self.record(model, (("accuracy", (chosen > rejected).float().mean()), ("margin", (chosen - rejected).mean()),
+                                ("score_chosen", chosen.mean()), ("score_rejected", rejected.mean())))
+            return (loss, {"chosen": chosen, "rejected": rejected}) if return_outputs else loss
 
         def _save(self, output_dir=None, state_dict=None):
             output_dir = output_dir or self.args.output_dir
@@ -236,15 +247,12 @@ def _kto_trainer_class():
 
 
 def _ref_free_trainer_class():
-    from transformers import Trainer
-
-    class RefFreeTrainer(Trainer):
+    class RefFreeTrainer(_stats_trainer_class()):
         """ORPO and SimPO: preference losses without a reference model."""
 
         def __init__(self, *args, loss: str, beta: float, gamma: float, ftx: float, **kwargs):
             super().__init__(*args, **kwargs)
             self.loss_name, self.beta, self.gamma, self.ftx = loss, beta, gamma, ftx
-            self._stats = {"train": {}, "eval": {}}
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             ids, mask = inputs["input_ids"], inputs["completion_mask"]
@@ -265,26 +273,10 @@ def _ref_free_trainer_class():
                 margin = self.beta * (p_c - p_r) - self.gamma
                 loss = -F.logsigmoid(margin).mean() + self.ftx * nll
                 chosen_reward, rejected_reward = self.beta * p_c.detach(), self.beta * p_r.detach()
-            stats = self._stats["train" if model.training else "eval"]
-            for key, value in (("rewards/chosen", chosen_reward.mean()), ("rewards/rejected", rejected_reward.mean()),
-                               ("rewards/accuracies", (chosen_reward > rejected_reward).float().mean()),
-                               ("rewards/margins", (chosen_reward - rejected_reward).mean()), ("sft_loss", nll)):
-                stats.setdefault(key, []).append(float(value.detach()))
+            self.record(model, (("rewards/chosen", chosen_reward.mean()), ("rewards/rejected", rejected_reward.mean()),
+                                ("rewards/accuracies", (chosen_reward > rejected_reward).float().mean()),
+                                ("rewards/margins", (chosen_reward - rejected_reward).mean()), ("sft_loss", nll)))
             return (loss, {}) if return_outputs else loss
-
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            inputs = self._prepare_inputs(inputs)
-            with torch.no_grad():
-                loss = self.compute_loss(model, inputs)
-            return loss.detach(), None, None
-
-        def log(self, logs, start_time=None):
-            mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-            prefix = "eval_" if mode == "eval" else ""
-            for key, values in self._stats[mode].items():
-                logs[prefix + key] = sum(values) / len(values)
-            self._stats[mode] = {}
-            super().log(logs, start_time)
 
     return RefFreeTrainer
 

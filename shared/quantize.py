@@ -13,7 +13,6 @@ load GPTQ and AWQ checkpoints):
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -74,10 +73,8 @@ def quantize(model: str, out: Path, method: str, bits: int | None, group_size: i
     before = perplexity(reference, held_out)
     del reference
     log.info(f"quantize: perplexity before {before['perplexity']:.4f} on {before['tokens']:,} held-out tokens")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     started = time.monotonic()
-    try:
+    with rundir.staged(out) as tmp:
         with log.captured("quantize"):  # GPTQModel draws progress bars on stdout
             if method.startswith("bnb"):
                 _bitsandbytes(model, tmp, bits, device)
@@ -101,12 +98,6 @@ def quantize(model: str, out: Path, method: str, bits: int | None, group_size: i
                   "seconds": round(time.monotonic() - started, 1),
                   "size_bytes": sum(f.stat().st_size for f in tmp.rglob("*.safetensors"))}
         rundir.write_json(tmp / rundir.RECORD, report)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info(f"quantize: perplexity after {after['perplexity']:.4f} ({report['perplexity']['change']:+.2%}); "
              f"{report['size_bytes'] / 2**20:.1f} MiB of weights")
     return report

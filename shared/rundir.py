@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import BadInput
@@ -48,6 +49,22 @@ def prepare(out: Path, *, overwrite: bool, resume: bool) -> Path | None:
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return None
+
+
+@contextmanager
+def staged(out: Path):
+    """Build a directory beside OUT and move it into place only once the block completes: a failed
+    or interrupted run leaves OUT as it was (or absent), never half-written."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def last_checkpoint(out: Path) -> Path | None:
