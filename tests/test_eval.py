@@ -186,3 +186,31 @@ def test_smollm2_mmlu(tmp_path):
                             "--subjects", "high_school_geography,marketing", "--shots", "5", "--json"]).stdout)
     assert all(s["questions"] > 0 for s in report["subjects"].values())
     assert report["template"] == "auto"
+
+
+def test_shared_prefix_reading_equals_whole_prompts():
+    """MMLU prompts of one subject share their k-shot prefix; reading it once (SharedPrefix) must
+    give the same next-token logits as reading every prompt whole, for any batch size."""
+    import random
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmforge.shared.evaluate import SharedPrefix, _next_token_logits
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)).eval()
+    rng = random.Random(0)
+    prefix = [rng.randrange(1, 97) for _ in range(60)]
+    prompts = [prefix + [rng.randrange(1, 97) for _ in range(rng.randint(1, 12))] for _ in range(7)]
+
+    class Tok:
+        pad_token_id = 0
+
+    shared = SharedPrefix.of(model, prompts, torch.device("cpu"))
+    assert shared is not None and shared.length >= 60
+    for batch in (prompts[:3], prompts[3:6], prompts[6:], prompts[:3]):  # the cache is reused and re-sized
+        expected = _next_token_logits(model, batch, Tok, torch.device("cpu"))
+        assert torch.allclose(shared.next_token_logits(batch, Tok), expected, atol=1e-5)
+    assert SharedPrefix.of(model, [p[:20] for p in prompts], torch.device("cpu")) is None  # too short to bother
