@@ -45,9 +45,9 @@ ifeq ($(strip $(MODEL)),)
 OUT      ?= demo-out
 BASE     := $(OUT)/init
 TEMPLATE ?= chatml
-PT_ARGS  ?= --method full --learning-rate 1e-2 --warmup 0.05 --epochs 15 --batch-size 8 --grad-accum 1
-SFT_ARGS ?= --method lora --lora-rank 16 --lora-target all --learning-rate 5e-3 --epochs 3 --batch-size 8 --grad-accum 1
-DPO_ARGS ?= --method lora --lora-rank 16 --lora-target all --learning-rate 5e-4 --epochs 1 --batch-size 8 --grad-accum 1
+PT_ARGS  ?= --method full --learning-rate 3e-3 --warmup 0.05 --epochs 40 --batch-size 8 --grad-accum 1
+SFT_ARGS ?= --method lora --lora-rank 16 --lora-target all --learning-rate 5e-3 --epochs 5 --batch-size 8 --grad-accum 1
+DPO_ARGS ?= --method lora --lora-rank 16 --lora-target all --learning-rate 5e-4 --ftx 1.0 --epochs 1 --batch-size 8 --grad-accum 1
 else
 OUT      ?= demo-out-$(notdir $(MODEL))
 BASE     := $(MODEL)
@@ -80,9 +80,9 @@ BASE_READY := $(OUT)/init/lmforge.json
 endif
 
 $(OUT)/pt.packed: $(OUT)/corpus.arrow $(BASE_READY)
-	$(LM) data pack $< -m $(BASE) --stage pt --cutoff 256 -o $@
+	$(LM) data pack $< -m $(BASE) --stage pt --cutoff 256 --neat-packing -o $@
 $(OUT)/sft.packed: $(OUT)/split/train.arrow $(BASE_READY)
-	$(LM) data pack $< -m $(BASE) -t $(TEMPLATE) --cutoff 256 --packing -o $@
+	$(LM) data pack $< -m $(BASE) -t $(TEMPLATE) --cutoff 256 --neat-packing -o $@
 $(OUT)/dpo.packed: $(OUT)/prefs.arrow $(BASE_READY)
 	$(LM) data pack $< -m $(BASE) -t $(TEMPLATE) --stage dpo --cutoff 256 -o $@
 

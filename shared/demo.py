@@ -5,11 +5,11 @@ writes, deterministically,
     tasks.jsonl   alpaca rows   {"instruction", "input", "output"}
     chat.json     sharegpt rows {"conversations": [...]} with two tasks per conversation
     prefs.jsonl   pairwise rows {"instruction", "input", "chosen", "rejected"}
-    corpus.txt    plain text, one worked example per line, for pre-training
+    corpus.jsonl  plain text {"text"}, one worked example per document, for pre-training
     eval.jsonl    held-out alpaca rows for before/after evaluation
 
-The tasks (reverse a list of words, sort it, count it, repeat the first word, uppercase) are
-learnable by a model of a few hundred thousand parameters, so the metrics really move.
+The tasks (reverse a list of words, say its first or last word, count it, write it in capitals)
+are learnable by a model of about a million parameters in minutes, so the metrics really move.
 """
 
 from __future__ import annotations
@@ -19,29 +19,29 @@ import random
 import sys
 from pathlib import Path
 
-WORDS = ("apple bird cat dog egg fish goat hat ink jam kite lamp moon nest owl pig queen rose sun "
-         "tree umbrella van wolf box yarn zoo ball cake door fork gift hill iron jar key leaf milk "
-         "nose orange pen quilt ring star tent vase window yak zebra").split()
-TASKS = ("reverse", "sort", "count", "first", "upper")
+WORDS = ("ant bee cat dog elk fox gnu hen ibis jay kiwi lion mole newt owl pig quail rat seal toad urchin vole "
+         "wasp yak zebra").split()
+TASKS = ("reverse", "first", "last", "count", "upper")
 INSTRUCTIONS = {
     "reverse": "Reverse the order of the words.",
-    "sort": "Sort the words alphabetically.",
-    "count": "How many words are there?",
     "first": "What is the first word?",
+    "last": "What is the last word?",
+    "count": "How many words are there?",
     "upper": "Write the words in capital letters.",
 }
+CORPUS_PER_ROW = 2  # pre-training sees more worked examples than fine-tuning
 NUMBERS = "zero one two three four five six seven eight nine".split()
 
 
 def answer(task: str, words: list[str]) -> str:
     if task == "reverse":
         return " ".join(reversed(words))
-    if task == "sort":
-        return " ".join(sorted(words))
-    if task == "count":
-        return NUMBERS[len(words)]
     if task == "first":
         return words[0]
+    if task == "last":
+        return words[-1]
+    if task == "count":
+        return NUMBERS[len(words)]
     return " ".join(w.upper() for w in words)
 
 
@@ -78,10 +78,10 @@ def write(out: Path, rows: int = 2000, seed: int = 0) -> None:
             ins, inp, outp = example(rng)
             f.write(json.dumps({"instruction": ins, "input": inp, "chosen": outp,
                                 "rejected": wrong(rng, ins, inp, outp)}) + "\n")
-    with open(out / "corpus.txt", "w", encoding="utf-8") as f:
-        for _ in range(rows):
+    with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for _ in range(rows * CORPUS_PER_ROW):
             ins, inp, outp = example(rng)
-            f.write(f"{ins} {inp} => {outp}\n")
+            f.write(json.dumps({"text": f"{ins}\n{inp}\n{outp}"}) + "\n")
     with open(out / "eval.jsonl", "w", encoding="utf-8") as f:
         for _ in range(100):
             ins, inp, outp = example(rng)
@@ -148,7 +148,7 @@ if __name__ == "__main__":
     if args[0] == "--table":
         print(table([tuple(a.split("=", 1)) for a in args[1:]]))
     elif args[0] == "--serve-once":
-        question = "Reverse the order of the words.\nmoon star tree"
+        question = "Write the words in capital letters.\nowl fox bee"
         print(f"POST /v1/chat/completions  user: {question!r}")
         print(f"assistant: {serve_once(args[1], args[2] if len(args) > 2 else None, question)!r}")
     else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__, log, rundir
@@ -125,10 +126,32 @@ def _gptqmodel(model: str, target: Path, method: str, bits: int, group_size: int
     config = QuantizeConfig(bits=bits, group_size=group_size, method=method,
                             **({"format": "gemm"} if method == "awq" else {}))
     try:
-        loaded = GPTQModel.load(str(model), config)
-        loaded.quantize([{"input_ids": ids} for ids in calibration], batch_size=1)
+        with _gptqmodel_logs_kept_out_of_cwd():
+            loaded = GPTQModel.load(str(model), config)
+            loaded.quantize([{"input_ids": ids} for ids in calibration], batch_size=1)
         loaded.save(str(target))
     except (ValueError, AssertionError, NotImplementedError) as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise RunFailure(f"{method} quantization failed: {first}",
                          "check --group-size divides the model's layer widths (try 32 or 64)") from None
+
+
+@contextmanager
+def _gptqmodel_logs_kept_out_of_cwd():
+    """GPTQModel writes a per-run log file into ./logs/ of whatever directory it runs in; point its
+    (module-level) log directory at a temporary one for the duration instead."""
+    import tempfile
+
+    try:
+        from gptqmodel.looper import loop_processor
+    except ImportError:  # a GPTQModel without that module keeps its own habits
+        yield
+        return
+    saved = getattr(loop_processor, "_PROJECT_LOG_DIR", None)
+    with tempfile.TemporaryDirectory(prefix="lmforge-gptq-") as tmp:
+        loop_processor._PROJECT_LOG_DIR = Path(tmp)
+        try:
+            yield
+        finally:
+            if saved is not None:
+                loop_processor._PROJECT_LOG_DIR = saved

@@ -19,7 +19,7 @@ def data(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("quant")
     demo.write(work / "raw", rows=300)
-    ok(["data", "align", work / "raw" / "corpus.txt", "-o", work / "corpus.arrow"])
+    ok(["data", "align", work / "raw" / "corpus.jsonl", "-o", work / "corpus.arrow"])
     ok(["data", "align", work / "raw" / "tasks.jsonl", "-o", work / "tasks.arrow"])
     tiny = work / "tiny"
     ok(["model", "init", "-o", tiny, "--layers", "2", "--hidden", "64", "--heads", "4", "--intermediate", "128",

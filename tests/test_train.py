@@ -233,7 +233,7 @@ def test_pt_with_gradient_checkpointing(task, tmp_path):
     from lmforge.shared import demo
 
     demo.write(tmp_path / "raw", rows=200)
-    ok(["data", "align", tmp_path / "raw" / "corpus.txt", "-o", tmp_path / "pt.arrow"])
+    ok(["data", "align", tmp_path / "raw" / "corpus.jsonl", "-o", tmp_path / "pt.arrow"])
     ok(["data", "pack", tmp_path / "pt.arrow", "-m", task["base"], "-s", "pt", "--cutoff", "128", "-o", tmp_path / "pt.packed"])
     out = tmp_path / "pt"
     train(task, out, "--gradient-checkpointing", "--max-steps", "4", *FAST, stage="pt", data=tmp_path / "pt.packed")
