@@ -9,7 +9,7 @@ EXTRAS ?= test,cpu-extras
 OUT    ?= demo-out
 LM     := $(BIN)/lmforge
 
-.PHONY: install test test-fast demo completions bench clean-demo lf-venv
+.PHONY: install test test-fast demo completions bench bench-gpu clean-demo lf-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -132,6 +132,10 @@ clean-demo:
 
 bench: install
 	$(BIN)/python tests/bench/run.py
+
+# on a machine with a CUDA GPU (install with EXTRAS=test,cpu-extras,gpu for flash-attn and vLLM)
+bench-gpu: install
+	$(BIN)/python tests/bench/run.py bench_gpu
 
 # LLaMA-Factory in its own virtualenv (it needs torch 2.11 for torchaudio): a peer to measure against
 lf-venv: .bench/lf-venv/bin/llamafactory-cli

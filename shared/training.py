@@ -383,6 +383,8 @@ def run(o: TrainOptions, build_trainer=None) -> Path:
                "runtime_seconds": round(runtime, 2), "tokens": collator.tokens,
                "tokens_per_second": round(reporter[0].tokens_per_second(), 1),
                "trainable_parameters": trainable, "total_parameters": total}
+    if device.kind == "cuda":  # what the run held at most, as the seed's memory table counts it
+        metrics["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if eval_data is not None:
         evaluated = trainer.evaluate()
         metrics.update({k: round(float(v), 6) for k, v in evaluated.items() if k.startswith("eval_") and
