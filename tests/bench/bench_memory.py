@@ -4,7 +4,7 @@ tokens/s, and perplexity on held-out data after the same number of steps on the 
 
 Memory per parameter is given two ways: the whole process's peak RSS / parameters, and the part
 training adds over inference ((peak RSS of training - peak RSS of `eval perplexity` on the same
-model) / parameters), which is the closest CPU analogue of the seed's GPU figure."""
+model with the same batch shape) / parameters), which is the closest CPU analogue of the seed's GPU figure."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def main() -> None:
 
     def perplexity(model_dir, adapter=None) -> tuple[float, float]:
         out = WORK / "mem_ppl.json"
-        cmd = [LMFORGE, "eval", "perplexity", "-m", model_dir, "-d", val, "--json", "-q"]
+        cmd = [LMFORGE, "eval", "perplexity", "-m", model_dir, "-d", val, "--batch-size", BATCH, "--json", "-q"]
         if adapter:
             cmd += ["--adapter", adapter]
         run = measure_isolated(["sh", "-c", " ".join(f"'{c}'" for c in cmd) + f" > '{out}'"])
@@ -67,7 +67,8 @@ def main() -> None:
                   "tokens/s", "train loss", f"val perplexity (base {base_ppl:.2f})"], rows)
     body += (f"\n\nSmolLM2-135M-Instruct ({PARAMS:,} parameters), alpaca_en_demo packed to {CUTOFF} tokens, "
              f"{STEPS} steps of {BATCH} rows, gradient checkpointing, fp32 weights on the CPU "
-             f"({os.cpu_count()} threads). Inference baseline (`eval perplexity` on the base model): "
+             f"({os.cpu_count()} threads). Inference baseline (`eval perplexity` on the base model, same "
+             f"{BATCH}-row batches): "
              f"{inference_peak:,.0f} MiB. The seed's 0.6 bytes/param for QLoRA is 4-bit weights on a GPU; "
              f"on the CPU only int8 is available (bitsandbytes), and fp32 activations dominate at this size. "
              f"{versions('torch', 'transformers', 'peft', 'bitsandbytes', 'galore-torch')}.")
