@@ -130,7 +130,10 @@ demo: $(OUT)/eval-before.json $(OUT)/eval-sft.json $(OUT)/eval-dpo.json $(OUT)/s
 clean-demo:
 	rm -rf $(OUT)
 
-bench: install
+# every benchmark with its baselines; LLaMA-Factory's virtualenv (~6 GB) is built the first time
+# (`make bench LF=0` leaves it out, and its rows say so)
+LF ?= 1
+bench: install $(if $(filter 0,$(LF)),,lf-venv)
 	$(BIN)/python tests/bench/run.py
 
 # on a machine with a CUDA GPU (install with EXTRAS=test,cpu-extras,gpu for flash-attn and vLLM)

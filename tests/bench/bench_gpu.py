@@ -35,6 +35,34 @@ def peak_tflops(name: str) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
+def train_methods(model: str, packed, steps: int, batch: int, peak: float | None) -> list[list[str]]:
+    """One `train sft` per method on `packed`; a table row each (a failure is a row, not an abort)."""
+    rows = []
+    for name, (args, flops_per_param) in METHODS.items():
+        out = WORK / "gpu_run"
+        run = measure_isolated([LMFORGE, "train", "sft", "-m", model, "-d", packed, "-o", out, "--overwrite",
+                                "--max-steps", steps, "--batch-size", batch, "--grad-accum", 1, "--save-steps", 0,
+                                "--logging-steps", 10, *args, "-q"], allow_failure=True)
+        if run["rc"] != 0:
+            rows.append([name, "failed: " + (run["stderr"].strip().splitlines() or ["?"])[-1][:120], "", "", ""])
+            continue
+        metrics = json.loads((out / "lmforge.json").read_text())["metrics"]
+        tps = metrics["tokens"] / metrics["runtime_seconds"]
+        mfu = f"{100 * tps * flops_per_param * PARAMS / (peak * 1e12):.1f}%" if peak else "n/a"
+        rows.append([name, f"{tps:,.0f}", f"{metrics.get('peak_gpu_memory_mib', float('nan')):,.0f}",
+                     f"{metrics['train_loss']:.3f}", mfu])
+    return rows
+
+
+def pack(model: str, cutoff: int, template: str = "smollm"):
+    WORK.mkdir(parents=True, exist_ok=True)
+    aligned, packed = WORK / "gpu_aligned.arrow", WORK / "gpu_train.packed"
+    measure_isolated([LMFORGE, "data", "align", shared("data/llamafactory/alpaca_en_demo.json"), "-o", aligned, "-q"])
+    measure_isolated([LMFORGE, "data", "pack", aligned, "-m", model, "-t", template, "--cutoff", cutoff,
+                      "--packing", "-o", packed, "-q"])
+    return packed
+
+
 def main() -> None:
     import torch
 
@@ -43,25 +71,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0)
     peak = peak_tflops(gpu)
     model = smollm2()
-    WORK.mkdir(parents=True, exist_ok=True)
-    aligned, packed = WORK / "gpu_aligned.arrow", WORK / "gpu_train.packed"
-    measure_isolated([LMFORGE, "data", "align", shared("data/llamafactory/alpaca_en_demo.json"), "-o", aligned, "-q"])
-    measure_isolated([LMFORGE, "data", "pack", aligned, "-m", model, "-t", "smollm", "--cutoff", CUTOFF,
-                      "--packing", "-o", packed, "-q"])
-    rows = []
-    for name, (args, flops_per_param) in METHODS.items():
-        out = WORK / "gpu_run"
-        run = measure_isolated([LMFORGE, "train", "sft", "-m", model, "-d", packed, "-o", out, "--overwrite",
-                                "--max-steps", STEPS, "--batch-size", BATCH, "--grad-accum", 1, "--save-steps", 0,
-                                "--logging-steps", 10, *args, "-q"], allow_failure=True)
-        if run["rc"] != 0:
-            rows.append([name, "failed: " + run["stderr"].strip().splitlines()[-1][:120], "", "", ""])
-            continue
-        metrics = json.loads((out / "lmforge.json").read_text())["metrics"]
-        tps = metrics["tokens"] / metrics["runtime_seconds"]
-        mfu = f"{100 * tps * flops_per_param * PARAMS / (peak * 1e12):.1f}%" if peak else "n/a"
-        rows.append([name, f"{tps:,.0f}", f"{metrics.get('peak_gpu_memory_mib', float('nan')):,.0f}",
-                     f"{metrics['train_loss']:.3f}", mfu])
+    rows = train_methods(model, pack(model, CUTOFF), STEPS, BATCH, peak)
     body = table(["method", "tokens/s", "peak GPU memory MiB", "train loss", "MFU"], rows)
     body += (f"\n\n{gpu}; SmolLM2-135M-Instruct ({PARAMS:,} parameters), alpaca_en_demo packed to {CUTOFF} tokens, "
              f"{STEPS} steps of {BATCH} rows. MFU against {peak or 'unknown'} TFLOP/s dense bf16. "
