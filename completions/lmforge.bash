@@ -28,11 +28,11 @@ _lmforge_words() {
     "model quantize") echo "--output -o --method --bits --group-size --calib --calib-samples --eval-data --eval-samples --max-length --overwrite --no-overwrite --seed --config --debug --quiet -q --help -h";;
     "serve") echo "--model -m --adapter --template --name --host --port --api-key --backend --max-concurrency --max-batch --config --debug --quiet -q --help -h";;
     "train") echo "dpo ppo pt rm sft --help -h";;
-    "train dpo") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --loss --beta --ftx --simpo-gamma --precompute-ref --no-precompute-ref --desirable-weight --undesirable-weight --config --debug --quiet -q --help -h";;
+    "train dpo") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --neftune-alpha --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --loss --beta --ftx --simpo-gamma --precompute-ref --no-precompute-ref --desirable-weight --undesirable-weight --config --debug --quiet -q --help -h";;
     "train ppo") echo "--model -m --reward --data -d --output -o --sft --overwrite --no-overwrite --resume --no-resume --layout --lora-rank --lora-alpha --lora-target --learning-rate --lr --batch-size --mini-batch-size --ppo-epochs --max-steps --epochs --max-new-tokens --temperature --top-k --top-p --kl-coef --kl-target --kl-horizon --gamma --lam --clip-range --clip-range-value --vf-coef --reward-scale --reward-clip --reward-norm --no-reward-norm --missing-eos-penalty --whiten-advantages --no-whiten-advantages --max-grad-norm --precision --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --config --debug --quiet -q --help -h";;
-    "train pt") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --config --debug --quiet -q --help -h";;
-    "train rm") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --config --debug --quiet -q --help -h";;
-    "train sft") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --config --debug --quiet -q --help -h";;
+    "train pt") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --neftune-alpha --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --config --debug --quiet -q --help -h";;
+    "train rm") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --neftune-alpha --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --config --debug --quiet -q --help -h";;
+    "train sft") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --neftune-alpha --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --config --debug --quiet -q --help -h";;
   esac
 }
 
@@ -205,6 +205,7 @@ _lmforge_value() {
     "train dpo|--grad-accum") echo "@any";;
     "train dpo|--scheduler") echo "@any";;
     "train dpo|--optim") echo "@any";;
+    "train dpo|--neftune-alpha") echo "@any";;
     "train dpo|--precision") echo "auto bf16 fp16 fp32";;
     "train dpo|--attn") echo "auto sdpa eager flash_attention_2";;
     "train dpo|--rope-scaling") echo "auto linear dynamic yarn none";;
@@ -288,6 +289,7 @@ _lmforge_value() {
     "train pt|--grad-accum") echo "@any";;
     "train pt|--scheduler") echo "@any";;
     "train pt|--optim") echo "@any";;
+    "train pt|--neftune-alpha") echo "@any";;
     "train pt|--precision") echo "auto bf16 fp16 fp32";;
     "train pt|--attn") echo "auto sdpa eager flash_attention_2";;
     "train pt|--rope-scaling") echo "auto linear dynamic yarn none";;
@@ -329,6 +331,7 @@ _lmforge_value() {
     "train rm|--grad-accum") echo "@any";;
     "train rm|--scheduler") echo "@any";;
     "train rm|--optim") echo "@any";;
+    "train rm|--neftune-alpha") echo "@any";;
     "train rm|--precision") echo "auto bf16 fp16 fp32";;
     "train rm|--attn") echo "auto sdpa eager flash_attention_2";;
     "train rm|--rope-scaling") echo "auto linear dynamic yarn none";;
@@ -370,6 +373,7 @@ _lmforge_value() {
     "train sft|--grad-accum") echo "@any";;
     "train sft|--scheduler") echo "@any";;
     "train sft|--optim") echo "@any";;
+    "train sft|--neftune-alpha") echo "@any";;
     "train sft|--precision") echo "auto bf16 fp16 fp32";;
     "train sft|--attn") echo "auto sdpa eager flash_attention_2";;
     "train sft|--rope-scaling") echo "auto linear dynamic yarn none";;

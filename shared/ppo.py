@@ -467,17 +467,26 @@ class PPO:
 
 
 def run(o: PPOOptions) -> Path:
-    from transformers import set_seed
-
-    from .models import choose_device, count_parameters, load_tokenizer_for
-    from .training import check_tokenizer, open_packed, quiet_libraries, write_generation_config
+    from .training import quiet_libraries
 
     validate(o)
     quiet_libraries()
     out = Path(o.output)
+    created = not out.exists()
     resume_from = rundir.prepare(out, overwrite=o.overwrite, resume=o.resume)
     if o.resume and (out / rundir.RECORD).exists() and resume_from is None:
         return out
+    with rundir.removed_on_failure(out, fresh=resume_from is None, created=created):
+        _train(o, out, resume_from)
+    return out
+
+
+def _train(o: PPOOptions, out: Path, resume_from: Path | None) -> None:
+    from transformers import set_seed
+
+    from .models import choose_device, count_parameters, load_tokenizer_for
+    from .training import check_tokenizer, open_packed, write_generation_config
+
     data = open_packed(o.data, ("ppo",))
     device = choose_device(o.precision)
     if device.kind != "cpu":
@@ -535,7 +544,6 @@ def run(o: PPOOptions) -> Path:
                           "final_kl": last.get("kl"), "runtime_seconds": round(time.monotonic() - started, 2)}}
     rundir.write_json(out / rundir.RECORD, record)
     log.info(f"ppo: done: reward {first.get('reward', 0):.3f} -> {last.get('reward', 0):.3f}, KL {last.get('kl', 0):.3f}")
-    return out
 
 
 def validate(o: PPOOptions) -> None:
@@ -549,6 +557,8 @@ def validate(o: PPOOptions) -> None:
         raise BadInput("--clip-range must be in (0, 1)")
     if o.kl_coef < 0:
         raise BadInput("--kl-coef must be >= 0")
+    if not o.learning_rate > 0:
+        raise BadInput(f"--learning-rate {o.learning_rate:g}: must be above 0")
     if not Path(o.reward).is_dir():
         raise BadInput(f"--reward {o.reward}: not a directory", "give a reward model made by `lmforge train rm`")
     from .preference import HEAD_FILE

@@ -45,10 +45,28 @@ def prepare(out: Path, *, overwrite: bool, resume: bool) -> Path | None:
         if not overwrite:
             raise BadInput(f"{out}: exists and is not empty",
                            "pass --overwrite to replace it, or --resume to continue an interrupted run")
-        for child in out.iterdir():
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        _empty(out)
     out.mkdir(parents=True, exist_ok=True)
     return None
+
+
+def _empty(directory: Path) -> None:
+    for child in directory.iterdir():
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+
+@contextmanager
+def removed_on_failure(out: Path, *, fresh: bool, created: bool):
+    """A fresh run that fails before its first checkpoint leaves OUT as it found it (absent, or
+    empty), so running the same command again just works. Once a checkpoint exists the
+    directory stays, for --resume."""
+    try:
+        yield
+    except BaseException:
+        if fresh and last_checkpoint(out) is None and not (out / RECORD).exists() \
+                and int(os.environ.get("RANK", "0")) == 0 and out.is_dir():
+            shutil.rmtree(out, ignore_errors=True) if created else _empty(out)
+        raise
 
 
 @contextmanager

@@ -42,6 +42,7 @@ class TrainOptions:
     grad_accum: int = 8
     scheduler: str = "cosine"
     gradient_checkpointing: bool = False
+    neftune_alpha: float | None = None
     precision: str = "auto"
     attn: str = "auto"
     rope_scaling: str = "auto"
@@ -145,8 +146,12 @@ def validate(o: TrainOptions) -> None:
         raise BadInput(f"unknown scheduler '{o.scheduler}'", f"use one of {', '.join(SCHEDULERS)}")
     if o.batch_size < 1 or o.grad_accum < 1:
         raise BadInput("--batch-size and --grad-accum must be at least 1")
+    if o.learning_rate is not None and not o.learning_rate > 0:
+        raise BadInput(f"--learning-rate {o.learning_rate:g}: must be above 0", "e.g. 2e-4 for LoRA, 2e-5 for full")
     if o.epochs <= 0 and o.max_steps <= 0:
         raise BadInput("give --epochs > 0 or --max-steps > 0")
+    if o.neftune_alpha is not None and not o.neftune_alpha > 0:
+        raise BadInput(f"--neftune-alpha {o.neftune_alpha:g}: must be above 0", "the NEFTune paper uses 5 to 15")
     if o.warmup < 0:
         raise BadInput("--warmup must be >= 0 (a fraction below 1, or a step count)")
     if o.report not in ("none", "tensorboard"):
@@ -188,7 +193,7 @@ def _training_arguments(o: TrainOptions, device, out: Path, eval_data: PackedDat
         bf16=device.dtype_name == "bf16" and device.kind != "cpu", fp16=device.dtype_name == "fp16",
         seed=o.seed, data_seed=o.seed, report_to="none", gradient_checkpointing=o.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if o.gradient_checkpointing else None,
-        remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0,
+        remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0, neftune_noise_alpha=o.neftune_alpha,
         use_cpu=device.kind == "cpu", save_only_model=False, ddp_find_unused_parameters=False,
     )
     if distributed and device.kind == "cpu":
@@ -320,16 +325,23 @@ def setup_distributed(o: TrainOptions, device) -> None:
 def run(o: TrainOptions, build_trainer=None) -> Path:
     """Train and save; returns the output directory. `build_trainer` lets other stages (rm, dpo,
     ppo) reuse the set-up with their own trainer."""
-    from .methods import apply as apply_method
-    from .models import choose_device, count_parameters, load_model, load_tokenizer_for
-
     validate(o)
     quiet_libraries()
     out = Path(o.output)
+    created = not out.exists()
     resume_from = rundir.prepare(out, overwrite=o.overwrite, resume=o.resume)
     if o.resume and (out / rundir.RECORD).exists() and resume_from is None:
         log.info(f"train: {out} is already finished")
         return out
+    with rundir.removed_on_failure(out, fresh=resume_from is None, created=created):
+        _train(o, out, resume_from, build_trainer)
+    return out
+
+
+def _train(o: TrainOptions, out: Path, resume_from: Path | None, build_trainer) -> None:
+    from .methods import apply as apply_method
+    from .models import choose_device, count_parameters, load_model, load_tokenizer_for
+
     stages = (o.stage,) if o.stage in ("pt", "sft") else o.extra.get("data_stages", (o.stage,))
     data = open_packed(o.data, stages)
     eval_data = open_packed(o.eval_data, stages, "--eval-data") if o.eval_data else None
@@ -390,7 +402,6 @@ def run(o: TrainOptions, build_trainer=None) -> Path:
         metrics.update({k: round(float(v), 6) for k, v in evaluated.items() if k.startswith("eval_") and
                         isinstance(v, (int, float))})
     save_result(o, trainer, model, tokenizer, data, out, metrics, device, pissa_init)
-    return out
 
 
 def _step_of(checkpoint: Path | None) -> int:
@@ -489,6 +500,7 @@ def save_result(o: TrainOptions, trainer, model, tokenizer, data: PackedData, ou
                             "batch_size": o.batch_size, "grad_accum": o.grad_accum, "scheduler": o.scheduler,
                             "seed": o.seed, "precision": device.dtype_name, "optim": o.optim,
                             "gradient_checkpointing": o.gradient_checkpointing, "quant": o.quant,
+                            "neftune_alpha": o.neftune_alpha,
                             "deepspeed": o.deepspeed, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
                             **{k: v for k, v in o.extra.items() if k not in ("training_arguments", "data_stages", "kind")}},
         "device": {"kind": device.kind, "attention": device.attn}, "metrics": metrics,

@@ -100,6 +100,8 @@ CASES = [
     ("unknown-option", lambda t: ["data", "align", "--colour", "x"], "No such option"),
     ("output-dir-missing", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [ALPACA]), "-o",
                                       t / "no" / "such" / "out.arrow"], "does not exist"),
+    ("output-not-writable", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [ALPACA]), "-o",
+                                       "/proc/out.arrow"], "/proc/out.arrow: no such file or directory"),
 ]
 
 

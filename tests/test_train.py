@@ -242,6 +242,24 @@ def test_pt_with_gradient_checkpointing(task, tmp_path):
     assert "stage 'pt'" in bad(["train", "sft", "-m", task["base"], "-d", tmp_path / "pt.packed", "-o", tmp_path / "x"])
 
 
+def test_neftune_noise_changes_training_only_when_asked(task, tmp_path):
+    """Same seed and data: the first logged loss (before any update) is the same with and without
+    NEFTune only if no noise reaches the embeddings; with --neftune-alpha it differs."""
+    args = ["--max-steps", "2", "--logging-steps", "1", "--batch-size", "4", "--grad-accum", "1", "--lr", "1e-3"]
+
+    def first_loss(name, *extra):
+        train(task, tmp_path / name, *args, *extra)
+        return json.loads((tmp_path / name / "trainer_log.jsonl").read_text().splitlines()[0])["loss"]
+
+    plain, again, noisy = first_loss("a"), first_loss("b"), first_loss("n", "--neftune-alpha", "50")
+    assert plain == again and noisy != plain
+    assert json.loads((tmp_path / "n" / "lmforge.json").read_text())["hyperparameters"]["neftune_alpha"] == 50
+    assert "must be above 0" in bad(["train", "sft", "-m", task["base"], "-d", task["train"], "-o", tmp_path / "z",
+                                     "--neftune-alpha", "0"])
+    assert "for train pt/sft" in bad(["train", "dpo", "-m", task["base"], "-d", task["train"], "-o", tmp_path / "z",
+                                      "--neftune-alpha", "5"])
+
+
 def test_added_template_tokens_resize_and_merge(task, tmp_path):
     """ChatML on a base model: pack adds <|im_start|>/<|im_end|>; train resizes the embeddings and
     trains the new rows; the merged model has them and stops generating at <|im_end|>."""
@@ -284,7 +302,10 @@ def test_train_refuses_mismatches(task, tmp_path):
     assert "not found" in bad(["train", "sft", "-m", tmp_path / "nomodel", "-d", task["train"], "-o", tmp_path / "o6"])
     assert "unknown optimizer" in bad(["train", "sft", "-m", task["base"], "-d", task["train"], "-o", tmp_path / "o7",
                                        "--optim", "adamx"])
-    assert not any((tmp_path / f"o{i}").exists() and any((tmp_path / f"o{i}").iterdir()) for i in range(1, 8))
+    assert "must be above 0" in bad(["train", "sft", "-m", task["base"], "-d", task["train"], "-o", tmp_path / "o8",
+                                     "--lr", "-1"])
+    # a run that fails before its first checkpoint leaves nothing behind (o6 failed after making OUT)
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 9))
 
 
 def _launch(nproc: int, args: list[str]) -> subprocess.CompletedProcess:

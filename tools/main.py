@@ -6,7 +6,9 @@ A traceback is shown only with --debug or LMFORGE_DEBUG=1.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import sys
 from typing import Annotated, Optional
 
@@ -55,6 +57,20 @@ def _error(text: str) -> None:
     print(f"error: {' '.join(text.split())}", file=sys.stderr, flush=True)
 
 
+_PATH_ERRORS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+                errno.ENAMETOOLONG}
+
+
+def _unexpected(exc: BaseException) -> int:
+    if log.debug():
+        import traceback
+
+        traceback.print_exc()
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    _error(f"{type(exc).__name__}: {first}" + ("" if log.debug() else " (run with --debug for the traceback)"))
+    return EXIT_FAILURE
+
+
 def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     args = sys.argv[1:] if argv is None else argv
@@ -68,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             ctx = getattr(exc, "ctx", None)
             where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-            _error(exc.format_message() + where)
+            # typer validates through pydantic, whose messages carry a "Value error, " prefix
+            _error(exc.format_message().replace("Value error, ", "") + where)
             code = getattr(exc, "exit_code", EXIT_BAD_INPUT)
     except typer.Abort:
         _error("aborted")
@@ -88,17 +105,21 @@ def main(argv: list[str] | None = None) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         code = 141
+    except OSError as exc:  # the file system said no: name the path and the reason, no traceback
+        if log.debug() or not (exc.filename and exc.strerror):
+            code = _unexpected(exc)
+        else:
+            path = str(exc.filename)
+            if ".tmp-" in path:  # the temporary sibling an atomic write goes through
+                path = re.sub(r"(^|/)\.([^/]+)\.tmp-\d+$", r"\1\2", path)
+            _error(f"{path}: {exc.strerror.lower()}; check the path, its permissions and free space")
+            # a path the user gave that cannot be used is bad input; a full disk or I/O error is not
+            code = EXIT_BAD_INPUT if exc.errno in _PATH_ERRORS else EXIT_FAILURE
     except MemoryError:
         _error("out of memory; use smaller batches or a smaller cutoff")
         code = EXIT_FAILURE
     except Exception as exc:  # a bug or a library failure: short line unless --debug
-        if log.debug():
-            import traceback
-
-            traceback.print_exc()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        _error(f"{type(exc).__name__}: {first}" + ("" if log.debug() else " (run with --debug for the traceback)"))
-        code = EXIT_FAILURE
+        code = _unexpected(exc)
     try:
         sys.stdout.flush()
     except (BrokenPipeError, ValueError):

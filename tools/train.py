@@ -67,6 +67,7 @@ OPTIM = [
     ("scheduler", Annotated[str, typer.Option(help="Learning-rate schedule: cosine, linear, constant, constant_with_warmup, ...", rich_help_panel=O)], "cosine"),
     ("optim", Annotated[str, typer.Option(help="Optimizer: adamw, adamw8bit, paged_adamw8bit, adafactor, sgd, or any transformers name.", rich_help_panel=O)], "adamw"),
     ("gradient_checkpointing", Annotated[bool, typer.Option(help="Recompute activations in the backward pass (less memory).", rich_help_panel=O)], False),
+    ("neftune_alpha", Annotated[Optional[float], typer.Option(help="NEFTune (pt/sft): uniform noise of scale alpha / sqrt(row length x hidden) on the input embeddings while training, e.g. 5.", rich_help_panel=O)], None),
     ("precision", Annotated[Literal["auto", "bf16", "fp16", "fp32"], typer.Option(help="auto: bf16 on recent GPUs, fp16 on older ones, fp32 on CPU.", rich_help_panel=O)], "auto"),
     ("attn", Annotated[Literal["auto", "sdpa", "eager", "flash_attention_2"], typer.Option(help="Attention kernel (auto: flash-attention on CUDA when installed, else sdpa).", rich_help_panel=O)], "auto"),
     ("rope_scaling", Annotated[Literal["auto", "linear", "dynamic", "yarn", "none"], typer.Option(help="RoPE scaling when the data's cutoff exceeds the model's context.", rich_help_panel=O)], "auto"),
@@ -142,6 +143,8 @@ def _no_custom_optimizer(stage: str, opts: dict) -> None:
 
     if opts.get("loraplus_ratio"):
         raise BadInput(f"--loraplus-ratio is for train pt/sft, not {stage}")
+    if opts.get("neftune_alpha") is not None:  # the noise would reach the reference pass too
+        raise BadInput(f"--neftune-alpha is for train pt/sft, not {stage}")
     if opts.get("method") == "badam":
         raise BadInput(f"--method badam is for train pt/sft, not {stage}")
     if opts.get("method") == "pissa" and stage == "rm":
