@@ -134,3 +134,53 @@ def test_zsh_completion_script_loads():
     result = subprocess.run(["zsh", "-c", f"autoload -U compinit && compinit -u; source {script}; "
                              "whence -w _lmforge"], capture_output=True, timeout=30)
     assert b"_lmforge: function" in result.stdout, result.stderr
+
+
+def _commands():
+    """(path, click command) for every leaf command."""
+    import typer
+
+    from lmforge.tools.main import app
+
+    def walk(cmd, path):
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, (*path, name))
+        else:
+            yield path, cmd
+
+    return dict(walk(typer.main.get_command(app), ()))
+
+
+def _options(cmd) -> set[str]:
+    return {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+
+
+def test_readme_names_only_real_commands_and_options():
+    """The README's examples stay true: each `lmforge ...` line in a code block names a real
+    command and only its options; an option named in the prose belongs to some command."""
+    import re
+
+    commands = _commands()
+    wrong = []
+    for n, line in enumerate((ROOT / "README.md").read_text().splitlines(), 1):
+        if not line.startswith("    "):
+            continue
+        for part in re.split(r"\||&&|;", line.split("  #")[0]):
+            words = [w.rsplit("/", 1)[-1] if i < 3 else w for i, w in enumerate(part.split())]
+            if "lmforge" not in words[:3] or words[-1:] == ["lmforge"]:
+                continue
+            rest = words[words.index("lmforge") + 1:]
+            if rest[:1] in (["--version"], ["--help"]):
+                continue
+            path = next((p for p in sorted(commands, key=len, reverse=True) if tuple(rest[:len(p)]) == p), None)
+            if path is None:
+                wrong.append(f"line {n}: no command {' '.join(rest[:2])}")
+                continue
+            known = _options(commands[path])
+            wrong += [f"line {n}: {' '.join(path)} has no {w}" for w in rest[len(path):]
+                      if w.startswith("--") and w.split("=")[0] not in known]
+    everywhere = set().union(*map(_options, commands.values())) | {"--version", "--help", "--nproc-per-node"}
+    prose = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", (ROOT / "README.md").read_text()))
+    wrong += [f"README names {o}, which no command has" for o in sorted(prose - everywhere)]
+    assert not wrong, "\n".join(wrong)
