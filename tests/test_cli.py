@@ -33,6 +33,16 @@ def test_help_and_completion_import_no_heavy_library(argv):
     assert _imports_after(argv) == []
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["data", "align", "--help"], ["train", "sft", "-h"], ["--version"]])
+def test_help_skips_typers_pydantic_coercion(argv):
+    """Typer coerces option values through pydantic (~90 ms to import); help and --version need none."""
+    code = ("import sys\nfrom lmforge.tools.main import main\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "print('\\n' + str('pydantic' in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert result.stdout.decode().strip().splitlines()[-1] == "False"
+
+
 def test_every_command_help_imports_nothing_heavy():
     from typer.main import get_command
 
