@@ -146,7 +146,11 @@ def test_perplexity_equals_exp_of_the_mean_loss(tmp_path):
                                     {"text": "The sun was warm and the birds were singing in the tall tree."}])
     packed = tmp_path / "pt.arrow"
     ok(["data", "pack", texts, "-m", base, "-s", "pt", "--cutoff", "16", "-o", packed])
-    report = json.loads(ok(["eval", "perplexity", "-m", base, "-d", packed, "--json"]).stdout)
+    result = ok(["eval", "perplexity", "-m", base, "-d", packed, "--json"])
+    report = json.loads(result.stdout)
+    assert b"perplexity" in result.stderr  # the table, beside the JSON
+    quiet = ok(["eval", "perplexity", "-m", base, "-d", packed, "--json", "-q"])
+    assert json.loads(quiet.stdout) == report and quiet.stderr.strip() == b""
     model = AutoModelForCausalLM.from_pretrained(str(base)).eval()
     total, count = 0.0, 0
     for row in datasets.Dataset.from_file(str(packed)):

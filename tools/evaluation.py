@@ -1,6 +1,6 @@
 """`lmforge eval ...`: benchmarks, generation metrics, perplexity, reward-model accuracy.
 
-A table goes to stderr; `--json` puts the full results on stdout."""
+A table goes to stderr; `--json` puts the full results on stdout (and with --quiet, only there)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,17 @@ BENCH = [
 ]
 
 
+def _report(report: dict, json_out: bool, title: str, columns: list[str], rows: list[list[str]],
+            footer: list[str] | None = None) -> None:
+    """The results: a table on stderr (left out under --quiet when --json has them on stdout)."""
+    from lmforge.shared import log
+
+    if not (json_out and log.quiet()):
+        _table(title, columns, rows, footer)
+    if json_out:
+        print_json(report)
+
+
 def _table(title: str, columns: list[str], rows: list[list[str]], footer: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -56,10 +67,8 @@ def _benchmark(which: str, opts: dict) -> None:
                                 opts["subjects"], opts["batch_size"], opts["template"], opts["cutoff"],
                                 opts["predictions"], which)
     rows = [[c, str(v["questions"]), f"{v['accuracy']:.2f}"] for c, v in report["categories"].items()]
-    _table(f"{report['benchmark']} {report['split']}, {report['shots']}-shot ({report['template']} template)",
-           ["category", "questions", "accuracy"], rows, ["average", str(report["questions"]), f"{report['average']:.2f}"])
-    if json_out:
-        print_json(report)
+    _report(report, json_out, f"{report['benchmark']} {report['split']}, {report['shots']}-shot ({report['template']} template)",
+            ["category", "questions", "accuracy"], rows, ["average", str(report["questions"]), f"{report['average']:.2f}"])
 
 
 @command(app, "mmlu", help="MMLU: accuracy per subject and category (the seed's k-shot letter scoring).")
@@ -102,9 +111,8 @@ def generate(**opts) -> None:
     report = evaluate.generate_eval(opts["model"], opts["adapter"], opts["data"], opts["template"], sampling,
                                     opts["batch_size"], opts["max_samples"], opts["output"])
     keys = ["rouge-1", "rouge-2", "rouge-l", "bleu-4", "exact_match"]
-    _table(f"eval generate: {report['count']} examples", ["metric", "score"], [[k, f"{report[k]:.2f}"] for k in keys])
-    if opts["json_out"]:
-        print_json(report)
+    _report(report, opts["json_out"], f"eval generate: {report['count']} examples", ["metric", "score"],
+            [[k, f"{report[k]:.2f}"] for k in keys])
 
 
 @command(app, "perplexity", help="Perplexity (exp of the mean token loss) on packed pt/sft data.")
@@ -117,11 +125,9 @@ def perplexity(**opts) -> None:
 
     training.quiet_libraries()
     report = evaluate.perplexity_eval(opts["model"], opts["adapter"], opts["data"], opts["batch_size"])
-    _table("eval perplexity", ["measure", "value"], [["perplexity", f"{report['perplexity']:.4f}"],
-                                                     ["mean loss", f"{report['mean_loss']:.4f}"],
-                                                     ["tokens", f"{report['tokens']:,}"]])
-    if opts["json_out"]:
-        print_json(report)
+    _report(report, opts["json_out"], "eval perplexity", ["measure", "value"],
+            [["perplexity", f"{report['perplexity']:.4f}"], ["mean loss", f"{report['mean_loss']:.4f}"],
+             ["tokens", f"{report['tokens']:,}"]])
 
 
 @command(app, "rm", help="A reward model's pairwise accuracy and mean margin on packed pairwise data.")
@@ -136,7 +142,5 @@ def rm(**opts) -> None:
 
     training.quiet_libraries()
     report = evaluate.reward_eval(opts["model"], opts["reward"], opts["data"], opts["batch_size"])
-    _table(f"eval rm: {report['pairs']} pairs", ["measure", "value"],
-           [["accuracy", f"{report['accuracy']:.2f}"], ["mean margin", f"{report['mean_margin']:.4f}"]])
-    if opts["json_out"]:
-        print_json(report)
+    _report(report, opts["json_out"], f"eval rm: {report['pairs']} pairs", ["measure", "value"],
+            [["accuracy", f"{report['accuracy']:.2f}"], ["mean margin", f"{report['mean_margin']:.4f}"]])
