@@ -52,6 +52,17 @@ def _fmt_num(value: float) -> str:
     return f"{value:,}"
 
 
+def _fmt_rate(rate: float) -> str:
+    """Rates of very different sizes read well: 12,345 / 12.3 / 0.33."""
+    return f"{rate:,.0f}" if rate >= 100 else f"{rate:.1f}" if rate >= 1 else f"{rate:.2g}"
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 class Progress:
     """Counts work done. `advance(n, **fields)` adds n units and updates the shown fields.
 
@@ -101,8 +112,10 @@ class Progress:
         if not _quiet and now - self._last_line >= self._interval:
             self._last_line = now
             of = f"/{self.total:,}" if self.total else ""
+            rate = self.rate()
+            eta = f", {_fmt_seconds((self.total - self.done) / rate)} left" if self.total and rate > 0 else ""
             extra = self._extra()
-            info(f"{self.description}: {self.done:,}{of} {self.unit} ({self.rate():,.0f} {self.unit}/s)"
+            info(f"{self.description}: {self.done:,}{of} {self.unit} ({_fmt_rate(rate)} {self.unit}/s{eta})"
                  + (f"  {extra}" if extra else ""))
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -111,7 +124,7 @@ class Progress:
         if exc_type is None:
             elapsed = time.monotonic() - self._start
             info(f"{self.description}: {self.done:,} {self.unit} in {elapsed:.1f}s"
-                 f" ({self.rate():,.0f} {self.unit}/s)")
+                 f" ({_fmt_rate(self.rate())} {self.unit}/s)")
 
 
 class captured:
