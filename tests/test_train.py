@@ -192,6 +192,28 @@ def test_resume_after_kill_ends_with_the_same_weights(task, tmp_path):
     assert ok(["train", "sft", "-m", task["base"], "-d", task["train"], "-o", cut, *args, "--resume"]).stdout.decode() == f"{cut}\n"
 
 
+def test_a_failed_fresh_run_leaves_no_half_made_directory(tmp_path):
+    from lmforge.shared import rundir
+
+    def fail_in(out: Path, created: bool, checkpoint: bool, fresh: bool = True):
+        out.mkdir(exist_ok=True)
+        (out / "trainer_log.jsonl").write_text("{}\n")
+        if checkpoint:
+            (out / "checkpoints" / "checkpoint-8").mkdir(parents=True)
+            (out / "checkpoints" / "checkpoint-8" / "trainer_state.json").write_text("{}")
+        with pytest.raises(KeyboardInterrupt), rundir.removed_on_failure(out, fresh=fresh, created=created):
+            raise KeyboardInterrupt
+
+    fail_in(tmp_path / "new", created=True, checkpoint=False)
+    assert not (tmp_path / "new").exists()
+    fail_in(tmp_path / "given", created=False, checkpoint=False)  # a directory the user made stays, emptied
+    assert (tmp_path / "given").is_dir() and not any((tmp_path / "given").iterdir())
+    fail_in(tmp_path / "resumable", created=True, checkpoint=True)  # a checkpoint is worth keeping
+    assert (tmp_path / "resumable" / "checkpoints" / "checkpoint-8").is_dir()
+    fail_in(tmp_path / "resumed", created=False, checkpoint=False, fresh=False)  # --resume never deletes
+    assert (tmp_path / "resumed" / "trainer_log.jsonl").exists()
+
+
 def test_loss_is_averaged_over_trained_tokens_under_gradient_accumulation(task, tmp_path):
     """One SGD step on 4 rows gives the same weights as 2x2 or 4x1 accumulated micro-batches:
     the loss is the sum over trained tokens divided by their total count, not a mean of means."""
