@@ -77,7 +77,8 @@ def plan(options: AlignOptions) -> list[Planned]:
         rows = source.rows()
         first = next(rows, None)
         if first is None:
-            raise BadInput(f"{source.name}: empty file, no examples", "check the file")
+            what = "a header and no rows" if source.name.lower().endswith(".csv") else "no examples"
+            raise BadInput(f"{source.name}: empty file, {what}", "check the file")
         meta_stage = source.meta.get("stage") if source.meta.get("kind") == "aligned" else None
         names = list(first[0].keys()) if isinstance(first[0], dict) else []
         spec = formats.detect(options.format, names, first[0], columns, tags, source.name, meta_stage)
