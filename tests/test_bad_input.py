@@ -44,6 +44,7 @@ CASES = [
      "line 2: not valid UTF-8"),
     ("empty-json", lambda t: ["data", "align", _file(t, "a.json", "")], "empty file"),
     ("empty-jsonl", lambda t: ["data", "align", _file(t, "a.jsonl", "\n\n")], "empty file"),
+    ("csv-header-only", lambda t: ["data", "align", _file(t, "a.csv", "instruction,output\n")], "a header and no rows"),
     ("missing-columns", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [{"question": "q", "answer": "a"}])],
      "cannot tell the format"),
     ("missing-output", lambda t: ["data", "align", "--format", "alpaca",
