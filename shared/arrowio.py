@@ -23,6 +23,7 @@ from typing import Iterator
 import pyarrow as pa
 
 from .errors import BadInput
+from .rundir import temp_sibling
 
 META_KEY = b"lmforge"
 SUMMARY_KEY = "lmforge_summary"
@@ -208,7 +209,7 @@ class AtomicFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = temp_sibling(self.path)
         self.handle: io.BufferedWriter | None = None
 
     def __enter__(self) -> io.BufferedWriter:

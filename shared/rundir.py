@@ -29,6 +29,18 @@ PLOT = "loss.png"
 CHECKPOINTS = "checkpoints"
 
 
+def temp_sibling(path: Path) -> Path:
+    """The hidden name an atomic write goes through before it is renamed to PATH."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def written_as(name: str) -> str:
+    """The final path behind a temporary sibling's name (for error messages); others unchanged."""
+    import re
+
+    return re.sub(r"(^|/)\.([^/]+)\.tmp-\d+$", r"\1\2", name)
+
+
 def prepare(out: Path, *, overwrite: bool, resume: bool) -> Path | None:
     """Make OUT ready; returns the checkpoint to resume from (None for a fresh start)."""
     if out.exists() and not out.is_dir():
@@ -73,7 +85,7 @@ def removed_on_failure(out: Path, *, fresh: bool, created: bool):
 def staged(out: Path):
     """Build a directory beside OUT and move it into place only once the block completes: a failed
     or interrupted run leaves OUT as it was (or absent), never half-written."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         yield tmp
@@ -95,7 +107,7 @@ def last_checkpoint(out: Path) -> Path | None:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(path)
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)
 

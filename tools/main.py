@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import sys
 from typing import Annotated
 
@@ -107,9 +106,9 @@ def main(argv: list[str] | None = None) -> None:
         if log.debug() or not (exc.filename and exc.strerror):
             code = _unexpected(exc)
         else:
-            path = str(exc.filename)
-            if ".tmp-" in path:  # the temporary sibling an atomic write goes through
-                path = re.sub(r"(^|/)\.([^/]+)\.tmp-\d+$", r"\1\2", path)
+            from lmforge.shared.rundir import written_as
+
+            path = written_as(str(exc.filename))  # not the temporary sibling an atomic write used
             _error(f"{path}: {exc.strerror.lower()}; check the path, its permissions and free space")
             # a path the user gave that cannot be used is bad input; a full disk or I/O error is not
             code = EXIT_BAD_INPUT if exc.errno in _PATH_ERRORS else EXIT_FAILURE

@@ -138,7 +138,7 @@ PREFERENCE = [
 ]
 
 
-def _no_custom_optimizer(stage: str, opts: dict) -> None:
+def _refuse_pt_sft_only_options(stage: str, opts: dict) -> None:
     from lmforge.shared.errors import BadInput
 
     if opts.get("loraplus_ratio"):
@@ -156,7 +156,7 @@ def _no_custom_optimizer(stage: str, opts: dict) -> None:
 def rm(**opts) -> None:
     from lmforge.shared.preference import build_rm_trainer
 
-    _no_custom_optimizer("rm", opts)
+    _refuse_pt_sft_only_options("rm", opts)
     run_and_print(options_from("rm", opts, data_stages=("rm", "dpo"), kind="reward"), build_rm_trainer)
 
 
@@ -165,7 +165,7 @@ def rm(**opts) -> None:
 def dpo(**opts) -> None:
     from lmforge.shared.preference import build_dpo_trainer
 
-    _no_custom_optimizer("dpo", opts)
+    _refuse_pt_sft_only_options("dpo", opts)
     loss = opts.pop("loss")
     beta = opts.pop("beta")
     extra = {"loss": loss, "beta": beta if beta is not None else (2.0 if loss == "simpo" else 0.1),
