@@ -59,8 +59,8 @@ endif
 ROWS     ?= 2000
 EVAL     := --max-new-tokens 16 --json -q
 
-$(OUT)/raw/tasks.jsonl: shared/demo.py | install
-	$(BIN)/python -m lmforge.shared.demo $(OUT)/raw $(ROWS)
+$(OUT)/raw/tasks.jsonl: tests/demo.py | install
+	$(BIN)/python tests/demo.py $(OUT)/raw $(ROWS)
 
 $(OUT)/%.arrow: $(OUT)/raw/tasks.jsonl
 	$(LM) data align $(OUT)/raw/$*.* -o $@
@@ -113,7 +113,7 @@ $(OUT)/eval-dpo.json: $(OUT)/eval.arrow $(OUT)/dpo/lmforge.json
 	$(LM) eval generate -m $(OUT)/sft --adapter $(OUT)/dpo -d $< $(EVAL) > $@.tmp && mv $@.tmp $@
 
 $(OUT)/served.txt: $(OUT)/dpo/lmforge.json
-	$(BIN)/python -m lmforge.shared.demo --serve-once $(OUT)/sft $(OUT)/dpo > $@.tmp && mv $@.tmp $@
+	$(BIN)/python tests/demo.py --serve-once $(OUT)/sft $(OUT)/dpo > $@.tmp && mv $@.tmp $@
 
 demo: $(OUT)/eval-before.json $(OUT)/eval-sft.json $(OUT)/eval-dpo.json $(OUT)/served.txt
 	@echo
@@ -124,7 +124,7 @@ demo: $(OUT)/eval-before.json $(OUT)/eval-sft.json $(OUT)/eval-dpo.json $(OUT)/s
 	@echo "== one request through lmforge serve (sft + dpo adapter):"
 	@sed 's/^/   /' $(OUT)/served.txt
 	@echo "== eval generate on held-out tasks, before and after training:"
-	@$(BIN)/python -m lmforge.shared.demo --table before=$(OUT)/eval-before.json \
+	@$(BIN)/python tests/demo.py --table before=$(OUT)/eval-before.json \
 		"after sft"=$(OUT)/eval-sft.json "after dpo"=$(OUT)/eval-dpo.json | sed 's/^/   /'
 
 clean-demo:

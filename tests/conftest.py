@@ -50,7 +50,7 @@ def _in_process(args: list[str], data: bytes | None, env: dict) -> subprocess.Co
     import io
     import tempfile
 
-    from lmforge.shared import log
+    from lmforge.shared.core import log
     from lmforge.tools.main import main
 
     saved_env = dict(os.environ)
@@ -149,7 +149,7 @@ def read_meta(path_or_bytes) -> dict:
 @pytest.fixture
 def demo_raw(tmp_path_factory) -> Path:
     """The project's own demo data, written fresh."""
-    from lmforge.shared import demo
+    import demo
 
     out = tmp_path_factory.mktemp("demo")
     demo.write(out, rows=200)

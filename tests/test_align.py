@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import bad, ok, read_meta, read_rows, shared_path, write_jsonl
 
 LF = "data/llamafactory"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
-
 from conftest import bad, ok, read_rows, write_jsonl
 
 ROWS = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(7)]
@@ -53,7 +52,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
 
 
 def test_summary_rides_in_a_final_empty_batch(aligned_file):
-    from lmforge.shared.arrowio import open_arrow
+    from lmforge.shared.core.arrowio import open_arrow
 
     source = open_arrow(aligned_file)
     batches = list(source.batches())
@@ -62,8 +61,8 @@ def test_summary_rides_in_a_final_empty_batch(aligned_file):
 
 
 def test_unit_writer_and_reader_roundtrip(tmp_path):
-    from lmforge.shared.aligned import Builder
-    from lmforge.shared.arrowio import ArrowOutput, open_arrow
+    from lmforge.shared.core.arrowio import ArrowOutput, open_arrow
+    from lmforge.shared.data.aligned import Builder
 
     builder = Builder("kto")
     builder.add([("user", "q")], [("assistant", "a")], "sys", "", True)

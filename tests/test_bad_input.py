@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import LMFORGE, bad, ok, write_jsonl
 
 ALPACA = {"instruction": "q", "output": "a"}

@@ -12,8 +12,7 @@ import sys
 import time
 
 import pytest
-
-from conftest import LMFORGE, ROOT, bad, ok, run
+from conftest import ROOT, bad, ok, run
 
 HEAVY = ("torch", "transformers", "datasets", "peft", "trl", "pyarrow", "accelerate", "deepspeed",
          "bitsandbytes", "pandas")
@@ -44,10 +43,9 @@ def test_help_skips_typers_pydantic_coercion(argv):
 
 
 def test_every_command_help_imports_nothing_heavy():
-    from typer.main import get_command
-
     from lmforge.tools.completion import _walk
     from lmforge.tools.main import app
+    from typer.main import get_command
 
     paths = [list(p) for p, _ in _walk(get_command(app)) if p]
     code = ("import sys\nfrom lmforge.tools.main import main\n"
@@ -149,7 +147,6 @@ def test_zsh_completion_script_loads():
 def _commands():
     """(path, click command) for every leaf command."""
     import typer
-
     from lmforge.tools.main import app
 
     def walk(cmd, path):

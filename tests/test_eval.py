@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import zipfile
 
 import pytest
-
 from conftest import aligned, bad, ok, shared_path
 
 STORIES = "models/stories260K"
@@ -105,7 +103,7 @@ def test_benchmark_bad_input(tmp_path):
 
 
 def test_metrics_by_hand():
-    from lmforge.shared import metrics
+    from lmforge.shared.infer import metrics
 
     r = metrics.rouge(["the cat sat on the mat"], ["the cat is on the mat"])
     assert r["rouge-1"] == pytest.approx(100 * 5 / 6, abs=1e-3)   # 5 of 6 unigrams shared
@@ -128,7 +126,7 @@ def test_eval_generate_writes_predictions_and_metrics(tmp_path):
                             "-o", out, "--json", "--batch-size", "2"]).stdout)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 3 and all(r["reference"] == "Once upon a time" and r["prediction"] for r in rows)
-    from lmforge.shared.metrics import all_metrics
+    from lmforge.shared.infer.metrics import all_metrics
 
     again = all_metrics([r["prediction"] for r in rows], [r["reference"] for r in rows])
     for key in ("rouge-1", "rouge-2", "rouge-l", "bleu-4", "exact_match"):
@@ -198,9 +196,8 @@ def test_shared_prefix_reading_equals_whole_prompts():
     import random
 
     import torch
+    from lmforge.shared.infer.evaluate import SharedPrefix, _next_token_logits
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lmforge.shared.evaluate import SharedPrefix, _next_token_logits
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

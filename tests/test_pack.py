@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 
 import pytest
-
 from conftest import aligned, bad, ok, read_meta, read_rows, shared_path, word_tokenizer
 
 LF = "data/llamafactory"
@@ -57,7 +55,7 @@ def test_eos_appended_for_templates_ending_in_eos(tmp_path, words_model):
 
 
 def _conversations(path, limit=None):
-    from lmforge.shared.aligned import turns_of
+    from lmforge.shared.data.aligned import turns_of
 
     rows = read_rows(path)[:limit]
     return [(turns_of(r["prompt"]) + turns_of(r["response"]), r["system"], r["tools"]) for r in rows]
@@ -89,11 +87,10 @@ def test_named_templates_match_apply_chat_template(tmp_path, model, template):
     multi-turn conversations, with and without a system prompt (and with tools for Qwen3), on
     both tokenizer paths (the tiktoken fast path, when installed, and Hugging Face's)."""
     import pyarrow as pa
+    from lmforge.shared.data import pack
+    from lmforge.shared.data.aligned import schema, turns_of
+    from lmforge.shared.data.templates import to_messages
     from transformers import AutoTokenizer
-
-    from lmforge.shared import pack
-    from lmforge.shared.aligned import schema, turns_of
-    from lmforge.shared.templates import to_messages
 
     tokdir = shared_path(model)
     tokenizer = AutoTokenizer.from_pretrained(str(tokdir))
@@ -123,9 +120,8 @@ def test_named_templates_match_apply_chat_template(tmp_path, model, template):
 
 def test_auto_template_uses_the_tokenizers_own_and_masks_answers(tmp_path):
     tokdir = shared_path("models/smollm2-135m-instruct")
+    from lmforge.shared.data.templates import to_messages
     from transformers import AutoTokenizer
-
-    from lmforge.shared.templates import to_messages
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokdir))
     data = tmp_path / "a.arrow"
@@ -142,8 +138,8 @@ def test_auto_template_uses_the_tokenizers_own_and_masks_answers(tmp_path):
 
 def test_tool_calls_round_trip_through_every_tool_template(tmp_path):
     """Every glaive function call, rendered by each template with tools, parses back to itself."""
-    from lmforge.shared import templates as T
-    from lmforge.shared.aligned import turns_of
+    from lmforge.shared.data import templates as T
+    from lmforge.shared.data.aligned import turns_of
 
     data = tmp_path / "g.arrow"
     ok(["data", "align", shared_path(f"{LF}/glaive_toolcall_en_demo.json"), "-o", data])
@@ -333,7 +329,7 @@ def test_templates_list():
 
 def test_every_template_renders_generation_prompt_as_prefix():
     """For every template, the generation prompt is a prefix of the conversation with its answer."""
-    from lmforge.shared import templates as T
+    from lmforge.shared.data import templates as T
 
     turns = [("user", "Hi"), ("assistant", "Hello"), ("user", "Bye")]
     for name, tpl in T.TEMPLATES.items():

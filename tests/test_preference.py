@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import bad, ok, read_meta, shared_path, write_jsonl
 
 STORIES = "models/stories260K"
@@ -71,10 +70,9 @@ def test_reward_model_learns_the_preference(prefs):
 def test_reward_model_scores_in_process(prefs):
     """The saved adapter + value head load back and rank a chosen answer above a rejected one."""
     import torch
+    from lmforge.shared.train.preference import ValueModel, load_head
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lmforge.shared.preference import ValueModel, load_head
 
     causal = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(prefs["base"]), str(prefs["rm"]))
     model = ValueModel(causal, load_head(prefs["rm"], causal.config.hidden_size)).eval()
@@ -145,10 +143,9 @@ def test_ppo_reference_is_the_adapter_disabled_base(prefs):
     """With model sharing, the reference's log-probs are the base model's, before and after the
     policy adapter has been trained."""
     import torch
+    from lmforge.shared.model.models import choose_device
+    from lmforge.shared.train import ppo
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lmforge.shared import ppo
-    from lmforge.shared.models import choose_device
 
     tokenizer = AutoTokenizer.from_pretrained(str(prefs["base"]))
     tokenizer.pad_token = tokenizer.eos_token

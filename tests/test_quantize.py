@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import bad, ok, run, shared_path
 
 STORIES = "models/stories260K"
@@ -15,7 +14,7 @@ STORIES = "models/stories260K"
 def data(tmp_path_factory):
     """Project data (the demo corpus and tasks), a tiny model with kernel-friendly widths, and
     packed training rows for stories260K and the tiny model."""
-    from lmforge.shared import demo
+    import demo
 
     work = tmp_path_factory.mktemp("quant")
     demo.write(work / "raw", rows=300)
@@ -137,7 +136,6 @@ def test_quantize_bad_input(data, tmp_path):
 def test_model_init(data, tmp_path):
     """A random model with a tokenizer trained on the data; ChatML via its own template and ours agree."""
     import pyarrow as pa
-
     from conftest import read_meta
 
     tiny = data["tiny"]

@@ -11,10 +11,8 @@ import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
-
 from conftest import LMFORGE, bad, ok, shared_path
 
 openai = pytest.importorskip("openai", reason="the openai client is a test extra: pip install -e .[test]")

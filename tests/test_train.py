@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import LMFORGE, aligned, bad, ok, read_meta, shared_path
 
 STORIES = "models/stories260K"
@@ -21,7 +20,7 @@ FAST = ["--batch-size", "4", "--grad-accum", "1", "--logging-steps", "5"]
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     """The demo task (project data) aligned and packed for stories260K: train and eval splits."""
-    from lmforge.shared import demo
+    import demo
 
     base = shared_path(STORIES)
     work = tmp_path_factory.mktemp("task")
@@ -43,8 +42,7 @@ def eval_loss(model, packed: Path) -> float:
     """Mean loss per trained token of `model` on packed data (our collator, no training)."""
     import datasets
     import torch
-
-    from lmforge.shared.collate import PackedCollator
+    from lmforge.shared.train.collate import PackedCollator
 
     rows = datasets.Dataset.from_file(str(packed))
     neat = read_meta(packed)["packing"] == "neat"
@@ -153,9 +151,8 @@ def test_full_freeze_and_llama_pro_change_exactly_their_parameters(task, tmp_pat
 
 def test_llama_pro_starts_as_the_base_model(task):
     import torch
+    from lmforge.shared.train.methods import MethodOptions, apply
     from transformers import AutoModelForCausalLM
-
-    from lmforge.shared.methods import MethodOptions, apply
 
     base = AutoModelForCausalLM.from_pretrained(task["base"]).eval()
     x = torch.tensor([[1, 60, 70, 80, 90]])
@@ -193,7 +190,7 @@ def test_resume_after_kill_ends_with_the_same_weights(task, tmp_path):
 
 
 def test_a_failed_fresh_run_leaves_no_half_made_directory(tmp_path):
-    from lmforge.shared import rundir
+    from lmforge.shared.core import rundir
 
     def fail_in(out: Path, created: bool, checkpoint: bool, fresh: bool = True):
         out.mkdir(exist_ok=True)
@@ -234,9 +231,8 @@ def test_loss_is_averaged_over_trained_tokens_under_gradient_accumulation(task, 
 def test_neat_packed_rows_do_not_attend_across_examples(task):
     import datasets
     import torch
+    from lmforge.shared.train.collate import PackedCollator
     from transformers import AutoModelForCausalLM
-
-    from lmforge.shared.collate import PackedCollator
 
     model = AutoModelForCausalLM.from_pretrained(task["base"]).eval()
     row = next(r for r in datasets.Dataset.from_file(str(task["train"])) if len(r["lengths"]) >= 3)
@@ -252,7 +248,7 @@ def test_neat_packed_rows_do_not_attend_across_examples(task):
 
 
 def test_pt_with_gradient_checkpointing(task, tmp_path):
-    from lmforge.shared import demo
+    import demo
 
     demo.write(tmp_path / "raw", rows=200)
     ok(["data", "align", tmp_path / "raw" / "corpus.jsonl", "-o", tmp_path / "pt.arrow"])
@@ -377,7 +373,7 @@ def test_smollm2_sft_lora_merge_generate(tmp_path):
     model_dir = tmp_path / "smollm2"
     subprocess.run([sys.executable, str(folder / "materialize.py"), str(model_dir)], check=True, capture_output=True,
                    timeout=600)
-    from lmforge.shared import demo
+    import demo
 
     demo.write(tmp_path / "raw", rows=200)
     ok(["data", "align", tmp_path / "raw" / "tasks.jsonl", "-o", tmp_path / "a.arrow", "--max-samples", "128"])

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from lmforge.shared.core import log
+from lmforge.shared.core.errors import BadInput
 from typer.core import TyperCommand, TyperGroup
-
-from lmforge.shared import log
-from lmforge.shared.errors import BadInput
 
 _invocation: dict[str, Any] = {"command": "", "options": {}}
 
@@ -26,13 +25,13 @@ _invocation: dict[str, Any] = {"command": "", "options": {}}
 def _config_callback(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> None:
     if value is None:
         return
-    from lmforge.shared.config import load_config
+    from lmforge.shared.core.config import load_config
 
     values = load_config(value)
     known = {p.name for p in ctx.command.params if p.expose_value}
     unknown = sorted(set(values) - known)
     if unknown:
-        from lmforge.shared.errors import close_names
+        from lmforge.shared.core.errors import close_names
 
         names = sorted(n.replace("_", "-") for n in known)
         first = unknown[0].replace("_", "-")

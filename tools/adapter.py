@@ -23,9 +23,10 @@ def merge(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
     """Merge adapters into the base model: a plain Hugging Face model directory."""
-    from lmforge.shared import merging, training
+    from lmforge.shared.core import log
+    from lmforge.shared.model import merging
 
-    training.quiet_libraries()
-    with training.stdout_guard():
+    log.quiet_libraries()
+    with log.stdout_guard():
         out = merging.merge(base, adapters, output, dtype, max_shard_size, overwrite)
     print_path(out)

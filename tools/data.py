@@ -43,7 +43,8 @@ def align(
     seed: Seed = 42,
 ) -> None:
     """Convert source data into the aligned schema (prompt, response, system, tools[, label])."""
-    from lmforge.shared import align as aligning, arrowio, log, meta
+    from lmforge.shared.core import arrowio, log, meta
+    from lmforge.shared.data import align as aligning
 
     arrowio.check_output(output)
     options = aligning.AlignOptions(inputs=inputs or [], format=format, columns=columns, tags=tags,
@@ -61,7 +62,7 @@ def align(
     metadata = {"kind": "aligned", "stage": stage, "provenance": [meta.step(
         cmd, opts, inputs=[{"source": p.source.name, "format": p.spec.describe()} for p in planned])]}
     report = aligning.Report()
-    from lmforge.shared.aligned import schema
+    from lmforge.shared.data.aligned import schema
 
     with arrowio.ArrowOutput(output, schema(stage), metadata) as out:
         for batch in aligning.run(planned, options, report):
@@ -82,8 +83,9 @@ def merge(
     seed: Seed = 42,
 ) -> None:
     """Merge datasets of the same kind and stage into one."""
-    from lmforge.shared import arrowio, meta, mixing
-    from lmforge.shared.errors import BadInput
+    from lmforge.shared.core import arrowio, meta
+    from lmforge.shared.core.errors import BadInput
+    from lmforge.shared.data import mixing
 
     arrowio.check_output(output)
     if sum(1 for i in inputs if i == "-") > 1:
@@ -111,8 +113,9 @@ def split(
     seed: Seed = 42,
 ) -> None:
     """Split a dataset into train and validation sets (random rows, order kept). Prints the directory."""
-    from lmforge.shared import arrowio, log, meta, mixing
-    from lmforge.shared.errors import BadInput
+    from lmforge.shared.core import arrowio, log, meta
+    from lmforge.shared.core.errors import BadInput
+    from lmforge.shared.data import mixing
 
     if output.exists() and not output.is_dir():
         raise BadInput(f"{output}: exists and is not a directory", "give a directory to -o")
@@ -153,7 +156,8 @@ def show(
     import json
     import sys
 
-    from lmforge.shared import arrowio, inspect
+    from lmforge.shared.core import arrowio
+    from lmforge.shared.data import inspect
 
     source = arrowio.open_arrow(input)
     if schema:
@@ -195,8 +199,8 @@ def pack(
     seed: Seed = 42,
 ) -> None:
     """Tokenize aligned data with a chat template: ids, loss labels, truncation, packing."""
-    from lmforge.shared import arrowio, meta
-    from lmforge.shared import pack as packing_
+    from lmforge.shared.core import arrowio, meta
+    from lmforge.shared.data import pack as packing_
 
     arrowio.check_output(output)
     options = packing_.PackOptions(model=model, template=template, stage=stage, cutoff=cutoff,
@@ -205,14 +209,14 @@ def pack(
                                    num_proc=num_proc, seed=seed)
     packing_.validate(options)
     if template != "auto":
-        from lmforge.shared.templates import get
+        from lmforge.shared.data.templates import get
 
         get(template)  # an unknown name fails before the tokenizer loads
     source = arrowio.open_arrow(input)
     packing_.check_stage(source.meta, source.name, stage)
     encoder = packing_.Encoder(options)
     if encoder.added:
-        from lmforge.shared import log
+        from lmforge.shared.core import log
 
         log.info(f"pack: template {encoder.render.name} needs {', '.join(encoder.added)}, missing from the "
                  "tokenizer: added as special tokens (train adds them too and resizes the embeddings)")
@@ -233,7 +237,8 @@ def stats(
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object instead of a table.")] = False,
 ) -> None:
     """Token statistics of packed data: lengths, truncation, packing efficiency, loss share."""
-    from lmforge.shared import arrowio, packstats
+    from lmforge.shared.core import arrowio
+    from lmforge.shared.data import packstats
 
     source = arrowio.open_arrow(input)
     info = packstats.compute(source)
@@ -246,7 +251,7 @@ def stats(
 @command(app, "templates")
 def templates(json_out: Annotated[bool, typer.Option("--json", help="As JSON.")] = False) -> None:
     """List the chat templates `data pack --template` knows."""
-    from lmforge.shared.templates import TEMPLATES
+    from lmforge.shared.data.templates import TEMPLATES
 
     rows = {name: {"description": t.description, "tools": t.supports_tools,
                    "stop_words": list(t.stop_words)} for name, t in TEMPLATES.items()}

@@ -35,7 +35,7 @@ BENCH = [
 def _report(report: dict, json_out: bool, title: str, columns: list[str], rows: list[list[str]],
             footer: list[str] | None = None) -> None:
     """The results: a table on stderr (left out under --quiet when --json has them on stdout)."""
-    from lmforge.shared import log
+    from lmforge.shared.core import log
 
     if not (json_out and log.quiet()):
         _table(title, columns, rows, footer)
@@ -59,9 +59,10 @@ def _table(title: str, columns: list[str], rows: list[list[str]], footer: list[s
 
 
 def _benchmark(which: str, opts: dict) -> None:
-    from lmforge.shared import evaluate, training
+    from lmforge.shared.core import log
+    from lmforge.shared.infer import evaluate
 
-    training.quiet_libraries()
+    log.quiet_libraries()
     json_out = opts.pop("json_out")
     report = evaluate.benchmark(opts["model"], opts["adapter"], opts["data"], opts["mapping"], opts["split"], opts["shots"],
                                 opts["subjects"], opts["batch_size"], opts["template"], opts["cutoff"],
@@ -102,10 +103,11 @@ def ceval(**opts) -> None:
     ("output", Annotated[Optional[Path], typer.Option("--output", "-o", help="Save predictions: .jsonl (JSON lines) or .arrow.")], None),
 ], JSON)
 def generate(**opts) -> None:
-    from lmforge.shared import evaluate, training
-    from lmforge.shared.generation import Sampling
+    from lmforge.shared.core import log
+    from lmforge.shared.infer import evaluate
+    from lmforge.shared.model.generation import Sampling
 
-    training.quiet_libraries()
+    log.quiet_libraries()
     sampling = Sampling(max_new_tokens=opts["max_new_tokens"], temperature=opts["temperature"], top_p=opts["top_p"],
                         seed=opts["seed"])
     report = evaluate.generate_eval(opts["model"], opts["adapter"], opts["data"], opts["template"], sampling,
@@ -121,9 +123,10 @@ def generate(**opts) -> None:
     ("batch_size", Annotated[int, typer.Option(help="Rows per forward pass.", min=1)], 4),
 ], JSON)
 def perplexity(**opts) -> None:
-    from lmforge.shared import evaluate, training
+    from lmforge.shared.core import log
+    from lmforge.shared.infer import evaluate
 
-    training.quiet_libraries()
+    log.quiet_libraries()
     report = evaluate.perplexity_eval(opts["model"], opts["adapter"], opts["data"], opts["batch_size"])
     _report(report, opts["json_out"], "eval perplexity", ["measure", "value"],
             [["perplexity", f"{report['perplexity']:.4f}"], ["mean loss", f"{report['mean_loss']:.4f}"],
@@ -138,9 +141,10 @@ def perplexity(**opts) -> None:
     ("batch_size", Annotated[int, typer.Option(help="Pairs per forward pass.", min=1)], 8),
 ], JSON)
 def rm(**opts) -> None:
-    from lmforge.shared import evaluate, training
+    from lmforge.shared.core import log
+    from lmforge.shared.infer import evaluate
 
-    training.quiet_libraries()
+    log.quiet_libraries()
     report = evaluate.reward_eval(opts["model"], opts["reward"], opts["data"], opts["batch_size"])
     _report(report, opts["json_out"], f"eval rm: {report['pairs']} pairs", ["measure", "value"],
             [["accuracy", f"{report['accuracy']:.2f}"], ["mean margin", f"{report['mean_margin']:.4f}"]])

@@ -12,9 +12,14 @@ import sys
 from typing import Annotated
 
 import typer
-
-from lmforge.shared import __version__, log
-from lmforge.shared.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, LmforgeError
+from lmforge.shared import __version__
+from lmforge.shared.core import log
+from lmforge.shared.core.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    LmforgeError,
+)
 
 from . import adapter, completion, data, evaluation, model, serve, train
 from ._cli import command, group
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         if log.debug() or not (exc.filename and exc.strerror):
             code = _unexpected(exc)
         else:
-            from lmforge.shared.rundir import written_as
+            from lmforge.shared.core.rundir import written_as
 
             path = written_as(str(exc.filename))  # not the temporary sibling an atomic write used
             _error(f"{path}: {exc.strerror.lower()}; check the path, its permissions and free space")

@@ -30,10 +30,11 @@ def quantize(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
 ) -> None:
     """Quantize a model; prints perplexity before and after (stderr) and the directory (stdout)."""
-    from lmforge.shared import quantize as quantizing, training
+    from lmforge.shared.core import log
+    from lmforge.shared.model import quantize as quantizing
 
-    training.quiet_libraries()
-    with training.stdout_guard():
+    log.quiet_libraries()
+    with log.stdout_guard():
         quantizing.quantize(model, output, method, bits, group_size, calib, calib_samples, eval_data, eval_samples,
                             max_length, overwrite, seed)
     print_path(output)
@@ -57,10 +58,11 @@ def init(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
     """A randomly initialised model in Hugging Face format (with a tokenizer trained on data when asked)."""
-    from lmforge.shared import modelinit, training
+    from lmforge.shared.core import log
+    from lmforge.shared.model import modelinit
 
-    training.quiet_libraries()
-    with training.stdout_guard():
+    log.quiet_libraries()
+    with log.stdout_guard():
         modelinit.init_model(output, arch, layers, hidden, heads, kv_heads, intermediate, vocab_size, max_position,
                              tokenizer, train_tokenizer, seed, overwrite)
     print_path(output)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Literal, Optional
 
 import typer
@@ -27,11 +26,12 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="hf backend: most sequences in one generation batch.", min=1)] = 32,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming, tools)."""
-    from lmforge.shared import log, serving, training
+    from lmforge.shared.core import log
+    from lmforge.shared.infer import serving
 
     serving.check_port(host, port)
-    training.quiet_libraries()
-    with training.stdout_guard():
+    log.quiet_libraries()
+    with log.stdout_guard():
         served = serving.prepare(model, adapter, template, backend, max_concurrency, max_batch, api_key, name)
     import uvicorn
 
@@ -52,10 +52,11 @@ def chat(
     """Talk to a model in the terminal: answers stream as they are written; /reset, /exit."""
     import sys
 
-    from lmforge.shared import serving, training
+    from lmforge.shared.core import log
+    from lmforge.shared.infer import serving
 
-    training.quiet_libraries()
-    with training.stdout_guard():
+    log.quiet_libraries()
+    with log.stdout_guard():
         served = serving.prepare(model, adapter, template, "hf", 1, 1, None, None)
     interactive = sys.stdin.isatty()
     if interactive:

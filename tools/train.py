@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from ._cli import REQUIRED, command, group, invocation, print_path, with_options
+from ._cli import REQUIRED, command, group, print_path, with_options
 
 app = group("Train a model (pt, sft, rm, dpo, ppo) on packed data. Prints the output directory.")
 
@@ -89,8 +89,8 @@ COMMON = [MODEL_DATA, METHOD, LORA, FREEZE, MEMORY, OPTIM, RUN, DIST]
 
 def options_from(stage: str, opts: dict, **extra):
     """Command-line values -> TrainOptions."""
-    from lmforge.shared.methods import MethodOptions
-    from lmforge.shared.training import TrainOptions
+    from lmforge.shared.train.methods import MethodOptions
+    from lmforge.shared.train.training import TrainOptions
 
     method_fields = set(MethodOptions.__dataclass_fields__) - {"added_token_ids"}
     method = MethodOptions(**{k: v for k, v in opts.items() if k in method_fields})
@@ -99,9 +99,10 @@ def options_from(stage: str, opts: dict, **extra):
 
 
 def run_and_print(options, build_trainer=None) -> None:
-    from lmforge.shared import training
+    from lmforge.shared.core import log
+    from lmforge.shared.train import training
 
-    with training.stdout_guard():
+    with log.stdout_guard():
         out = training.run(options, build_trainer)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         print_path(out)
@@ -139,7 +140,7 @@ PREFERENCE = [
 
 
 def _refuse_pt_sft_only_options(stage: str, opts: dict) -> None:
-    from lmforge.shared.errors import BadInput
+    from lmforge.shared.core.errors import BadInput
 
     if opts.get("loraplus_ratio"):
         raise BadInput(f"--loraplus-ratio is for train pt/sft, not {stage}")
@@ -154,7 +155,7 @@ def _refuse_pt_sft_only_options(stage: str, opts: dict) -> None:
 @command(app, "rm", help="Reward model: the base + a value head, trained on pairwise data (`data pack --stage rm`).")
 @with_options(*COMMON)
 def rm(**opts) -> None:
-    from lmforge.shared.preference import build_rm_trainer
+    from lmforge.shared.train.preference import build_rm_trainer
 
     _refuse_pt_sft_only_options("rm", opts)
     run_and_print(options_from("rm", opts, data_stages=("rm", "dpo"), kind="reward"), build_rm_trainer)
@@ -163,7 +164,7 @@ def rm(**opts) -> None:
 @command(app, "dpo", help="Preference optimisation: DPO, IPO, hinge, ORPO, SimPO, KTO; DPO-ftx with --ftx.")
 @with_options(*COMMON, PREFERENCE)
 def dpo(**opts) -> None:
-    from lmforge.shared.preference import build_dpo_trainer
+    from lmforge.shared.train.preference import build_dpo_trainer
 
     _refuse_pt_sft_only_options("dpo", opts)
     loss = opts.pop("loss")
@@ -227,13 +228,13 @@ PPO_OPTIONS = [
 def ppo(**opts) -> None:
     import os
 
-    from lmforge.shared import training
+    from lmforge.shared.core import log
 
-    training.quiet_libraries()  # before torch loads: it autoloads bitsandbytes, which talks
-    from lmforge.shared import ppo as ppo_
+    log.quiet_libraries()  # before torch loads: it autoloads bitsandbytes, which talks
+    from lmforge.shared.train import ppo as ppo_
 
     options = ppo_.PPOOptions(**opts)
-    with training.stdout_guard():
+    with log.stdout_guard():
         out = ppo_.run(options)
     if int(os.environ.get("RANK", "0")) == 0:
         print_path(out)

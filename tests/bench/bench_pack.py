@@ -11,12 +11,20 @@ packing, `--num-proc 2`. Side by side, on the same aligned rows:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
-from common import LMFORGE, ROOT, WORK, measure_isolated, record, shared, table, versions
+from common import (
+    LMFORGE,
+    ROOT,
+    WORK,
+    measure_isolated,
+    record,
+    shared,
+    table,
+    versions,
+)
 
 ROWS = 100_000
 BASELINE = r'''

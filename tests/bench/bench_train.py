@@ -19,7 +19,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import LMFORGE, ROOT, WORK, measure_isolated, record, shared, table, versions
+from common import (
+    LMFORGE,
+    ROOT,
+    WORK,
+    measure_isolated,
+    record,
+    shared,
+    table,
+    versions,
+)
 
 STEPS, CUTOFF, BATCH, LR = 30, 512, 2, 1e-4
 LF_VENV = ROOT / ".bench" / "lf-venv"
@@ -77,10 +86,10 @@ def ours(model: Path, aligned: Path) -> dict:
 def trl(model: Path, aligned: Path) -> dict:
     out = WORK / "train_trl"
     shutil.rmtree(out, ignore_errors=True)
-    helper = (f"import subprocess,sys,resource,json,time\nt=time.perf_counter()\n"
-              f"p=subprocess.run(sys.argv[1:], capture_output=True)\nw=time.perf_counter()-t\n"
-              f"print(p.stdout.decode().strip().splitlines()[-1] if p.returncode==0 else json.dumps({{'error': p.stderr.decode()[-2000:]}}))\n"
-              f"print(json.dumps({{'peak': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024, 'wall': w}}))")
+    helper = ("import subprocess,sys,resource,json,time\nt=time.perf_counter()\n"
+              "p=subprocess.run(sys.argv[1:], capture_output=True)\nw=time.perf_counter()-t\n"
+              "print(p.stdout.decode().strip().splitlines()[-1] if p.returncode==0 else json.dumps({'error': p.stderr.decode()[-2000:]}))\n"
+              "print(json.dumps({'peak': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024, 'wall': w}))")
     res = subprocess.run([sys.executable, "-c", helper, sys.executable, "-c", TRL, str(model), str(aligned), str(out),
                           str(STEPS), str(CUTOFF), str(BATCH), str(LR)], capture_output=True, timeout=3600)
     lines = res.stdout.decode().strip().splitlines()

@@ -1,0 +1,40 @@
+"""`--config FILE.yaml`: option values from a YAML file. Flags on the command line win.
+
+Keys are option names, with dashes or underscores (`lora-rank` or `lora_rank`); values are what
+the flag would take (a list for options that repeat or take several values).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmforge.shared.core.errors import BadInput
+
+
+def option_key(name: str) -> str:
+    return name.strip().lstrip("-").replace("-", "_")
+
+
+def load_config(path: str | Path) -> dict[str, object]:
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInput(f"config file {path} not found", "check the path given to --config") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"config file {path} cannot be read ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise BadInput(f"config file {path}{where}: {problem}", "fix the YAML syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise BadInput(f"config file {path}: expected a mapping of option names to values, "
+                       f"found {type(data).__name__}", "write `option-name: value` lines")
+    return {option_key(str(k)): v for k, v in data.items()}

@@ -1,0 +1,94 @@
+"""`data stats`: what packed data holds, in tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from lmforge.shared.core.arrowio import ArrowSource
+from lmforge.shared.core.meta import require
+
+IGNORE = -100
+
+
+def _dist(values: list[np.ndarray]) -> dict:
+    data = np.concatenate(values) if values else np.zeros(0, dtype=np.int64)
+    if not len(data):
+        return {"count": 0}
+    q = np.percentile(data, [50, 90, 99])
+    return {"count": int(len(data)), "min": int(data.min()), "mean": round(float(data.mean()), 1),
+            "p50": int(q[0]), "p90": int(q[1]), "p99": int(q[2]), "max": int(data.max()),
+            "total": int(data.sum())}
+
+
+def compute(source: ArrowSource) -> dict:
+    meta = source.meta
+    require(meta, source.name, kind="packed",
+            hint="`data stats` reads packed data; for aligned data use `data show --stats`")
+    list_columns = [f.name for f in source.schema if pa.types.is_list(f.type) and f.name != "lengths"]
+    lengths = {name: [] for name in list_columns}
+    examples: list[np.ndarray] = []
+    loss = tokens = rows = 0
+    labels_true = 0
+    for batch in source.batches():
+        rows += batch.num_rows
+        for name in list_columns:
+            lengths[name].append(pc.list_value_length(batch.column(name)).to_numpy(zero_copy_only=False))
+        if "lengths" in batch.schema.names:
+            examples.append(pc.list_flatten(batch.column("lengths")).to_numpy(zero_copy_only=False))
+        if "labels" in batch.schema.names:
+            flat = pc.list_flatten(batch.column("labels")).to_numpy(zero_copy_only=False)
+            loss += int(np.count_nonzero(flat != IGNORE))
+            tokens += len(flat)
+        if "label" in batch.schema.names:
+            labels_true += int(pc.sum(batch.column("label").cast(pa.int64())).as_py() or 0)
+    info = {"source": source.name, "stage": meta.get("stage"), "template": (meta.get("template") or {}).get("name", "(none: pt)"),
+            "tokenizer": (meta.get("tokenizer") or {}).get("name"), "cutoff": meta.get("cutoff"),
+            "packing": meta.get("packing"), "rows": rows}
+    info["lengths"] = {name: _dist(v) for name, v in lengths.items() if name != "labels"}
+    if examples:
+        info["examples"] = _dist(examples)
+    if tokens:
+        info["loss_fraction"] = round(loss / tokens, 4)
+    cutoff = meta.get("cutoff")
+    if meta.get("packing") not in (None, "none") and cutoff and rows:
+        total = info["lengths"].get("input_ids", {}).get("total", 0)
+        info["packing_efficiency"] = round(total / (rows * cutoff), 4)
+    if "label" in source.schema.names:
+        info["labels"] = {"true": labels_true, "false": rows - labels_true}
+    summary = source.summary() or {}
+    for key in ("examples", "truncated", "dropped"):
+        if key in summary:
+            info.setdefault("pack", {})[key] = summary[key]
+    return info
+
+
+def print_table(info: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    head = Table(show_header=False, box=None)
+    for key in ("source", "stage", "template", "tokenizer", "cutoff", "packing", "rows",
+                "loss_fraction", "packing_efficiency"):
+        if info.get(key) is not None:
+            value = info[key]
+            if key in ("loss_fraction", "packing_efficiency"):
+                value = f"{value:.1%}"
+            head.add_row(key.replace("_", " "), str(value))
+    for key, value in (info.get("pack") or {}).items():
+        head.add_row(f"{key} (at pack time)", f"{value:,}")
+    if "labels" in info:
+        head.add_row("labels", f"{info['labels']['true']:,} desirable / {info['labels']['false']:,} not")
+    console.print(head)
+    table = Table(title="token lengths")
+    for col in ("column", "count", "min", "mean", "p50", "p90", "p99", "max", "total"):
+        table.add_column(col, justify="right" if col != "column" else "left")
+    dists = dict(info["lengths"])
+    if "examples" in info:
+        dists["examples (in rows)"] = info["examples"]
+    for name, d in dists.items():
+        if d.get("count"):
+            table.add_row(name, *(f"{d[k]:,}" if isinstance(d[k], int) else str(d[k])
+                                  for k in ("count", "min", "mean", "p50", "p90", "p99", "max", "total")))
+    console.print(table)

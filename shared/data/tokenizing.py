@@ -1,0 +1,81 @@
+"""Loading tokenizers, their fingerprints, and the special tokens a chat template needs.
+
+The fingerprint identifies a tokenizer by content (its serialized Rust tokenizer, special
+tokens included), so `train` can refuse data packed with another tokenizer, naming both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from lmforge.shared.core.errors import BadInput, RunFailure
+
+
+def load_tokenizer(name: str | Path):
+    """A fast (Rust) tokenizer from a local directory or a Hub id."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    from transformers import AutoTokenizer
+
+    local = Path(name)
+    if local.exists() and not local.is_dir():
+        raise BadInput(f"{name}: is a file; --model takes a model directory or a Hub id")
+    if local.is_dir() and not any((local / f).exists() for f in (
+            "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+        raise BadInput(f"{name}: no tokenizer files (tokenizer.json, tokenizer_config.json...) in this directory",
+                       "point --model at a model directory with its tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name))
+    except OSError as exc:
+        if not local.exists():
+            raise BadInput(f"tokenizer '{name}' not found: not a local directory, and not loadable from the "
+                           f"Hugging Face Hub", "check the path or id (and your network)") from None
+        raise BadInput(f"{name}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
+    except (ValueError, KeyError) as exc:
+        raise BadInput(f"{name}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise RunFailure(f"{name}: has no fast (Rust) tokenizer", "convert it with transformers first")
+    return tokenizer
+
+
+def add_special_tokens(tokenizer, tokens: list[str] | tuple[str, ...]) -> list[str]:
+    """Add the markers a template needs as special tokens when the tokenizer lacks them.
+
+    Returns the tokens added (train adds the same ones and resizes the embeddings)."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in tokens if t not in vocab]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing},
+                                     replace_extra_special_tokens=False)
+    return missing
+
+
+def backend_json(tokenizer) -> str:
+    """The serialized Rust tokenizer (cached: it takes a while for large vocabularies)."""
+    cached = getattr(tokenizer, "_lmforge_json", None)
+    if cached is None or cached[0] != len(tokenizer):
+        cached = (len(tokenizer), tokenizer.backend_tokenizer.to_str())
+        tokenizer._lmforge_json = cached
+    return cached[1]
+
+
+def fingerprint(tokenizer) -> str:
+    digest = hashlib.sha256(backend_json(tokenizer).encode("utf-8"))
+    for name in ("bos_token", "eos_token"):  # (not pad: training sets one when missing)
+        digest.update(f"{name}={getattr(tokenizer, name, None)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def describe(tokenizer, name: str | Path, added: list[str]) -> dict:
+    """What packed data records about its tokenizer."""
+    return {"name": str(name), "fingerprint": fingerprint(tokenizer), "vocab_size": len(tokenizer),
+            "bos": tokenizer.bos_token, "eos": tokenizer.eos_token, "added_tokens": list(added)}
+
+
+def adds_bos(tokenizer) -> bool:
+    """Does this tokenizer put BOS in front of plain text by default (Llama, Gemma do)?"""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a").input_ids
+    return bool(ids) and ids[0] == tokenizer.bos_token_id

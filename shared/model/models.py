@@ -1,0 +1,227 @@
+"""Loading models for training, merging, evaluation and serving.
+
+- dtype per device: bf16 on GPUs of compute capability >= 8, fp16 on older GPUs, fp32 on CPU
+  (unless asked otherwise);
+- attention: flash_attention_2 when installed on CUDA, else sdpa;
+- RoPE scaling when the training cutoff exceeds the model's context;
+- tokens added by `data pack` (template markers) are added again and the embeddings resized,
+  new rows drawn around the mean of the old ones (transformers' `mean_resizing`);
+- 4/8-bit loading through bitsandbytes (QLoRA) when asked.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.shared.core import log
+from lmforge.shared.core.errors import BadInput, RunFailure
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class Device:
+    kind: str                 # cuda | mps | cpu
+    dtype_name: str           # bf16 | fp16 | fp32
+    attn: str
+
+    @property
+    def dtype(self):
+        import torch
+
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.dtype_name]
+
+
+def choose_device(precision: str = "auto", attn: str = "auto") -> Device:
+    import torch
+
+    if torch.cuda.is_available():
+        kind = "cuda"
+        major, _ = torch.cuda.get_device_capability()
+        auto = "bf16" if major >= 8 else "fp16"
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        kind, auto = "mps", "fp16"
+    else:
+        kind, auto = "cpu", "fp32"
+    dtype = auto if precision == "auto" else precision
+    if kind == "cpu" and dtype == "fp16":
+        raise BadInput("--precision fp16 needs a GPU", "use bf16 or fp32 on a CPU")
+    if attn == "auto":
+        attn = "sdpa"
+        if kind == "cuda":
+            try:
+                import flash_attn  # noqa: F401
+
+                if dtype in ("bf16", "fp16"):
+                    attn = "flash_attention_2"
+            except ImportError:
+                pass
+    return Device(kind, dtype, attn)
+
+
+def _config(name: str | Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(name))
+    except OSError:
+        if Path(name).exists():
+            raise BadInput(f"{name}: not a model directory (no config.json)",
+                           "point --model at a Hugging Face model directory") from None
+        raise BadInput(f"model '{name}' not found: not a local directory, and not loadable from the "
+                       "Hugging Face Hub", "check the path or id (and your network)") from None
+    except ValueError as exc:
+        raise BadInput(f"{name}: cannot read its config ({str(exc).splitlines()[0]})") from None
+
+
+def rope_scaling_for(config, cutoff: int | None, kind: str = "auto") -> dict | None:
+    """RoPE parameters stretched to `cutoff` when it exceeds the model's context (None: leave as is)."""
+    context = getattr(config, "max_position_embeddings", None)
+    if kind == "none" or not cutoff or not context or cutoff <= context:
+        return None
+    factor = float(math.ceil(cutoff / context))
+    base = dict(getattr(config, "rope_parameters", None) or {})
+    base.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    base.update({"rope_type": "linear" if kind == "auto" else kind, "factor": factor})
+    if kind == "yarn":
+        base["original_max_position_embeddings"] = context
+    return base
+
+
+def load_model(name: str | Path, device: Device, *, cutoff: int | None = None, rope: str = "auto",
+               quant: int | None = None, tokenizer=None, for_training: bool = True):
+    """A causal LM ready to train (or to run), on `device`, matching `tokenizer`'s vocabulary."""
+    from transformers import AutoModelForCausalLM
+
+    config = _config(name)
+    scaling = rope_scaling_for(config, cutoff, rope)
+    kwargs = {"dtype": device.dtype, "attn_implementation": device.attn}
+    if scaling:
+        config.rope_parameters = scaling
+        config.max_position_embeddings = int(config.max_position_embeddings * scaling["factor"])
+        kwargs["config"] = config
+        log.info(f"model: cutoff {cutoff} exceeds the context; {scaling['rope_type']} RoPE scaling x{scaling['factor']:g}")
+    if quant:
+        kwargs["quantization_config"] = quantization_config(quant, device)
+        kwargs["device_map"] = {"": 0} if device.kind == "cuda" else {"": "cpu"}
+    elif is_quantized_dir(name):  # GPTQ/AWQ/bitsandbytes weights: loaded as stored
+        kwargs["device_map"] = {"": 0} if device.kind == "cuda" else {"": "cpu"}
+        kwargs.pop("dtype")
+        quant = True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(name), **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"{name}: cannot load the model ({first})") from None
+    if tokenizer is not None:
+        resize_to(model, tokenizer)
+    if for_training:
+        model.config.use_cache = False
+    if device.kind != "cpu" and not quant:
+        model.to(device.kind)
+    return model
+
+
+def resize_to(model, tokenizer) -> None:
+    """Grow the embeddings for tokens the tokenizer has and the model lacks (mean + noise init)."""
+    size = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > size:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        log.info(f"model: embeddings resized {size} -> {len(tokenizer)} for new tokens")
+
+
+def quantization_config(bits: int, device: Device):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise BadInput(f"--quant {bits} needs bitsandbytes", "pip install 'lmforge[quant]'") from None
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=device.dtype)
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise BadInput(f"--quant {bits}: use 4 or 8")
+
+
+def load_tokenizer_for(name: str | Path, added: list[str] | None = None):
+    """The model's tokenizer with the tokens `data pack` added."""
+    from lmforge.shared.data.tokenizing import load_tokenizer
+
+    tokenizer = load_tokenizer(name)
+    if added:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(added)}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def is_quantized_dir(path: str | Path) -> bool:
+    """A GPTQ/AWQ/bitsandbytes model directory (its config carries a quantization_config)."""
+    import json
+
+    cfg = Path(path) / "config.json"
+    if not cfg.exists():
+        return False
+    try:
+        return "quantization_config" in json.loads(cfg.read_text())
+    except ValueError:
+        return False
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def environment_is_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def no_gpu_for(feature: str) -> RunFailure:
+    return RunFailure(f"{feature} needs a CUDA GPU", "run it on a GPU machine")
+
+
+def write_generation_config(base: str | Path, out: Path, tokenizer, stop_words: list[str]) -> None:
+    """generation_config.json whose EOS ids are the template's stop words (so generation stops)."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(str(base))
+    except (OSError, ValueError):
+        config = GenerationConfig()
+    ids = [i for i in tokenizer.convert_tokens_to_ids(list(stop_words)) if i is not None and i != tokenizer.unk_token_id]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    config.eos_token_id = ids if len(ids) > 1 else (ids[0] if ids else None)
+    config.pad_token_id = tokenizer.pad_token_id
+    config.save_pretrained(str(out))
+
+
+def load_for_inference(model_dir: str, adapter: str | None, precision: str = "auto"):
+    """(model, tokenizer) ready for inference."""
+    from lmforge.shared.core import rundir
+
+    device = choose_device(precision)
+    if adapter:
+        from lmforge.shared.model.merging import load_with_adapters
+
+        model, tokenizer, _ = load_with_adapters(model_dir, [adapter], device.dtype, device.kind)
+    else:
+        rundir.require_finished(model_dir)
+        record = rundir.read_record(model_dir)
+        tokenizer = load_tokenizer_for(model_dir, record.get("added_tokens"))
+        model = load_model(model_dir, device, tokenizer=tokenizer, for_training=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,156 @@
+"""`model quantize`: a quantized model directory that transformers loads, with perplexity before
+and after on held-out text.
+
+Methods and the libraries behind them (auto-gptq and autoawq are unmaintained and do not work
+with transformers 5; their maintained successor is GPTQModel, which transformers itself uses to
+load GPTQ and AWQ checkpoints):
+- bnb-nf4, bnb-int8: bitsandbytes 4-bit NF4 (double quantisation) / 8-bit, no calibration;
+  runs on CPU and GPU;
+- gptq: GPTQModel, calibrated on --calib rows; runs on CPU (slowly) and GPU;
+- awq: GPTQModel's AWQ, calibrated; its quantizer needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from lmforge.shared import __version__
+from lmforge.shared.core import log, rundir
+from lmforge.shared.core.errors import BadInput, RunFailure
+
+METHODS = ("bnb-nf4", "bnb-int8", "gptq", "awq")
+BITS = {"bnb-nf4": (4,), "bnb-int8": (8,), "gptq": (4, 8, 3, 2), "awq": (4,)}  # the first is the default
+
+
+def _texts_and_ids(path: str | None, tokenizer, limit: int, max_length: int):
+    from lmforge.shared.core.arrowio import open_arrow
+    from lmforge.shared.model.perplexity import sequences_from
+
+    if not path:
+        return []
+    return sequences_from(open_arrow(path), tokenizer, limit=limit, max_length=max_length)
+
+
+def quantize(model: str, out: Path, method: str, bits: int | None, group_size: int, calib: str | None,
+             calib_samples: int, eval_data: str | None, eval_samples: int, max_length: int,
+             overwrite: bool, seed: int) -> dict:
+    import torch
+    from lmforge.shared.data.tokenizing import load_tokenizer
+    from lmforge.shared.model.models import _config, choose_device
+    from lmforge.shared.model.perplexity import perplexity
+
+    if method not in METHODS:
+        raise BadInput(f"unknown method '{method}'", f"use one of {', '.join(METHODS)}")
+    bits = bits or BITS[method][0]
+    if bits not in BITS[method]:
+        raise BadInput(f"--bits {bits} does not go with --method {method}", f"use {' or '.join(map(str, BITS[method]))}")
+    if method in ("gptq", "awq") and not calib:
+        raise BadInput(f"--method {method} needs calibration data", "pass --calib an aligned or packed dataset")
+    if not calib and not eval_data:
+        raise BadInput("no text to measure perplexity on", "pass --eval-data (or --calib, whose last rows are held out)")
+    busy = (out.is_dir() and any(out.iterdir())) or (out.exists() and not out.is_dir())
+    if busy and not overwrite:
+        raise BadInput(f"{out}: exists", "pass --overwrite to replace it")
+    device = choose_device()
+    if method == "awq" and device.kind != "cuda":
+        raise BadInput("--method awq quantizes on a CUDA GPU only (GPTQModel's AWQ quantizer)",
+                       "use gptq, bnb-int8 or bnb-nf4 on a CPU; AWQ checkpoints made elsewhere still load here")
+    _config(model)
+    tokenizer = load_tokenizer(model)
+    torch.manual_seed(seed)
+    calib_rows = _texts_and_ids(calib, tokenizer, calib_samples + (0 if eval_data else eval_samples), max_length)
+    if eval_data:
+        held_out = _texts_and_ids(eval_data, tokenizer, eval_samples, max_length)
+    else:  # the last rows of the calibration data, not used to calibrate
+        held_out, calib_rows = calib_rows[-eval_samples:], calib_rows[:-eval_samples] or calib_rows
+    if not held_out:
+        raise BadInput("no usable rows to measure perplexity on", "check --eval-data/--calib")
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+    before = perplexity(reference, held_out)
+    del reference
+    log.info(f"quantize: perplexity before {before['perplexity']:.4f} on {before['tokens']:,} held-out tokens")
+    started = time.monotonic()
+    with rundir.staged(out) as tmp:
+        with log.captured("quantize"):  # GPTQModel draws progress bars on stdout
+            if method.startswith("bnb"):
+                _bitsandbytes(model, tmp, bits, device)
+            else:
+                _gptqmodel(model, tmp, method, bits, group_size, [ids for ids, _ in calib_rows], device)
+        tokenizer.save_pretrained(str(tmp))
+        with log.captured("quantize"):
+            quantized = AutoModelForCausalLM.from_pretrained(str(tmp), device_map="cpu" if device.kind == "cpu" else "auto")
+        try:
+            after = perplexity(quantized, held_out)
+        except AssertionError as exc:  # bitsandbytes' CPU 4-bit kernels want widths divisible by their block size
+            raise RunFailure(f"the {method} model does not run here ({exc})",
+                             "the model's layer widths do not suit this kernel; try bnb-int8 or gptq") from None
+        report = {"lmforge_version": __version__, "kind": "model", "method": f"quantize-{method}", "bits": bits,
+                  "group_size": group_size if method in ("gptq", "awq") else None,
+                  "base_model": str(Path(model).resolve()) if Path(model).exists() else model,
+                  "calibration": {"data": calib, "rows": len(calib_rows)} if method in ("gptq", "awq") else None,
+                  "perplexity": {"before": before["perplexity"], "after": after["perplexity"],
+                                 "change": after["perplexity"] / before["perplexity"] - 1.0,
+                                 "tokens": after["tokens"], "data": eval_data or calib},
+                  "seconds": round(time.monotonic() - started, 1),
+                  "size_bytes": sum(f.stat().st_size for f in tmp.rglob("*.safetensors"))}
+        rundir.write_json(tmp / rundir.RECORD, report)
+    log.info(f"quantize: perplexity after {after['perplexity']:.4f} ({report['perplexity']['change']:+.2%}); "
+             f"{report['size_bytes'] / 2**20:.1f} MiB of weights")
+    return report
+
+
+def _bitsandbytes(model: str, target: Path, bits: int, device) -> None:
+    from lmforge.shared.model.models import quantization_config
+    from transformers import AutoModelForCausalLM
+
+    config = quantization_config(bits, device)
+    loaded = AutoModelForCausalLM.from_pretrained(str(model), quantization_config=config,
+                                                  device_map={"": 0} if device.kind == "cuda" else {"": "cpu"})
+    loaded.save_pretrained(str(target))
+
+
+def _gptqmodel(model: str, target: Path, method: str, bits: int, group_size: int, calibration: list, device) -> None:
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
+    try:
+        from gptqmodel import GPTQModel, QuantizeConfig
+    except ImportError:
+        raise BadInput(f"--method {method} needs GPTQModel", "pip install 'lmforge[gptq]'") from None
+    if not calibration:
+        raise BadInput("the calibration data has no usable rows")
+    config = QuantizeConfig(bits=bits, group_size=group_size, method=method,
+                            **({"format": "gemm"} if method == "awq" else {}))
+    try:
+        with _gptqmodel_logs_kept_out_of_cwd():
+            loaded = GPTQModel.load(str(model), config)
+            loaded.quantize([{"input_ids": ids} for ids in calibration], batch_size=1)
+        loaded.save(str(target))
+    except (ValueError, AssertionError, NotImplementedError) as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise RunFailure(f"{method} quantization failed: {first}",
+                         "check --group-size divides the model's layer widths (try 32 or 64)") from None
+
+
+@contextmanager
+def _gptqmodel_logs_kept_out_of_cwd():
+    """GPTQModel writes a per-run log file into ./logs/ of whatever directory it runs in; point its
+    (module-level) log directory at a temporary one for the duration instead."""
+    import tempfile
+
+    try:
+        from gptqmodel.looper import loop_processor
+    except ImportError:  # a GPTQModel without that module keeps its own habits
+        yield
+        return
+    saved = getattr(loop_processor, "_PROJECT_LOG_DIR", None)
+    with tempfile.TemporaryDirectory(prefix="lmforge-gptq-") as tmp:
+        loop_processor._PROJECT_LOG_DIR = Path(tmp)
+        try:
+            yield
+        finally:
+            if saved is not None:
+                loop_processor._PROJECT_LOG_DIR = saved

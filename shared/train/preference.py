@@ -1,0 +1,326 @@
+"""Preference training: reward models (`train rm`) and DPO-style losses (`train dpo`).
+
+Reward model: the base model (LoRA, or full/freeze) plus a value head, a linear map from the
+last hidden state to a scalar. A pair scores r_c (chosen) and r_r (rejected) at the last token
+of each side (the EOS); the loss is -log sigmoid(r_c - r_r). Saved as the adapter (or model)
+plus value_head.safetensors in one directory, which `train ppo` and `eval rm` load.
+
+DPO family (`--loss`):
+- sigmoid, ipo, hinge: TRL's DPOTrainer. With LoRA the reference model is the same weights with
+  the adapter switched off (no second copy); with full tuning TRL keeps a frozen copy, or
+  `--precompute-ref` computes reference log-probs once before training instead.
+- kto: TRL's KTOTrainer on KTO-labelled data (desirable / undesirable answers).
+- orpo, simpo: reference-free, written here (TRL has them only in `trl.experimental`, built
+  around raw text). With p_c, p_r the mean per-token log-probs of the chosen/rejected answers:
+      ORPO   loss = -p_c + beta * -log sigmoid(log odds(p_c) - log odds(p_r)),
+             log odds(p) = p - log(1 - exp(p))                     (beta is the paper's lambda)
+      SimPO  loss = -log sigmoid(beta * (p_c - p_r) - gamma)     (gamma: --simpo-gamma)
+- `--ftx GAMMA` (DPO-ftx, the seed's Eq. 8) adds GAMMA x the SFT loss on the chosen answer
+  (mean negative log-likelihood per token), logged as sft_loss.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lmforge.shared.core.errors import BadInput
+
+IGNORE = -100
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+LOSSES = (*DPO_LOSSES, "orpo", "simpo", "kto")
+HEAD_FILE = "value_head.safetensors"
+
+
+# ----------------------------------------------------------------------------- reward model
+
+class ValueModel(torch.nn.Module):
+    """A causal LM's decoder (adapted or not) with a scalar value head on the last hidden state."""
+
+    def __init__(self, causal, head: torch.nn.Linear | None = None):
+        super().__init__()
+        self.causal = causal
+        hidden = causal.config.get_text_config().hidden_size
+        self.head = head if head is not None else torch.nn.Linear(hidden, 1)
+        if head is None:
+            torch.nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
+            torch.nn.init.zeros_(self.head.bias)
+        self.config = causal.config
+
+    def decoder(self):
+        inner = self.causal.get_base_model() if hasattr(self.causal, "get_base_model") else self.causal
+        return inner.get_decoder()
+
+    def forward(self, input_ids, last_index, position_ids=None, **_):
+        hidden = self.decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
+        return self.head(picked.to(self.head.weight.dtype)).squeeze(-1)
+
+    def gradient_checkpointing_enable(self, **kwargs):
+        self.causal.gradient_checkpointing_enable(**kwargs)
+
+    def enable_input_require_grads(self):
+        self.causal.enable_input_require_grads()
+
+
+class PairCollator:
+    """Rows of (prompt_ids, chosen_ids, rejected_ids) -> [all chosen; all rejected], right-padded."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+        self.tokens = 0
+
+    def __call__(self, rows: list[dict]) -> dict:
+        sequences = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [r["prompt_ids"] + r["rejected_ids"] for r in rows]
+        longest = max(len(s) for s in sequences)
+        self.tokens += sum(len(s) for s in sequences)
+        return {"input_ids": torch.tensor([s + [self.pad_id] * (longest - len(s)) for s in sequences]),
+                "last_index": torch.tensor([len(s) - 1 for s in sequences])}
+
+
+def save_value_model(model: ValueModel, directory: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    model.causal.save_pretrained(str(directory))
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(directory / HEAD_FILE))
+
+
+def load_head(directory: str | Path, hidden: int) -> torch.nn.Linear:
+    from safetensors.torch import load_file
+
+    path = Path(directory) / HEAD_FILE
+    if not path.exists():
+        raise BadInput(f"{directory}: not a reward model (no {HEAD_FILE})", "train one with `lmforge train rm`")
+    head = torch.nn.Linear(hidden, 1)
+    head.load_state_dict(load_file(str(path)))
+    return head
+
+
+def _stats_trainer_class():
+    from transformers import Trainer
+
+    class StatsTrainer(Trainer):
+        """A Trainer whose compute_loss records extra figures (accuracy, margins, ...) per batch;
+        each log line carries their means since the last one, prefixed eval_ during evaluation."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._stats = {"train": {}, "eval": {}}
+
+        def record(self, model, figures) -> None:
+            stats = self._stats["train" if model.training else "eval"]
+            for key, value in figures:
+                stats.setdefault(key, []).append(float(value.detach()))
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad():
+                loss = self.compute_loss(model, inputs)
+            return loss.detach(), None, None
+
+        def log(self, logs, start_time=None):
+            mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+            prefix = "eval_" if mode == "eval" else ""
+            for key, values in self._stats[mode].items():
+                if values:
+                    logs[prefix + key] = sum(values) / len(values)
+            self._stats[mode] = {}
+            super().log(logs, start_time)
+
+    return StatsTrainer
+
+
+def _reward_trainer_class():
+    class RewardTrainer(_stats_trainer_class()):
+        """Pairwise loss on value-head scores; logs accuracy, margin and mean scores."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            scores = model(**inputs)
+            chosen, rejected = scores.chunk(2)
+            loss = -F.logsigmoid(chosen - rejected).mean()
+            self.record(model, (("accuracy", (chosen > rejected).float().mean()), ("margin", (chosen - rejected).mean()),
+                                ("score_chosen", chosen.mean()), ("score_rejected", rejected.mean())))
+            return (loss, {"chosen": chosen, "rejected": rejected}) if return_outputs else loss
+
+        def _save(self, output_dir=None, state_dict=None):
+            output_dir = output_dir or self.args.output_dir
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            save_value_model(self.accelerator.unwrap_model(self.model), output_dir)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            model = self.accelerator.unwrap_model(model or self.model)
+            from safetensors.torch import load_file
+
+            directory = Path(resume_from_checkpoint)
+            if (directory / "adapter_model.safetensors").exists():
+                from peft import set_peft_model_state_dict
+
+                set_peft_model_state_dict(model.causal, load_file(str(directory / "adapter_model.safetensors")))
+            else:
+                from transformers.modeling_utils import load_sharded_checkpoint
+
+                load_sharded_checkpoint(model.causal, str(directory), strict=False) if not (
+                    directory / "model.safetensors").exists() else model.causal.load_state_dict(
+                    load_file(str(directory / "model.safetensors")), strict=False)
+            model.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
+
+    return RewardTrainer
+
+
+def build_rm_trainer(o, model, tokenizer, args, data, eval_data):
+    model = ValueModel(model)
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+    collator = PairCollator(tokenizer.pad_token_id or 0)
+    args.remove_unused_columns = False
+    trainer = _reward_trainer_class()(model=model, args=args, train_dataset=data.dataset,
+                                      eval_dataset=eval_data.dataset if eval_data else None,
+                                      data_collator=collator)
+    return trainer, collator
+
+
+# ----------------------------------------------------------------------------- DPO family
+
+class TokenCounter:
+    """Counts real tokens passing through a TRL collator (for tokens/s)."""
+
+    def __init__(self, collate):
+        self.collate = collate
+        self.tokens = 0
+
+    def __call__(self, rows):
+        batch = self.collate(rows)
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        return batch
+
+
+def _dpo_trainer_class():
+    from trl import DPOTrainer
+
+    class PackedDPOTrainer(DPOTrainer):
+        """TRL's DPO on data `lmforge data pack --stage dpo` already tokenized (same column names)."""
+
+        def __init__(self, *args, ftx: float = 0.0, **kwargs):
+            self._ftx = ftx
+            super().__init__(*args, **kwargs)
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset  # prompt_ids / chosen_ids / rejected_ids, truncated at pack time
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            result = super()._compute_loss(model, inputs, return_outputs)
+            if self._ftx:  # log the SFT term: mean negative log-likelihood per chosen token
+                mode = "train" if self.model.training else "eval"
+                chosen_mask = inputs["completion_mask"][..., 1:].chunk(2, dim=0)[0]
+                summed = self._metrics[mode]["logps/chosen"][-1] * chosen_mask.shape[0]
+                self._metrics[mode]["sft_loss"].append(-summed / max(int(chosen_mask.sum()), 1))
+            return result
+
+    return PackedDPOTrainer
+
+
+def _kto_trainer_class():
+    from trl import KTOTrainer
+
+    class PackedKTOTrainer(KTOTrainer):
+        """TRL's KTO on data `lmforge data pack --stage kto` already tokenized."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            # KTO pairs each answer with its neighbour's for the KL term, so batches are read in a
+            # fixed order (TRL insists): shuffle once, by the seed, instead
+            dataset = dataset.shuffle(seed=args.seed).flatten_indices()
+            if "response_ids" in dataset.column_names:
+                dataset = dataset.rename_column("response_ids", "completion_ids")
+            if self.calculate_KL:  # as TRL: mismatched pairs by rotating completions within a batch
+                def rotate(examples):
+                    examples["KL_completion_ids"] = [examples["completion_ids"][-1]] + examples["completion_ids"][:-1]
+                    return examples
+
+                dataset = dataset.map(rotate, batched=True, batch_size=args.per_device_train_batch_size)
+            return dataset
+
+    return PackedKTOTrainer
+
+
+def _ref_free_trainer_class():
+    class RefFreeTrainer(_stats_trainer_class()):
+        """ORPO and SimPO: preference losses without a reference model."""
+
+        def __init__(self, *args, loss: str, beta: float, gamma: float, ftx: float, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.loss_name, self.beta, self.gamma, self.ftx = loss, beta, gamma, ftx
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ids, mask = inputs["input_ids"], inputs["completion_mask"]
+            logits = model(input_ids=ids, attention_mask=inputs["attention_mask"], use_cache=False).logits[:, :-1]
+            targets, keep = ids[:, 1:], mask[:, 1:].float()
+            token_logps = torch.log_softmax(logits.float(), dim=-1).gather(2, targets[..., None]).squeeze(-1)
+            mean_logps = (token_logps * keep).sum(1) / keep.sum(1).clamp(min=1)   # p: mean per-token log-prob
+            p_c, p_r = mean_logps.chunk(2)
+            nll = -p_c.mean()
+            if self.loss_name == "orpo":
+                # log odds(p) = log(p / (1 - p)) on probabilities exp(p_c), exp(p_r)
+                log_odds = (p_c - p_r) - (torch.log1p(-torch.exp(p_c).clamp(max=1 - 1e-6)) -
+                                          torch.log1p(-torch.exp(p_r).clamp(max=1 - 1e-6)))
+                preference = -F.logsigmoid(log_odds)
+                loss = nll + self.beta * preference.mean()
+                chosen_reward, rejected_reward = self.beta * p_c.detach(), self.beta * p_r.detach()
+            else:  # simpo
+                margin = self.beta * (p_c - p_r) - self.gamma
+                loss = -F.logsigmoid(margin).mean() + self.ftx * nll
+                chosen_reward, rejected_reward = self.beta * p_c.detach(), self.beta * p_r.detach()
+            self.record(model, (("rewards/chosen", chosen_reward.mean()), ("rewards/rejected", rejected_reward.mean()),
+                                ("rewards/accuracies", (chosen_reward > rejected_reward).float().mean()),
+                                ("rewards/margins", (chosen_reward - rejected_reward).mean()), ("sft_loss", nll)))
+            return (loss, {}) if return_outputs else loss
+
+    return RefFreeTrainer
+
+
+def build_dpo_trainer(o, model, tokenizer, args, data, eval_data):
+    """The trainer for `train dpo --loss ...` (settings in o.extra)."""
+    loss = o.extra["loss"]
+    beta, ftx = o.extra["beta"], o.extra["ftx"]
+    kwargs = {k: v for k, v in args.to_dict().items() if k in _init_fields(type(args))}
+    if loss in DPO_LOSSES:
+        from trl import DPOConfig
+
+        config = DPOConfig(**kwargs, beta=beta, loss_type=[loss, "sft"] if ftx else [loss],
+                           loss_weights=[1.0, ftx] if ftx else None, max_length=None,
+                           precompute_ref_log_probs=bool(o.extra.get("precompute_ref")))
+        trainer = _dpo_trainer_class()(model=model, args=config, train_dataset=data.dataset,
+                                       eval_dataset=eval_data.dataset if eval_data else None,
+                                       processing_class=tokenizer, ftx=ftx)
+    elif loss == "kto":
+        from trl import KTOConfig
+
+        kwargs["train_sampling_strategy"] = "sequential"
+        config = KTOConfig(**kwargs, beta=beta, max_length=None,
+                           desirable_weight=o.extra.get("desirable_weight", 1.0),
+                           undesirable_weight=o.extra.get("undesirable_weight", 1.0))
+        trainer = _kto_trainer_class()(model=model, args=config, train_dataset=data.dataset,
+                                       eval_dataset=eval_data.dataset if eval_data else None,
+                                       processing_class=tokenizer)
+    else:
+        from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+        collate = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id or 0)
+        args.remove_unused_columns = False
+        counter = TokenCounter(collate)
+        trainer = _ref_free_trainer_class()(model=model, args=args, train_dataset=data.dataset,
+                                            eval_dataset=eval_data.dataset if eval_data else None,
+                                            data_collator=counter, loss=loss, beta=beta,
+                                            gamma=o.extra.get("simpo_gamma", 0.5), ftx=ftx)
+        return trainer, counter
+    counter = TokenCounter(trainer.data_collator)
+    trainer.data_collator = counter
+    return trainer, counter
+
+
+def _init_fields(cls) -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(cls) if f.init}

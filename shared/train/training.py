@@ -1,0 +1,429 @@
+"""`train pt` and `train sft`: the Hugging Face Trainer on packed data, with our methods.
+
+The path: check the data against the model's tokenizer -> load the model for the device ->
+set up the method -> Trainer with the padding-free collator -> save the result and the record.
+Runs unchanged under torchrun / accelerate launch (DDP), DeepSpeed ZeRO-2/3, and on one device.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lmforge.shared import __version__
+from lmforge.shared.core import log, rundir
+from lmforge.shared.core.errors import BadInput, RunFailure
+from lmforge.shared.core.meta import file_digest
+from lmforge.shared.data.packed import PackedData, check_tokenizer, open_packed
+from lmforge.shared.model.models import write_generation_config
+from lmforge.shared.train.methods import MethodOptions
+
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
+
+
+@dataclass
+class TrainOptions:
+    stage: str
+    model: str
+    data: str
+    output: Path
+    eval_data: str | None = None
+    overwrite: bool = False
+    resume: bool = False
+    method: MethodOptions = field(default_factory=MethodOptions)
+    learning_rate: float | None = None
+    epochs: float = 3.0
+    max_steps: int = -1
+    warmup: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 1
+    grad_accum: int = 8
+    scheduler: str = "cosine"
+    gradient_checkpointing: bool = False
+    neftune_alpha: float | None = None
+    precision: str = "auto"
+    attn: str = "auto"
+    rope_scaling: str = "auto"
+    seed: int = 42
+    save_steps: int = 500
+    keep_checkpoints: bool = False
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    report: str = "none"
+    deepspeed: str | None = None
+    fsdp: bool = False
+    optim: str = "adamw_torch"
+    quant: int | None = None
+    extra: dict = field(default_factory=dict)   # stage-specific settings, recorded as they are
+
+    def lr(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1e-4 if self.method.is_adapter else 1e-5
+
+
+# ----------------------------------------------------------------------------- settings
+
+def deepspeed_config(spec: str) -> dict | str:
+    """z2 | z3 | z3-offload, or a JSON file of one's own."""
+    base = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+            "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
+    if spec == "z2":
+        return {**base, "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True}}
+    if spec in ("z3", "z3-offload"):
+        zero = {"stage": 3, "overlap_comm": False, "contiguous_gradients": True,
+                "stage3_gather_16bit_weights_on_model_save": True}
+        if spec == "z3-offload":
+            zero.update({"offload_optimizer": {"device": "cpu", "pin_memory": True},
+                         "offload_param": {"device": "cpu", "pin_memory": True}})
+        return {**base, "zero_optimization": zero}
+    path = Path(spec)
+    if not path.is_file():
+        raise BadInput(f"--deepspeed {spec}: not z2, z3, z3-offload or a config file")
+    return str(path)
+
+
+def validate(o: TrainOptions) -> None:
+    from lmforge.shared.train.methods import validate as validate_method
+
+    validate_method(o.method)
+    if o.scheduler not in SCHEDULERS:
+        raise BadInput(f"unknown scheduler '{o.scheduler}'", f"use one of {', '.join(SCHEDULERS)}")
+    if o.batch_size < 1 or o.grad_accum < 1:
+        raise BadInput("--batch-size and --grad-accum must be at least 1")
+    if o.learning_rate is not None and not o.learning_rate > 0:
+        raise BadInput(f"--learning-rate {o.learning_rate:g}: must be above 0", "e.g. 2e-4 for LoRA, 2e-5 for full")
+    if o.epochs <= 0 and o.max_steps <= 0:
+        raise BadInput("give --epochs > 0 or --max-steps > 0")
+    if o.neftune_alpha is not None and not o.neftune_alpha > 0:
+        raise BadInput(f"--neftune-alpha {o.neftune_alpha:g}: must be above 0", "the NEFTune paper uses 5 to 15")
+    if o.warmup < 0:
+        raise BadInput("--warmup must be >= 0 (a fraction below 1, or a step count)")
+    if o.report not in ("none", "tensorboard"):
+        raise BadInput(f"--report {o.report}: use none or tensorboard")
+    if o.deepspeed and o.fsdp:
+        raise BadInput("--deepspeed and --fsdp exclude each other")
+    if o.quant is not None and not o.method.is_adapter:
+        raise BadInput(f"--quant {o.quant} (quantized weights) trains adapters only, not --method {o.method.method}",
+                       "use --method lora, dora or pissa")
+    if o.quant not in (None, 4, 8):
+        raise BadInput(f"--quant {o.quant}: use 4 or 8")
+    from lmforge.shared.model.models import is_quantized_dir
+
+    if is_quantized_dir(o.model):
+        if not o.method.is_adapter:
+            raise BadInput(f"--model {o.model} holds quantized weights: they train adapters only, "
+                           f"not --method {o.method.method}", "use --method lora, dora or pissa")
+        if o.quant:
+            raise BadInput(f"--model {o.model} is already quantized", "drop --quant")
+
+
+def _training_arguments(o: TrainOptions, device, out: Path, eval_data: PackedData | None):
+    import torch
+    from transformers import TrainingArguments
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if o.fsdp and device.kind != "cuda":
+        raise BadInput("--fsdp needs CUDA GPUs (accelerate silently turns FSDP off on a CPU)",
+                       "use --deepspeed z3 on CPUs")
+    eval_steps = o.eval_steps or o.save_steps
+    kwargs = dict(
+        output_dir=str(out / rundir.CHECKPOINTS), per_device_train_batch_size=o.batch_size,
+        per_device_eval_batch_size=o.batch_size, gradient_accumulation_steps=o.grad_accum,
+        learning_rate=o.lr(), num_train_epochs=o.epochs if o.max_steps <= 0 else 1.0, max_steps=o.max_steps,
+        warmup_steps=o.warmup, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
+        lr_scheduler_type=o.scheduler, logging_steps=o.logging_steps, logging_first_step=True,
+        save_strategy="steps", save_steps=o.save_steps, save_total_limit=2,
+        eval_strategy="steps" if eval_data is not None else "no", eval_steps=eval_steps if eval_data else None,
+        bf16=device.dtype_name == "bf16" and device.kind != "cpu", fp16=device.dtype_name == "fp16",
+        seed=o.seed, data_seed=o.seed, report_to="none", gradient_checkpointing=o.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if o.gradient_checkpointing else None,
+        remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0, neftune_noise_alpha=o.neftune_alpha,
+        use_cpu=device.kind == "cpu", save_only_model=False, ddp_find_unused_parameters=False,
+    )
+    if distributed and device.kind == "cpu":
+        kwargs["ddp_backend"] = "gloo"
+    if o.deepspeed:
+        kwargs["deepspeed"] = deepspeed_config(o.deepspeed)
+    if o.fsdp:
+        kwargs["fsdp"] = "full_shard auto_wrap"
+    from lmforge.shared.train.optimizers import galore_arguments, optimizer_name
+
+    if o.method.method == "galore":
+        kwargs.update(galore_arguments(o))
+    else:
+        kwargs["optim"] = optimizer_name(o.optim, o.method.method)
+    if o.extra.get("training_arguments"):
+        kwargs.update(o.extra["training_arguments"])
+    if device.kind == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return TrainingArguments(**kwargs)
+
+
+# ----------------------------------------------------------------------------- callbacks
+
+def make_callbacks(collator, out: Path, total_hint: int, resumed_step: int):
+    from transformers import TrainerCallback
+
+    journal = rundir.JsonlLog(out / rundir.LOG)
+
+    class Reporter(TrainerCallback):
+        """A progress bar (loss, tokens/s, ETA) on stderr and trainer_log.jsonl."""
+
+        def __init__(self):
+            self.bar = None
+            self.start = time.monotonic()
+            self.tokens_at_start = 0
+            self.last_loss = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                if resumed_step:
+                    journal.truncate_after(resumed_step)
+                self.bar = log.Progress("train", total=state.max_steps or total_hint, unit="steps").__enter__()
+                if resumed_step:
+                    self.bar.done = resumed_step
+            self.start = time.monotonic()
+            self.tokens_at_start = collator.tokens
+
+        def tokens_per_second(self) -> float:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            return (collator.tokens - self.tokens_at_start) * world / max(time.monotonic() - self.start, 1e-9)
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                fields = {"tok/s": round(self.tokens_per_second())}
+                if self.last_loss is not None:
+                    fields = {"loss": round(self.last_loss, 4), **fields}
+                self.bar.advance(1, **fields)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            if "loss" in logs:
+                self.last_loss = float(logs["loss"])
+            entry = {"step": state.global_step, "epoch": round(state.epoch or 0, 4),
+                     "elapsed_s": round(time.monotonic() - self.start, 2),
+                     "tokens_per_second": round(self.tokens_per_second(), 1), **logs}
+            journal.write(entry)
+            if "eval_loss" in logs:
+                log.info(f"train: step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.__exit__(None, None, None)
+                self.bar = None
+
+    return [Reporter()]
+
+
+# ----------------------------------------------------------------------------- the run
+
+def setup_distributed(o: TrainOptions, device) -> None:
+    """CPU multi-process runs talk over gloo; DeepSpeed must be initialised before the model loads."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if o.deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo" if device.kind == "cpu" else "nccl")
+
+
+def run(o: TrainOptions, build_trainer=None) -> Path:
+    """Train and save; returns the output directory. `build_trainer` lets other stages (rm, dpo,
+    ppo) reuse the set-up with their own trainer."""
+    validate(o)
+    log.quiet_libraries()
+    out = Path(o.output)
+    created = not out.exists()
+    resume_from = rundir.prepare(out, overwrite=o.overwrite, resume=o.resume)
+    if o.resume and (out / rundir.RECORD).exists() and resume_from is None:
+        log.info(f"train: {out} is already finished")
+        return out
+    with rundir.removed_on_failure(out, fresh=resume_from is None, created=created):
+        _train(o, out, resume_from, build_trainer)
+    return out
+
+
+def _train(o: TrainOptions, out: Path, resume_from: Path | None, build_trainer) -> None:
+    from lmforge.shared.model.models import (
+        choose_device,
+        count_parameters,
+        load_model,
+        load_tokenizer_for,
+    )
+    from lmforge.shared.train.methods import apply as apply_method
+
+    stages = (o.stage,) if o.stage in ("pt", "sft") else o.extra.get("data_stages", (o.stage,))
+    data = open_packed(o.data, stages)
+    eval_data = open_packed(o.eval_data, stages, "--eval-data") if o.eval_data else None
+    device = choose_device(o.precision, o.attn)
+    setup_distributed(o, device)
+    from transformers import set_seed
+
+    set_seed(o.seed)  # before the model is built: adapter and new-block initialisation are random
+    added = (data.meta.get("tokenizer") or {}).get("added_tokens", [])
+    tokenizer = load_tokenizer_for(o.model, added)
+    check_tokenizer(data, tokenizer, o.model)
+    if eval_data is not None:
+        check_tokenizer(eval_data, tokenizer, o.model, "--eval-data")
+    o.method.added_token_ids = tokenizer.convert_tokens_to_ids(added) if added and o.method.is_adapter else []
+    model = load_model(o.model, device, cutoff=data.meta.get("cutoff"), rope=o.rope_scaling, quant=o.quant,
+                       tokenizer=tokenizer)
+    if o.quant:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=o.gradient_checkpointing)
+    pissa_init = out / "pissa_init"
+    model = apply_method(model, o.method)
+    if o.method.method == "pissa" and resume_from is None and int(os.environ.get("RANK", "0")) == 0:
+        model.save_pretrained(str(pissa_init))  # the starting point, to convert the result back to plain LoRA
+    trainable, total = count_parameters(model)
+    log.info(f"train: {o.stage} {o.method.method} on {device.kind} ({device.dtype_name}, {device.attn}); "
+             f"{trainable:,} of {total:,} parameters train ({trainable / max(total, 1):.2%}); "
+             f"lr {o.lr():g}; {data.rows:,} rows")
+    args = _training_arguments(o, device, out, eval_data)
+    builder = build_trainer or build_default_trainer
+    trainer, collator = builder(o, model, tokenizer, args, data, eval_data)
+    reporter = make_callbacks(collator, out, total_hint=0, resumed_step=_step_of(resume_from))
+    for callback in reporter:
+        trainer.add_callback(callback)
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if o.report == "tensorboard":
+        trainer.add_callback(_tensorboard(out))
+    started = time.monotonic()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower():
+            raise RunFailure("out of memory while training",
+                             "lower --batch-size or --cutoff, add --gradient-checkpointing, or use --quant") from None
+        raise
+    runtime = time.monotonic() - started
+    metrics = {"train_loss": round(float(result.training_loss), 6), "steps": int(result.global_step),
+               "runtime_seconds": round(runtime, 2), "tokens": collator.tokens,
+               "tokens_per_second": round(reporter[0].tokens_per_second(), 1),
+               "trainable_parameters": trainable, "total_parameters": total}
+    if device.kind == "cuda":  # what the run held at most, as the seed's memory table counts it
+        import torch
+
+        metrics["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if eval_data is not None:
+        evaluated = trainer.evaluate()
+        metrics.update({k: round(float(v), 6) for k, v in evaluated.items() if k.startswith("eval_") and
+                        isinstance(v, (int, float))})
+    save_result(o, trainer, model, tokenizer, data, out, metrics, device, pissa_init)
+
+
+def _step_of(checkpoint: Path | None) -> int:
+    return int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+    except ImportError:
+        raise BadInput("--report tensorboard needs tensorboard", "pip install 'lmforge[tensorboard]'") from None
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out / "tensorboard")))
+
+
+def build_default_trainer(o: TrainOptions, model, tokenizer, args, data: PackedData, eval_data: PackedData | None):
+    """pt/sft: the plain Trainer on packed rows with the padding-free collator."""
+    from lmforge.shared.train.collate import PackedCollator
+    from transformers import Trainer
+
+    collator = PackedCollator(neat=data.meta.get("packing") == "neat", pad_id=tokenizer.pad_token_id or 0)
+    optimizers = (None, None)
+    if o.method.loraplus_ratio:
+        import torch
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizers = (create_loraplus_optimizer(model, optimizer_cls=torch.optim.AdamW, lr=o.lr(),
+                                                loraplus_lr_ratio=o.method.loraplus_ratio,
+                                                weight_decay=o.weight_decay), None)
+    from lmforge.shared.train.optimizers import custom_optimizer
+
+    custom = custom_optimizer(o, model)
+    if custom is not None:
+        optimizers = (custom, None)
+    trainer = Trainer(model=model, args=args, train_dataset=data.dataset,
+                      eval_dataset=eval_data.dataset if eval_data else None, data_collator=collator,
+                      optimizers=optimizers)
+    if not _zero3(o.deepspeed):
+        from lmforge.shared.train import lossfn
+
+        trainer.lmforge_restore = lossfn.install(model)  # output layer + loss in chunks: less memory
+    return trainer, collator
+
+
+def _zero3(spec: str | None) -> bool:
+    """ZeRO-3 only gathers a layer's weights inside that layer's forward: keep the standard loss."""
+    if not spec:
+        return False
+    if spec.startswith("z3"):
+        return True
+    import json
+
+    try:
+        return json.loads(Path(spec).read_text()).get("zero_optimization", {}).get("stage") == 3
+    except (OSError, ValueError):
+        return False
+
+
+def save_result(o: TrainOptions, trainer, model, tokenizer, data: PackedData, out: Path, metrics: dict,
+                device, pissa_init: Path) -> None:
+    """The final model or adapter, the tokenizer, a generation config, the log plot, lmforge.json."""
+    import shutil
+
+    restore = getattr(trainer, "lmforge_restore", None)
+    if restore is not None:
+        restore()
+    trainer.save_model(str(out))
+    if not trainer.is_world_process_zero():
+        return
+    if o.method.method == "pissa":
+        # a plain LoRA (rank 2r) that applies to the original base weights, not PiSSA's residual
+        trainer.model.save_pretrained(str(out), path_initial_model_for_weight_conversion=str(pissa_init))
+        shutil.rmtree(pissa_init, ignore_errors=True)
+    tokenizer.save_pretrained(str(out))
+    stops = data.meta.get("stop_words") or [tokenizer.eos_token]
+    write_generation_config(o.model, out, tokenizer, stops)
+    for leftover in ("training_args.bin",):
+        (out / leftover).unlink(missing_ok=True)
+    if not o.keep_checkpoints:
+        shutil.rmtree(out / rundir.CHECKPOINTS, ignore_errors=True)
+    rundir.plot_loss(out)
+    record = {
+        "lmforge_version": __version__,
+        "kind": o.extra.get("kind") or ("adapter" if o.method.is_adapter else "model"),
+        "stage": o.stage, "base_model": str(Path(o.model).resolve()) if Path(o.model).exists() else o.model,
+        "method": o.method.method, "method_options": {k: v for k, v in asdict(o.method).items()
+                                                      if k != "added_token_ids"},
+        "data": {"path": str(data.path), "fingerprint": file_digest(data.path), "rows": data.rows,
+                 "cutoff": data.meta.get("cutoff"), "packing": data.meta.get("packing")},
+        "eval_data": o.eval_data, "template": data.meta.get("template"), "stop_words": stops,
+        "added_tokens": (data.meta.get("tokenizer") or {}).get("added_tokens", []),
+        "tokenizer_fingerprint": (data.meta.get("tokenizer") or {}).get("fingerprint"),
+        "hyperparameters": {"learning_rate": o.lr(), "epochs": o.epochs, "max_steps": o.max_steps,
+                            "warmup": o.warmup, "weight_decay": o.weight_decay, "max_grad_norm": o.max_grad_norm,
+                            "batch_size": o.batch_size, "grad_accum": o.grad_accum, "scheduler": o.scheduler,
+                            "seed": o.seed, "precision": device.dtype_name, "optim": o.optim,
+                            "gradient_checkpointing": o.gradient_checkpointing, "quant": o.quant,
+                            "neftune_alpha": o.neftune_alpha,
+                            "deepspeed": o.deepspeed, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+                            **{k: v for k, v in o.extra.items() if k not in ("training_arguments", "data_stages", "kind")}},
+        "device": {"kind": device.kind, "attention": device.attn}, "metrics": metrics,
+    }
+    rundir.write_json(out / rundir.RECORD, record)
+    log.info(f"train: done: loss {metrics['train_loss']:.4f}" +
+             (f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "") +
+             f", {metrics['tokens_per_second']:,.0f} tokens/s, {metrics['runtime_seconds']:.0f}s")
