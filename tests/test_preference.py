@@ -70,7 +70,7 @@ def test_reward_model_learns_the_preference(prefs):
 def test_reward_model_scores_in_process(prefs):
     """The saved adapter + value head load back and rank a chosen answer above a rejected one."""
     import torch
-    from lmforge.shared.train.preference import ValueModel, load_head
+    from lmforge.shared.model.value import ValueModel, load_head
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -42,7 +42,7 @@ def eval_loss(model, packed: Path) -> float:
     """Mean loss per trained token of `model` on packed data (our collator, no training)."""
     import datasets
     import torch
-    from lmforge.shared.train.collate import PackedCollator
+    from lmforge.shared.data.collate import PackedCollator
 
     rows = datasets.Dataset.from_file(str(packed))
     neat = read_meta(packed)["packing"] == "neat"
@@ -231,7 +231,7 @@ def test_loss_is_averaged_over_trained_tokens_under_gradient_accumulation(task, 
 def test_neat_packed_rows_do_not_attend_across_examples(task):
     import datasets
     import torch
-    from lmforge.shared.train.collate import PackedCollator
+    from lmforge.shared.data.collate import PackedCollator
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(task["base"]).eval()

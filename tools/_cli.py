@@ -17,6 +17,7 @@ from typing import Annotated, Any, Optional
 import typer
 from lmforge.shared.core import log
 from lmforge.shared.core.errors import BadInput
+from lmforge.shared.core.options import Opt
 from typer.core import TyperCommand, TyperGroup
 
 _invocation: dict[str, Any] = {"command": "", "options": {}}
@@ -50,36 +51,45 @@ def _quiet_callback(value: bool) -> None:
         log.set_quiet(True)
 
 
+_COMMON: list = []
+
+
+def _common() -> list:
+    if not _COMMON:
+        _COMMON.extend(_common_params())
+    return _COMMON
+
+
 def _common_params() -> list:
-    """--config/--debug/--quiet as Typer builds them, taken from a throwaway command."""
+    """--config/--debug/--quiet (catalog.EVERY_COMMAND) as Typer builds them, from a throwaway command."""
+    import inspect
+
+    from lmforge.shared.core.catalog import EVERY_COMMAND
+
+    behaviour: dict[str, dict[str, Any]] = {"config": dict(is_eager=True, callback=_config_callback),
+                 "debug": dict(callback=_debug_callback), "quiet": dict(callback=_quiet_callback)}
     probe = typer.Typer(add_completion=False)
 
-    @probe.command()
-    def _probe(
-        config: Annotated[Optional[Path], typer.Option(
-            "--config", is_eager=True, expose_value=False, callback=_config_callback,
-            help="YAML file of option values (keys are option names); flags override it.",
-            rich_help_panel="Common")] = None,
-        debug: Annotated[bool, typer.Option(
-            "--debug", expose_value=False, callback=_debug_callback,
-            help="Show tracebacks (also LMFORGE_DEBUG=1).", rich_help_panel="Common")] = False,
-        quiet: Annotated[bool, typer.Option(
-            "--quiet", "-q", expose_value=False, callback=_quiet_callback,
-            help="No progress or info messages on stderr.", rich_help_panel="Common")] = False,
-    ) -> None:
+    def _probe(**_: Any) -> None:
         pass
 
+    params = []
+    for opt in EVERY_COMMAND:
+        annotation, default = typer_parameter(opt, expose_value=False, **behaviour[opt.name])
+        params.append(inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                        default=default))
+    _probe.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    probe.command()(_probe)
     return typer.main.get_command(probe).params
 
 
-_COMMON = _common_params()
 
 
 class Command(TyperCommand):
     def __init__(self, *args: Any, params: list | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, params=[*(params or []), *_COMMON], **kwargs)
+        super().__init__(*args, params=[*(params or []), *_common()], **kwargs)
 
-    def invoke(self, ctx: typer.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:  # a click Context (typer vendors click; its class is private)
         _invocation["command"] = " ".join(ctx.command_path.split()[1:])
         _invocation["options"] = dict(ctx.params)
         return super().invoke(ctx)
@@ -89,7 +99,7 @@ class Group(TyperGroup):
     """A command group whose --help flag defaults to False, not None: typer coerces a None through
     pydantic, whose import (~90 ms) would then slow every `lmforge GROUP COMMAND --help`."""
 
-    def get_help_option(self, ctx: typer.Context):
+    def get_help_option(self, ctx: Any) -> Any:
         option = super().get_help_option(ctx)
         if option is not None and option.default is None:
             option.default = False
@@ -122,23 +132,51 @@ def print_path(path: str | Path) -> None:
     sys.stdout.flush()
 
 
-REQUIRED = object()
+def typer_parameter(opt: Opt, **behaviour: Any) -> tuple[Any, Any]:
+    """An option's declaration as Typer reads it: (Annotated[type, typer.Option(...)], default).
+    `behaviour`: what only the command line has (callbacks, eagerness)."""
+    import inspect
+    from typing import Literal
+
+    kind: Any = Literal[opt.choices] if opt.choices else _TYPES[opt.type]
+    if opt.many:
+        kind = list[kind]
+    if opt.default is None:
+        kind = Optional[kind]
+    if opt.argument:
+        info = typer.Argument(help=opt.help, show_default=opt.show_default, rich_help_panel=opt.panel)
+    else:
+        info = typer.Option(*opt.flags, help=opt.help, rich_help_panel=opt.panel, min=opt.min, max=opt.max,
+                            envvar=opt.envvar, show_default=opt.show_default, **behaviour)
+    return Annotated[kind, info], inspect.Parameter.empty if opt.required else opt.default
 
 
-def with_options(*groups: list[tuple[str, Any, Any]]):
-    """Give a `def fn(**options)` command the options of `groups`, each a list of
-    (name, Annotated[type, typer.Option(...)], default). Shared option sets are written once."""
+_TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool, "path": Path}
+
+
+def declared(name: str, declarations: tuple[Opt, ...] | None = None, **behaviour: dict[str, Any]):
+    """Give a command the options the catalog declares for `name` ("train sft"), or `declarations`.
+    The function takes them as keyword arguments: either `**options`, or parameters of exactly
+    those names. `behaviour`: per option, what only the command line has (callbacks)."""
     import inspect
 
+    from lmforge.shared.core.catalog import options
+
+    declared_options = declarations if declarations is not None else options(name)
+
     def decorate(fn):
+        own = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
+        if own and [p.name for p in own] != [o.name for o in declared_options]:
+            raise TypeError(f"{fn.__qualname__}: parameters {[p.name for p in own]} are not the options "
+                            f"declared for '{name}' in lmforge.shared.core.catalog")
         params = []
-        for group in groups:
-            for name, annotation, default in group:
-                params.append(inspect.Parameter(
-                    name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                    default=inspect.Parameter.empty if default is REQUIRED else default))
+        for opt in declared_options:
+            annotation, default = typer_parameter(opt, **behaviour.get(opt.name, {}))
+            params.append(inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                            default=default))
         fn.__signature__ = inspect.Signature(params)
         fn.__annotations__ = {p.name: p.annotation for p in params}
+        fn.lmforge_command = name
         return fn
 
     return decorate

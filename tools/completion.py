@@ -7,12 +7,14 @@ a test fails when the committed scripts differ from what the app generates.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Any, Literal
 
 import typer
 
+from ._cli import declared
 
-def _walk(cmd, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], object]]:
+
+def _walk(cmd: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
     out = [(path, cmd)]
     for name, sub in sorted(getattr(cmd, "commands", {}).items()):
         if not getattr(sub, "hidden", False):
@@ -122,8 +124,8 @@ def zsh(nodes: list[dict]) -> str:
     subs, opts, values = [], [], []
     for n in nodes:
         if n["subcommands"]:
-            described = " ".join(f"'{k}:{v.replace(chr(39), '')}'" for k, v in n["subcommands"].items())
-            subs.append(f'    "{n["path"]}") reply=({described});;')
+            commands = " ".join(f"'{k}:{v.replace(chr(39), '')}'" for k, v in n["subcommands"].items())
+            subs.append(f'    "{n["path"]}") reply=({commands});;')
         described = []
         for opt in n["options"]:
             for o in opt["opts"]:
@@ -232,7 +234,8 @@ def script(shell: str) -> str:
     return {"bash": bash, "zsh": zsh, "fish": fish}[shell](nodes)
 
 
-def completion(shell: Annotated[Literal["bash", "zsh", "fish"], typer.Argument(help="The shell.")]) -> None:
+@declared("completion")
+def completion(shell) -> None:
     """Print the completion script for a shell (see completions/ for installed copies)."""
     import sys
 

@@ -2,45 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Literal, Optional
 
-import typer
 
-from ._cli import command, group, invocation, print_json, print_path
+from ._cli import command, declared, group, invocation, print_json, print_path
 
 app = group("Align, merge, split, pack and inspect datasets (Arrow streams in and out).")
 
-Output = Annotated[Optional[Path], typer.Option(
-    "--output", "-o", help="Write here (atomically). Default: stdout, when it is not a terminal.")]
-Seed = Annotated[int, typer.Option(help="Random seed; same inputs and seed give identical output.")]
-
 
 @command(app, "align")
+@declared("data align")
 def align(
-    inputs: Annotated[Optional[list[str]], typer.Argument(
-        help="JSON, JSONL, CSV, Parquet, Arrow or TXT files, directories of them, datasets "
-             "directories, or '-' for stdin (the default).", show_default=False)] = None,
-    output: Output = None,
-    format: Annotated[Literal["auto", "alpaca", "sharegpt", "openai", "pairwise", "kto", "text"], typer.Option(
-        "--format", "-f", help="Source format; auto detects it from the columns and says so on stderr.")] = "auto",
-    columns: Annotated[Optional[str], typer.Option(
-        help="Column names when yours differ: OURS=YOURS,... (instruction, input, output, system, "
-             "history, messages, tools, chosen, rejected, label, prompt, completion, text).")] = None,
-    tags: Annotated[Optional[str], typer.Option(
-        help="Chat role tags: role=from,content=value,user=human,assistant=gpt,observation=...,"
-             "function=...,system=...")] = None,
-    dataset_info: Annotated[Optional[Path], typer.Option(
-        help="A LLaMA-Factory dataset_info.json (or its directory): align entries named by --name.")] = None,
-    name: Annotated[Optional[list[str]], typer.Option(
-        help="Entry of --dataset-info to align (repeat for several).")] = None,
-    skip_invalid: Annotated[bool, typer.Option(
-        help="Drop invalid rows (counted by reason on stderr) instead of failing on the first.")] = False,
-    max_samples: Annotated[Optional[int], typer.Option(
-        min=1, help="Keep at most N examples from each input.")] = None,
-    sample: Annotated[Literal["first", "random"], typer.Option(
-        help="With --max-samples: the first N rows, or a uniform random sample (by --seed).")] = "first",
-    seed: Seed = 42,
+    inputs, output, format, columns, tags, dataset_info, name, skip_invalid, max_samples, sample, seed,
 ) -> None:
     """Convert source data into the aligned schema (prompt, response, system, tools[, label])."""
     from lmforge.shared.core import arrowio, log, meta
@@ -71,17 +43,8 @@ def align(
 
 
 @command(app, "merge")
-def merge(
-    inputs: Annotated[list[str], typer.Argument(help="Datasets to merge (one of them may be '-' for stdin).")],
-    output: Output = None,
-    mix: Annotated[Literal["concat", "interleave-under", "interleave-over"], typer.Option(
-        help="concat; interleave-under: stop when an input runs out; interleave-over: restart "
-             "inputs that run out until all have been used up.")] = "concat",
-    probs: Annotated[Optional[str], typer.Option(
-        help="With interleave: draw each row's input with these probabilities, e.g. 0.7,0.3 "
-             "(default: round robin).")] = None,
-    seed: Seed = 42,
-) -> None:
+@declared("data merge")
+def merge(inputs, output, mix, probs, seed) -> None:
     """Merge datasets of the same kind and stage into one."""
     from lmforge.shared.core import arrowio, meta
     from lmforge.shared.core.errors import BadInput
@@ -104,14 +67,8 @@ def merge(
 
 
 @command(app, "split")
-def split(
-    input: Annotated[str, typer.Argument(help="Dataset to split, or '-' for stdin.")] = "-",
-    output: Annotated[Path, typer.Option(
-        "--output", "-o", help="Directory to write train.arrow and val.arrow into.")] = Path("split"),
-    val_size: Annotated[float, typer.Option(
-        help="Validation share: a fraction below 1 (0.1) or a row count (500).")] = 0.1,
-    seed: Seed = 42,
-) -> None:
+@declared("data split")
+def split(input, output, val_size, seed) -> None:
     """Split a dataset into train and validation sets (random rows, order kept). Prints the directory."""
     from lmforge.shared.core import arrowio, log, meta
     from lmforge.shared.core.errors import BadInput
@@ -145,13 +102,8 @@ def split(
 
 
 @command(app, "show")
-def show(
-    input: Annotated[str, typer.Argument(help="Dataset to show, or '-' for stdin.")] = "-",
-    rows: Annotated[int, typer.Option("--rows", "-n", min=0, help="How many rows to print (0: all).")] = 5,
-    schema: Annotated[bool, typer.Option("--schema", help="Print the columns and the lmforge metadata.")] = False,
-    stats: Annotated[bool, typer.Option("--stats", help="Print row count, kind, stage and provenance.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="With --stats/--schema: one JSON object.")] = False,
-) -> None:
+@declared("data show")
+def show(input, rows, schema, stats, json_out) -> None:
     """Print rows as JSON lines (for jq), or the schema, or statistics."""
     import json
     import sys
@@ -181,22 +133,10 @@ def show(
 
 
 @command(app, "pack")
+@declared("data pack")
 def pack(
-    model: Annotated[str, typer.Option("--model", "-m", help="Model directory or Hub id whose tokenizer to use.")],
-    input: Annotated[str, typer.Argument(help="Aligned dataset, or '-' for stdin.")] = "-",
-    output: Output = None,
-    template: Annotated[str, typer.Option(
-        "--template", "-t", help="Chat template name, or auto for the tokenizer's own (`lmforge data templates`).")] = "auto",
-    stage: Annotated[Literal["pt", "sft", "rm", "dpo", "kto", "ppo"], typer.Option(
-        "--stage", "-s", help="Training stage the data is for.")] = "sft",
-    cutoff: Annotated[int, typer.Option(help="Maximum tokens per example (and per packed row).")] = 1024,
-    packing: Annotated[bool, typer.Option(help="Pack several examples per row (best-fit decreasing).")] = False,
-    neat_packing: Annotated[bool, typer.Option(
-        help="Pack, keeping each example's own positions so attention never crosses examples.")] = False,
-    train_on_prompt: Annotated[bool, typer.Option(help="Compute the loss on prompt tokens too.")] = False,
-    mask_history: Annotated[bool, typer.Option(help="Loss on the last assistant turn only.")] = False,
-    num_proc: Annotated[int, typer.Option(help="Worker processes for tokenization.")] = 1,
-    seed: Seed = 42,
+    model, input, output, template, stage, cutoff, packing, neat_packing, train_on_prompt, mask_history,
+    num_proc, seed,
 ) -> None:
     """Tokenize aligned data with a chat template: ids, loss labels, truncation, packing."""
     from lmforge.shared.core import arrowio, meta
@@ -218,6 +158,7 @@ def pack(
     if encoder.added:
         from lmforge.shared.core import log
 
+        assert encoder.render is not None  # tokens are added only for a chat template
         log.info(f"pack: template {encoder.render.name} needs {', '.join(encoder.added)}, missing from the "
                  "tokenizer: added as special tokens (train adds them too and resizes the embeddings)")
     cmd, opts = invocation()
@@ -232,10 +173,8 @@ def pack(
 
 
 @command(app, "stats")
-def stats(
-    input: Annotated[str, typer.Argument(help="Packed dataset, or '-' for stdin.")] = "-",
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON object instead of a table.")] = False,
-) -> None:
+@declared("data stats")
+def stats(input, json_out) -> None:
     """Token statistics of packed data: lengths, truncation, packing efficiency, loss share."""
     from lmforge.shared.core import arrowio
     from lmforge.shared.data import packstats
@@ -249,7 +188,8 @@ def stats(
 
 
 @command(app, "templates")
-def templates(json_out: Annotated[bool, typer.Option("--json", help="As JSON.")] = False) -> None:
+@declared("data templates")
+def templates(json_out) -> None:
     """List the chat templates `data pack --template` knows."""
     from lmforge.shared.data.templates import TEMPLATES
 

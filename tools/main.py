@@ -9,11 +9,11 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from typing import Annotated
 
 import typer
 from lmforge.shared import __version__
 from lmforge.shared.core import log
+from lmforge.shared.core.catalog import ROOT
 from lmforge.shared.core.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -22,7 +22,7 @@ from lmforge.shared.core.errors import (
 )
 
 from . import adapter, completion, data, evaluation, model, serve, train
-from ._cli import command, group
+from ._cli import command, declared, group
 
 app = group("Fine-tune large language models with small composable tools.\n\n"
             "Each command does one job, reads Arrow datasets or checkpoint directories, and writes one.")
@@ -43,13 +43,9 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def root(
-    # plain bools: typer coerces any other annotation through pydantic, ~90 ms on every `--help`
-    version: Annotated[bool, typer.Option(
-        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (also LMFORGE_DEBUG=1).")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info on stderr.")] = False,
-) -> None:
+@declared("lmforge", ROOT, version=dict(callback=_version, is_eager=True))
+def root(version, debug, quiet) -> None:
+    # plain bools (catalog.ROOT): typer coerces any other annotation through pydantic, ~90 ms on every `--help`
     log.set_debug(debug)
     if quiet:
         log.set_quiet(True)

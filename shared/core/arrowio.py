@@ -18,11 +18,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import pyarrow as pa
 from lmforge.shared.core.errors import BadInput
 from lmforge.shared.core.rundir import temp_sibling
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
 
 META_KEY = b"lmforge"
 SUMMARY_KEY = "lmforge_summary"
@@ -31,7 +34,8 @@ _FILE_MAGIC = b"ARROW1"
 _POISON = b"\xff\xff\xff\xff\x08\x00\x00\x00LMFAILED"
 
 
-def is_stdin(source: str | Path | None) -> bool:
+def is_stdin(source: str | Path | None) -> TypeIs[Literal["-"] | None]:
+    # TypeIs: where this is False, the type checker knows `source` is a real path (not None)
     return source is None or str(source) == "-"
 
 
@@ -179,7 +183,7 @@ def spool_stdin(source: ArrowSource, directory: str | Path | None = None) -> Arr
         writer.close()
     import atexit
 
-    atexit.register(lambda: os.path.exists(tmp) and os.unlink(tmp))
+    atexit.register(lambda: Path(tmp).unlink(missing_ok=True))
     spooled = open_arrow(tmp)
     spooled.name = "stdin"
     return spooled
@@ -237,7 +241,7 @@ class ArrowOutput:
         self.schema = with_meta(schema, meta)
         self.rows = 0
         self._atomic: AtomicFile | None = None
-        self._writer = None
+        self._writer: Any = None  # a pa.ipc.RecordBatchStreamWriter once entered
         self._summary: dict | None = None
 
     def __enter__(self) -> "ArrowOutput":

@@ -8,7 +8,6 @@ stderr; a traceback appears only with --debug or LMFORGE_DEBUG=1.
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130

@@ -10,6 +10,11 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as RichProgress
+    from rich.progress import TaskID
 
 _quiet = False
 _debug = False
@@ -78,8 +83,8 @@ class Progress:
         self._start = time.monotonic()
         self._last_line = self._start
         self._interval = float(os.environ.get("LMFORGE_LOG_INTERVAL", "10"))
-        self._bar = None
-        self._task = None
+        self._bar: RichProgress | None = None
+        self._task: TaskID | None = None
 
     def __enter__(self) -> "Progress":
         if _interactive():
@@ -111,7 +116,7 @@ class Progress:
     def advance(self, n: int = 1, **fields: object) -> None:
         self.done += n
         self.fields.update(fields)
-        if self._bar is not None:
+        if self._bar is not None and self._task is not None:
             self._bar.update(self._task, advance=n, extra=self._extra())
             return
         now = time.monotonic()

@@ -21,6 +21,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from lmforge.shared import __version__
 from lmforge.shared.core.errors import BadInput
 
 RECORD = "lmforge.json"
@@ -110,6 +111,22 @@ def write_json(path: Path, obj: dict) -> None:
     tmp = temp_sibling(path)
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def record(kind: str, **fields) -> dict:
+    """A run record (lmforge.json): what made a model or adapter directory (`fields`), after what
+    every record carries: the lmforge version and the kind ("model" or "adapter")."""
+    return {"lmforge_version": __version__, "kind": kind, **fields}
+
+
+def model_ref(model: str | Path) -> str:
+    """A model as a record names it: a local directory as an absolute path, a Hub id as given."""
+    return str(Path(model).resolve()) if Path(model).exists() else str(model)
+
+
+def write_record(directory: str | Path, record: dict) -> None:
+    """Write DIRECTORY/lmforge.json atomically (last, so that its presence means finished)."""
+    write_json(Path(directory) / RECORD, record)
 
 
 def read_record(directory: str | Path) -> dict:

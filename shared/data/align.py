@@ -18,24 +18,28 @@ from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
+from lmforge.shared.core import catalog
 from lmforge.shared.core import log
 from lmforge.shared.core.arrowio import BATCH_ROWS
 from lmforge.shared.core.errors import BadInput
 from lmforge.shared.data import aligned, formats, sources
 
 
+_DEFAULTS = catalog.defaults("data align")   # the options' declared defaults
+
+
 @dataclass
 class AlignOptions:
     inputs: list[str]
-    format: str = "auto"
-    columns: str | None = None
-    tags: str | None = None
-    dataset_info: Path | None = None
+    format: str = _DEFAULTS["format"]
+    columns: str | None = _DEFAULTS["columns"]
+    tags: str | None = _DEFAULTS["tags"]
+    dataset_info: Path | None = _DEFAULTS["dataset_info"]
     names: list[str] = field(default_factory=list)
-    skip_invalid: bool = False
-    max_samples: int | None = None
-    sample: str = "first"
-    seed: int = 42
+    skip_invalid: bool = _DEFAULTS["skip_invalid"]
+    max_samples: int | None = _DEFAULTS["max_samples"]
+    sample: str = _DEFAULTS["sample"]
+    seed: int = _DEFAULTS["seed"]
 
 
 @dataclass
@@ -87,6 +91,7 @@ def plan(options: AlignOptions) -> list[Planned]:
 
 
 def _plan_dataset_info(options: AlignOptions, columns: dict, tags: dict) -> list[Planned]:
+    assert options.dataset_info is not None  # the caller checked
     info_path = Path(options.dataset_info)
     if info_path.is_dir():
         info_path = info_path / "dataset_info.json"

@@ -14,13 +14,14 @@ assistant or function_call on odd ones; the prompt ends on the user side.
 
 from __future__ import annotations
 
+from typing import cast
+
 import pyarrow as pa
 from lmforge.shared.core import columns
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 MESSAGES = pa.list_(MESSAGE)
 USER, ASSISTANT, FUNCTION, OBSERVATION = "user", "assistant", "function_call", "observation"
-ROLES = (USER, ASSISTANT, FUNCTION, OBSERVATION)
 USER_SIDE = (USER, OBSERVATION)
 ASSISTANT_SIDE = (ASSISTANT, FUNCTION)
 STAGES = ("sft", "pairwise", "kto", "pt")
@@ -77,7 +78,8 @@ class Builder:
 
     def _reset(self) -> None:
         self.n = 0
-        self._cols = {name: ([0], [], []) for name in ("prompt", "response")}  # offsets, roles, contents
+        self._cols: dict[str, tuple[list[int], list[str], list[str]]] = {
+            name: ([0], [], []) for name in ("prompt", "response")}  # offsets, roles, contents
         self._system: list[str] = []
         self._tools: list[str] = []
         self._label: list[bool | None] = []
@@ -104,7 +106,8 @@ class Builder:
             arrays.append(columns.lists(offsets, values, MESSAGES))
         arrays += [columns.strings(self._system), columns.strings(self._tools)]
         if self.stage == "kto":
-            arrays.append(columns.bools(self._label))
+            # kto rows always carry a label (formats._label refuses a missing one)
+            arrays.append(columns.bools(cast("list[bool]", self._label)))
         batch = pa.record_batch(arrays, schema=self.schema)
         self._reset()
         return batch

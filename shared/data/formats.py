@@ -35,7 +35,6 @@ from lmforge.shared.data.aligned import (
 )
 
 FORMATS = ("auto", "alpaca", "sharegpt", "openai", "pairwise", "kto", "text")
-BASES = ("alpaca", "sharegpt", "openai", "preference", "text", "aligned")
 
 DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
     "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "system": "system",
@@ -213,7 +212,7 @@ def from_dataset_info(info: dict, name: str, where: str) -> tuple[Spec, dict]:
     entry = info[name]
     if not isinstance(entry, dict):
         raise BadInput(f"{where}: entry '{name}' is not a mapping")
-    cols = dict(entry.get("columns") or {})
+    cols: dict[str, str] = dict(entry.get("columns") or {})
     for media in ("images", "videos", "audios"):
         if media in cols:
             raise BadInput(f"{where}: dataset '{name}' has {media}; multimodal data is not supported",

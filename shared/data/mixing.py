@@ -17,8 +17,6 @@ import pyarrow as pa
 from lmforge.shared.core.arrowio import BATCH_ROWS, ArrowSource, open_arrow, spool_stdin
 from lmforge.shared.core.errors import BadInput
 
-MIXES = ("concat", "interleave-under", "interleave-over")
-
 
 def check_compatible(inputs: list[ArrowSource]) -> dict:
     """All inputs must be the same kind and stage with the same columns; returns the shared meta."""
@@ -81,6 +79,7 @@ class _Cursor:
     def take(self) -> tuple[pa.RecordBatch, int]:
         if self.done:  # oversampling: start this input again
             self._start()
+        assert self._batch is not None  # _start() refuses an input without rows
         taken = (self._batch, self._row)
         self._row += 1
         if self._row >= self._batch.num_rows:
@@ -101,6 +100,7 @@ def merge(inputs: list[ArrowSource], mix: str, probs: list[float] | None, seed: 
     cursors = [_Cursor(s) for s in inputs]
     rng = np.random.default_rng(seed)
     pending: list[pa.RecordBatch] = []
+    draws: np.ndarray
     step, draws = 0, np.empty(0, dtype=np.int64)
     while True:
         if probs is None:

@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import pyarrow as pa
+from lmforge.shared.core import catalog
 from lmforge.shared.core import columns, log
 from lmforge.shared.core.errors import BadInput
 from lmforge.shared.data.aligned import ASSISTANT, turns_of
 
-STAGES = ("pt", "sft", "rm", "dpo", "kto", "ppo")
+STAGES = catalog.STAGES
 NEEDS = {"pt": ("pt",), "sft": ("sft",), "rm": ("pairwise",), "dpo": ("pairwise",), "kto": ("kto",),
          "ppo": ("sft", "pairwise", "kto")}
 IDS = pa.list_(pa.int32())
@@ -45,18 +46,21 @@ SCHEMAS = {
 IGNORE = -100
 
 
+_DEFAULTS = catalog.defaults("data pack")   # the options' declared defaults
+
+
 @dataclass
 class PackOptions:
     model: str
-    template: str = "auto"
-    stage: str = "sft"
-    cutoff: int = 1024
-    packing: bool = False
-    neat_packing: bool = False
-    train_on_prompt: bool = False
-    mask_history: bool = False
-    num_proc: int = 1
-    seed: int = 42
+    template: str = _DEFAULTS["template"]
+    stage: str = _DEFAULTS["stage"]
+    cutoff: int = _DEFAULTS["cutoff"]
+    packing: bool = _DEFAULTS["packing"]
+    neat_packing: bool = _DEFAULTS["neat_packing"]
+    train_on_prompt: bool = _DEFAULTS["train_on_prompt"]
+    mask_history: bool = _DEFAULTS["mask_history"]
+    num_proc: int = _DEFAULTS["num_proc"]
+    seed: int = _DEFAULTS["seed"]
 
     @property
     def packing_mode(self) -> str:
@@ -208,6 +212,7 @@ class Encoder:
         if all(r.ids == i for r, i in zip(reference, ids)):
             return True
         log.warn("pack: the fast tokenizer path disagreed with the Hugging Face tokenizer; using the latter")
+        assert self.fast is not None  # only asked on the fast path
         self.fast.enabled = False
         return False
 
@@ -219,9 +224,10 @@ class Encoder:
                 return ids
         return [e.ids for e in self._encode(texts)]
 
-    def _encode_spans(self, rendered: list) -> list[tuple[list[int], list[tuple[int, int]], int]]:
+    def _encode_spans(self, rendered: list) -> list[tuple[array[int], list[tuple[int, int]], int]]:
         """For each rendered conversation: ids, the token range of each trained span, and how many
         tokens the last answer's header takes (kept when the prompt is cut)."""
+        assert self.render is not None  # every stage but pt renders through a template
         header = len(self.render.header)
         # A header ending in spaces ("Assistant: "): the spaces are trained with the answer. Most
         # tokenizers glue a space to the next word ("▁there"), some keep it apart before other
@@ -231,6 +237,7 @@ class Encoder:
         results: list = [None] * len(rendered)
         slow = list(range(len(rendered)))
         if self.fast is not None and self.fast.enabled:
+            pieces: list[str]
             slow, plan, pieces = [], [], []
             for i, r in enumerate(rendered):
                 marks = {c for a, b in r.spans for c in (a, b)}
@@ -288,6 +295,7 @@ class Encoder:
         out = Columns(("input_ids", "labels"))
         counts = Counts(examples=len(rows))
         cutoff = self.o.cutoff
+        assert self.render is not None  # sft renders through a template
         rendered = [self.render.conversation(turns_of(r["prompt"]) + turns_of(r["response"]),
                                              r["system"], r["tools"]) for r in rows]
         ignore = array("i", [IGNORE])
@@ -344,6 +352,7 @@ class Encoder:
         out = Columns(names)
         counts = Counts(examples=len(rows))
         heads, bodies = [], []
+        assert self.render is not None  # rm/dpo/kto/ppo render through a template
         for r in rows:
             prompt, responses = turns_of(r["prompt"]), turns_of(r["response"])
             if stage == "ppo":  # the prompt, and a reference answer when there is a plain one
@@ -358,19 +367,19 @@ class Encoder:
         head_ids = self._encode_ids(heads)
         body_ids = iter(self._encode_ids([t for texts in bodies for t in texts]))
         head = self.header_tokens
-        for i, prompt in enumerate(head_ids):
-            responses = [next(body_ids) for _ in bodies[i]]
-            longest = max(len(x) for x in responses)
-            if len(prompt) + longest > self.o.cutoff:
+        for i, prompt_ids in enumerate(head_ids):
+            response_ids = [next(body_ids) for _ in bodies[i]]
+            longest = max(len(x) for x in response_ids)
+            if len(prompt_ids) + longest > self.o.cutoff:
                 counts.truncated += 1
-                keep_p, keep_r = share_budget(len(prompt), longest, self.o.cutoff)
-                if (stage != "ppo" and keep_r < 1) or keep_p < min(head + 1, len(prompt)):
+                keep_p, keep_r = share_budget(len(prompt_ids), longest, self.o.cutoff)
+                if (stage != "ppo" and keep_r < 1) or keep_p < min(head + 1, len(prompt_ids)):
                     counts.dropped += 1
                     continue
-                prompt = cut_prompt(prompt, keep_p, head)
-                responses = [x[:keep_r] for x in responses]
-            out.put("prompt_ids", prompt)
-            for name, ids in zip(names[1:], responses):
+                prompt_ids = cut_prompt(prompt_ids, keep_p, head)
+                response_ids = [x[:keep_r] for x in response_ids]
+            out.put("prompt_ids", prompt_ids)
+            for name, ids in zip(names[1:], response_ids):
                 out.put(name, ids)
             if stage == "kto":
                 out.flags.append(bool(rows[i]["label"]))
@@ -383,6 +392,7 @@ _WORKER: Encoder | None = None
 
 
 def _work(item: tuple[int, pa.RecordBatch]) -> tuple[Columns, Counts]:
+    assert _WORKER is not None  # set before the pool forks
     return _WORKER.encode(item)
 
 
@@ -413,8 +423,8 @@ class Stats:
     capacity: int = 0   # rows x cutoff, for packing efficiency
 
     def as_dict(self, options: PackOptions) -> dict:
-        d = {"examples": self.counts.examples, "truncated": self.counts.truncated,
-             "dropped": self.counts.dropped, "rows": self.rows, "tokens": self.tokens}
+        d: dict[str, int | float] = {"examples": self.counts.examples, "truncated": self.counts.truncated,
+                                     "dropped": self.counts.dropped, "rows": self.rows, "tokens": self.tokens}
         if options.stage in ("pt", "sft"):
             d["loss_tokens"] = self.loss_tokens
             d["loss_fraction"] = round(self.loss_tokens / self.tokens, 4) if self.tokens else 0.0
@@ -515,7 +525,7 @@ def check_stage(meta: dict, source_name: str, stage: str) -> None:
     have = meta.get("stage")
     hint = {"pairwise": "pairwise data packs for --stage rm or dpo (or ppo)",
             "kto": "KTO data packs for --stage kto", "pt": "text data packs for --stage pt",
-            "sft": "chat data packs for --stage sft or ppo"}.get(have, "align the data for this stage")
+            "sft": "chat data packs for --stage sft or ppo"}.get(have or "", "align the data for this stage")
     require(meta, source_name, kind="aligned", stages=NEEDS[stage], hint=hint)
 
 
@@ -561,7 +571,7 @@ def metadata(encoder: Encoder, options: PackOptions, source_meta: dict, step: di
     from lmforge.shared.data.tokenizing import describe
 
     tpl = {"name": encoder.render.name} if encoder.render else None
-    if encoder.render and options.template == "auto":
+    if tpl is not None and options.template == "auto":
         import hashlib
 
         tpl["chat_template_sha256"] = hashlib.sha256(str(encoder.tokenizer.chat_template).encode()).hexdigest()[:16]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lmforge.shared.core.errors import BadInput
 
@@ -13,7 +14,7 @@ class PackedData:
     path: Path
     meta: dict
     rows: int
-    dataset: object   # datasets.Dataset, memory-mapped
+    dataset: Any   # datasets.Dataset (an untyped library), memory-mapped
 
 
 def open_packed(source: str, stages: tuple[str, ...], what: str = "--data") -> PackedData:
@@ -26,6 +27,7 @@ def open_packed(source: str, stages: tuple[str, ...], what: str = "--data") -> P
     import datasets
 
     datasets.disable_progress_bars()
+    assert opened.path is not None  # spool_stdin() put a piped input in a file
     path = Path(opened.path)
     if path.is_dir():
         dataset = datasets.load_from_disk(str(path))

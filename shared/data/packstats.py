@@ -26,7 +26,7 @@ def compute(source: ArrowSource) -> dict:
     require(meta, source.name, kind="packed",
             hint="`data stats` reads packed data; for aligned data use `data show --stats`")
     list_columns = [f.name for f in source.schema if pa.types.is_list(f.type) and f.name != "lengths"]
-    lengths = {name: [] for name in list_columns}
+    lengths: dict[str, list[np.ndarray]] = {name: [] for name in list_columns}
     examples: list[np.ndarray] = []
     loss = tokens = rows = 0
     labels_true = 0

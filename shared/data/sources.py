@@ -18,7 +18,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 from lmforge.shared.core.errors import BadInput
 
@@ -64,6 +64,7 @@ class RawSource:
     def _binary(self) -> IO[bytes]:
         if self.stream is not None:
             return self.stream
+        assert self.path is not None  # a source is a path or a stream
         try:
             return open(self.path, "rb")
         except OSError as exc:
@@ -132,7 +133,7 @@ def _decode(raw: bytes, where: str) -> str:
 _DECODER = json.JSONDecoder()
 
 
-def _loads_line(raw: bytes, source: RawSource, line: int) -> object:
+def _loads_line(raw: bytes, source: RawSource, line: int) -> Any:  # a JSON value; non-objects are refused later
     try:
         return _DECODER.decode(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:

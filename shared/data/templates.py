@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from lmforge.shared.core.errors import BadInput, close_names
 from lmforge.shared.data.aligned import ASSISTANT, FUNCTION, OBSERVATION, USER
@@ -48,11 +49,11 @@ class Template:
         return self.tool_style is not None
 
 
-_CHATML = dict(system="<|im_start|>system\n{content}<|im_end|>\n",
-               user="<|im_start|>user\n{content}<|im_end|>\n",
-               assistant_prefix="<|im_start|>assistant\n", assistant_suffix="<|im_end|>", after="\n",
-               observation="<|im_start|>user{content}<|im_end|>\n", tool_style="qwen",
-               special_tokens=("<|im_start|>", "<|im_end|>"), stop_words=("<|im_end|>",))
+_CHATML: dict[str, Any] = dict(system="<|im_start|>system\n{content}<|im_end|>\n",
+                               user="<|im_start|>user\n{content}<|im_end|>\n",
+                               assistant_prefix="<|im_start|>assistant\n", assistant_suffix="<|im_end|>", after="\n",
+                               observation="<|im_start|>user{content}<|im_end|>\n", tool_style="qwen",
+                               special_tokens=("<|im_start|>", "<|im_end|>"), stop_words=("<|im_end|>",))
 
 TEMPLATES: dict[str, Template] = {t.name: t for t in [
     Template("default", "plain 'Human:/Assistant:' turns ending in EOS, for base models",
@@ -152,7 +153,7 @@ def _tools_block(style: str, tools: list[dict]) -> str:
             '{"name": tool name, "arguments": {...}}.\n' + "\n".join(tojson(t) for t in tools))
 
 
-def _calls_text(style: str, calls: list[dict], content_before: str = "") -> str:
+def _calls_text(style: str | None, calls: list[dict], content_before: str = "") -> str:
     if style == "qwen":
         parts = []
         for i, call in enumerate(calls):
@@ -167,7 +168,7 @@ def _calls_text(style: str, calls: list[dict], content_before: str = "") -> str:
     return "\n".join(tojson({"name": c["name"], "arguments": c["arguments"]}) for c in calls)
 
 
-def _results_text(style: str, results: list[str]) -> str:
+def _results_text(style: str | None, results: list[str]) -> str:
     if style == "qwen":
         return "".join(f"\n<tool_response>\n{r}\n</tool_response>" for r in results)
     if style == "mistral":
@@ -185,8 +186,8 @@ def parse_calls(style: str | None, text: str) -> tuple[str, list[dict]]:
         return text, []
     if style == "qwen":
         found = re.findall(r"<tool_call>\s*(.*?)\s*</tool_call>", text, re.S)
-        calls = [_as_call(c) for c in found]
-        if found and all(calls):
+        calls = [call for call in map(_as_call, found) if call is not None]
+        if found and len(calls) == len(found):
             return text.split("<tool_call>", 1)[0].strip(), calls
         return text, []
     if style == "mistral":
@@ -196,8 +197,9 @@ def parse_calls(style: str | None, text: str) -> tuple[str, list[dict]]:
                 value = json.loads(body.strip())
             except ValueError:
                 return text, []
-            calls = [_as_call(c) for c in (value if isinstance(value, list) else [value])]
-            if calls and all(calls):
+            items = value if isinstance(value, list) else [value]
+            calls = [call for call in map(_as_call, items) if call is not None]
+            if calls and len(calls) == len(items):
                 return head.strip(), calls
         return text, []
     # llama3 / default: the answer is one or more JSON objects
@@ -296,6 +298,7 @@ def render(tpl: Template, turns: list[tuple[str, str]], system: str = "", tools:
                 emit(_tools_block("mistral", tool_list))
             emit(sub(tpl.user.replace("{content}", text)))
         elif role == OBSERVATION:
+            assert tpl.observation is not None  # every template with a tool style has one
             emit(sub(tpl.observation.replace("{content}", _results_text(tpl.tool_style, results_of(content)))))
         else:  # assistant or function call: header, trained output, glue
             emit(sub(tpl.assistant_prefix))
@@ -339,7 +342,7 @@ def stop_words(tpl: Template, eos: str | None) -> list[str]:
 
 def to_messages(turns: list[tuple[str, str]], system: str = "") -> list[dict]:
     """Aligned turns -> OpenAI/Hugging Face chat messages (tool_calls, tool role)."""
-    messages = [{"role": "system", "content": system}] if system else []
+    messages: list[dict] = [{"role": "system", "content": system}] if system else []
     for role, content in turns:
         if role == FUNCTION:
             calls = [{"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}

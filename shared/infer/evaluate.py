@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from lmforge.shared.core import log
 from lmforge.shared.core.errors import BadInput
@@ -117,7 +118,8 @@ class SharedPrefix:
         self.model, self.device, self.length = model, device, len(prefix)
         with torch.no_grad():
             self.base = model(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
-        self.cache, self.rows = None, 0
+        self.cache: Any = None  # a transformers Cache: the prefix's, repeated over the batch's rows
+        self.rows = 0
 
     @classmethod
     def of(cls, model, prompts: list[list[int]], device) -> "SharedPrefix | None":
@@ -235,27 +237,18 @@ def generate_eval(model_dir: str, adapter: str | None, data: str, template: str,
 # ----------------------------------------------------------------------------- perplexity, reward
 
 def perplexity_eval(model_dir: str, adapter: str | None, data: str, batch_size: int) -> dict:
-    import torch
     from lmforge.shared.data.packed import check_tokenizer, open_packed
-    from lmforge.shared.train.collate import PackedCollator
+    from lmforge.shared.model.perplexity import nll_over
+    from lmforge.shared.data.collate import PackedCollator
 
     packed = open_packed(data, ("pt", "sft"))
     model, tokenizer = load(model_dir, adapter)
     check_tokenizer(packed, tokenizer, model_dir)
     collate = PackedCollator(neat=packed.meta.get("packing") == "neat", pad_id=tokenizer.pad_token_id or 0)
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad(), log.Progress("eval perplexity", total=packed.rows, unit="rows") as progress:
-        for start in range(0, packed.rows, batch_size):
-            batch = collate([packed.dataset[i] for i in range(start, min(start + batch_size, packed.rows))])
-            labels = batch.pop("labels").to(device)
-            logits = model(**{k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}).logits[:, :-1]
-            targets = labels[:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                     ignore_index=-100, reduction="sum")
-            total += float(loss)
-            count += int((targets != -100).sum())
-            progress.advance(batch["input_ids"].shape[0])
+    batches = (collate([packed.dataset[i] for i in range(start, min(start + batch_size, packed.rows))])
+               for start in range(0, packed.rows, batch_size))
+    with log.Progress("eval perplexity", total=packed.rows, unit="rows") as progress:
+        total, count = nll_over(model, batches, progress)
     import math
 
     mean = total / max(count, 1)
@@ -266,12 +259,8 @@ def perplexity_eval(model_dir: str, adapter: str | None, data: str, batch_size: 
 def reward_eval(model_dir: str, reward: str, data: str, batch_size: int) -> dict:
     import torch
     from lmforge.shared.data.packed import check_tokenizer, open_packed
-    from lmforge.shared.train.preference import (
-        HEAD_FILE,
-        PairCollator,
-        ValueModel,
-        load_head,
-    )
+    from lmforge.shared.data.collate import PairCollator
+    from lmforge.shared.model.value import HEAD_FILE, ValueModel, load_head
 
     if not (Path(reward) / HEAD_FILE).exists():
         raise BadInput(f"--reward {reward}: not a reward model (no {HEAD_FILE})", "train one with `lmforge train rm`")

@@ -8,6 +8,7 @@ stop strings (from a request) cut the text where they first appear.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -55,22 +56,44 @@ def encode_chat_prompt(tokenizer, prompt: str) -> tuple[list[int], str]:
     return tokenizer(body, add_special_tokens=False).input_ids, prompt[len(body):]
 
 
+def pad_id_of(tokenizer, stop_ids: list[int]) -> int:
+    """The id that pads a generation batch: the tokenizer's pad token, else the first stop token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+
+
+def left_pad(prompts, pad_id: int, device=None):
+    """A batch of prompt token ids, left-padded for generation -> (input_ids, attention_mask)."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
+def sampling_args(temperature: float | None, top_p: float = 1.0, top_k: int | None = None) -> dict:
+    """generate() arguments choosing sampling (temperature > 0) or greedy decoding (0 or None).
+
+    top_k: None leaves generate()'s own top-k (the model's generation config, else 50) in place;
+    a number sets it, 0 meaning none."""
+    if temperature and temperature > 0:
+        args: dict[str, Any] = dict(do_sample=True, temperature=temperature, top_p=top_p)
+        if top_k is not None:
+            args["top_k"] = top_k or None
+        return args
+    return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+
+
 def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, stop_ids: list[int],
              streamer=None) -> list[Output]:
     """Generate for a batch of prompt token ids (one forward pass per new token, all together)."""
     import torch
 
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad, use_cache=True)
-    if sampling.temperature and sampling.temperature > 0:
-        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                      top_k=sampling.top_k or None)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    pad = pad_id_of(tokenizer, stop_ids)
+    ids, mask = left_pad(prompts, pad, next(model.parameters()).device)
+    width = ids.shape[1]
+    kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad, use_cache=True,
+                  **sampling_args(sampling.temperature, sampling.top_p, sampling.top_k))
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     with torch.no_grad():

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
-from lmforge.shared import __version__
 from lmforge.shared.core import log, rundir
 from lmforge.shared.core.errors import BadInput
-
-DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 def _adapter_dir(path: str | Path) -> Path:
@@ -52,7 +50,8 @@ def load_with_adapters(base: str, adapters: list[str], dtype, device: str = "cpu
             if have != want:
                 raise BadInput(f"adapter {d} was trained with tokenizer {want}, but base {base} gives {have}",
                                "merge it into the base model it was trained on")
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
+    # a causal LM, PEFT-wrapped while an adapter is applied (PEFT forwards merge_and_unload dynamically)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
     resize_to(model, tokenizer)
     from peft import PeftModel
 
@@ -89,21 +88,14 @@ def merge(base: str, adapters: list[str], out: Path, dtype_name: str = "auto",
             stops += [s for s in record.get("stop_words", []) if s not in stops]
         write_generation_config(base, tmp, tokenizer, stops or [tokenizer.eos_token])
         last = records[-1] if records else {}
-        rundir.write_json(tmp / rundir.RECORD, {
-            "lmforge_version": __version__, "kind": "model", "method": "merged",
-            "base_model": str(Path(base).resolve()) if Path(base).exists() else base,
-            "adapters": [{"path": str(Path(a).resolve()), "method": r.get("method"), "stage": r.get("stage")}
-                         for a, r in zip(adapters, records)],
-            "template": last.get("template"), "stop_words": stops, "added_tokens": last.get("added_tokens", []),
-            "dtype": dtype_name})
+        rundir.write_record(tmp, rundir.record(
+            "model", method="merged", base_model=rundir.model_ref(base),
+            adapters=[{"path": str(Path(a).resolve()), "method": r.get("method"), "stage": r.get("stage")}
+                      for a, r in zip(adapters, records)],
+            template=last.get("template"), stop_words=stops, added_tokens=last.get("added_tokens", []),
+            dtype=dtype_name))
     log.info(f"adapter merge: {len(adapters)} adapter(s) merged into {base} -> {out}")
     return out
-
-
-def template_of(directory: str | Path) -> dict | None:
-    """The template a model or adapter was trained with (from its lmforge.json), if known."""
-    record = rundir.read_record(directory)
-    return record.get("template")
 
 
 def describe(directory: str | Path) -> str:

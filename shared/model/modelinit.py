@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmforge.shared import __version__
+from lmforge.shared.core import catalog
 from lmforge.shared.core import log, rundir
 from lmforge.shared.core.errors import BadInput
 
-ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+ARCHS = catalog.ARCHS
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # ChatML; the same text as lmforge's `chatml` template (tested), so training and serving agree.
 CHATML_JINJA = (
@@ -75,6 +75,7 @@ def init_model(out: Path, arch: str, layers: int, hidden: int, heads: int, kv_he
 
         tokenizer = load_tokenizer(tokenizer_dir)
     else:
+        assert train_from  # exactly one of the two, checked above
         tokenizer = train_tokenizer(train_from, vocab_size)
         log.info(f"model init: trained a {len(tokenizer):,}-token BPE tokenizer on {train_from}")
     if tokenizer.pad_token is None:
@@ -96,12 +97,12 @@ def init_model(out: Path, arch: str, layers: int, hidden: int, heads: int, kv_he
         stops = ["<|im_end|>"] if "<|im_end|>" in tokenizer.get_vocab() else [tokenizer.eos_token]
         write_generation_config(str(tmp), tmp, tokenizer, stops)
         parameters = sum(p.numel() for p in model.parameters())
-        record = {"lmforge_version": __version__, "kind": "model", "method": "init", "arch": arch,
-                  "parameters": parameters, "seed": seed, "stop_words": stops,
-                  "config": {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads,
-                             "intermediate": config.intermediate_size, "vocab_size": len(tokenizer),
-                             "max_position": max_position},
-                  "tokenizer": {"trained_on": train_from} if train_from else {"from": tokenizer_dir}}
-        rundir.write_json(tmp / rundir.RECORD, record)
+        record = rundir.record(
+            "model", method="init", arch=arch, parameters=parameters, seed=seed, stop_words=stops,
+            config={"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads,
+                    "intermediate": config.intermediate_size, "vocab_size": len(tokenizer),
+                    "max_position": max_position},
+            tokenizer={"trained_on": train_from} if train_from else {"from": tokenizer_dir})
+        rundir.write_record(tmp, record)
     log.info(f"model init: {arch}, {layers} layers, hidden {hidden}, {parameters:,} parameters -> {out}")
     return record

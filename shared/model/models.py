@@ -12,14 +12,11 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.shared.core import log
-from lmforge.shared.core.errors import BadInput, RunFailure
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+from lmforge.shared.core.errors import BadInput
 
 
 @dataclass
@@ -121,7 +118,7 @@ def load_model(name: str | Path, device: Device, *, cutoff: int | None = None, r
     if for_training:
         model.config.use_cache = False
     if device.kind != "cpu" and not quant:
-        model.to(device.kind)
+        model.to(device.kind)  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides the bound signature
     return model
 
 
@@ -177,18 +174,6 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
-
-
-def environment_is_distributed() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def no_gpu_for(feature: str) -> RunFailure:
-    return RunFailure(f"{feature} needs a CUDA GPU", "run it on a GPU machine")
 
 
 def write_generation_config(base: str | Path, out: Path, tokenizer, stop_words: list[str]) -> None:

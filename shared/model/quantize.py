@@ -17,11 +17,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from lmforge.shared import __version__
+from lmforge.shared.core import catalog
 from lmforge.shared.core import log, rundir
 from lmforge.shared.core.errors import BadInput, RunFailure
 
-METHODS = ("bnb-nf4", "bnb-int8", "gptq", "awq")
+METHODS = catalog.QUANT_METHODS
 BITS = {"bnb-nf4": (4,), "bnb-int8": (8,), "gptq": (4, 8, 3, 2), "awq": (4,)}  # the first is the default
 
 
@@ -89,16 +89,16 @@ def quantize(model: str, out: Path, method: str, bits: int | None, group_size: i
         except AssertionError as exc:  # bitsandbytes' CPU 4-bit kernels want widths divisible by their block size
             raise RunFailure(f"the {method} model does not run here ({exc})",
                              "the model's layer widths do not suit this kernel; try bnb-int8 or gptq") from None
-        report = {"lmforge_version": __version__, "kind": "model", "method": f"quantize-{method}", "bits": bits,
-                  "group_size": group_size if method in ("gptq", "awq") else None,
-                  "base_model": str(Path(model).resolve()) if Path(model).exists() else model,
-                  "calibration": {"data": calib, "rows": len(calib_rows)} if method in ("gptq", "awq") else None,
-                  "perplexity": {"before": before["perplexity"], "after": after["perplexity"],
-                                 "change": after["perplexity"] / before["perplexity"] - 1.0,
-                                 "tokens": after["tokens"], "data": eval_data or calib},
-                  "seconds": round(time.monotonic() - started, 1),
-                  "size_bytes": sum(f.stat().st_size for f in tmp.rglob("*.safetensors"))}
-        rundir.write_json(tmp / rundir.RECORD, report)
+        report = rundir.record(
+            "model", method=f"quantize-{method}", bits=bits,
+            group_size=group_size if method in ("gptq", "awq") else None, base_model=rundir.model_ref(model),
+            calibration={"data": calib, "rows": len(calib_rows)} if method in ("gptq", "awq") else None,
+            perplexity={"before": before["perplexity"], "after": after["perplexity"],
+                        "change": after["perplexity"] / before["perplexity"] - 1.0,
+                        "tokens": after["tokens"], "data": eval_data or calib},
+            seconds=round(time.monotonic() - started, 1),
+            size_bytes=sum(f.stat().st_size for f in tmp.rglob("*.safetensors")))
+        rundir.write_record(tmp, report)
     log.info(f"quantize: perplexity after {after['perplexity']:.4f} ({report['perplexity']['change']:+.2%}); "
              f"{report['size_bytes'] / 2**20:.1f} MiB of weights")
     return report

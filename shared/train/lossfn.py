@@ -18,6 +18,8 @@ with logit soft-capping.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 IGNORE = -100
@@ -46,11 +48,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             probs = logits.sub_(lse[:, None]).exp_()        # softmax, in place
             probs[torch.arange(len(t), device=t.device), t] -= 1.0  # minus the one-hot target
-            if need_h:
+            if grad_h is not None:
                 grad_h[start:start + rows] = (probs @ w).to(hidden.dtype)
-            if need_w:
+            if grad_w is not None:
                 grad_w.addmm_(probs.T, h)
-            if need_b:
+            if grad_b is not None:
                 grad_b += probs.sum(0)
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_h, grad_w, grad_b)))
         ctx.flags = (need_h, need_w, need_b)
@@ -87,7 +89,7 @@ class HiddenHead(torch.nn.Module):
         return hidden
 
 
-def install(model) -> callable | None:
+def install(model) -> Callable[[], None] | None:
     """Switch `model` (a causal LM, possibly PEFT-wrapped) to the chunked loss for training.
 
     Returns a function that restores the original output layer and loss, or None when the model

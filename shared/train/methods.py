@@ -17,32 +17,36 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+from lmforge.shared.core import catalog
 from lmforge.shared.core import log
 from lmforge.shared.core.errors import BadInput
 
-METHODS = ("full", "freeze", "lora", "dora", "pissa", "llama-pro", "galore", "badam")
+METHODS = catalog.METHODS
 ADAPTERS = ("lora", "dora", "pissa")
+
+
+_DEFAULTS = catalog.defaults("train sft")   # the options' declared defaults
 
 
 @dataclass
 class MethodOptions:
-    method: str = "lora"
-    lora_rank: int = 8
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.0
-    lora_target: str = "all"
-    rslora: bool = False
-    loraplus_ratio: float | None = None
-    freeze_layers: int = 2
-    freeze_modules: str = "all"
-    freeze_extra: str = ""
-    expand_layers: int = 0
-    galore_rank: int = 16
-    galore_scale: float = 0.25
-    galore_update_interval: int = 200
-    galore_target: str = "all"
-    badam_mode: str = "ascending"
-    badam_switch_interval: int = 50
+    method: str = _DEFAULTS["method"]
+    lora_rank: int = _DEFAULTS["lora_rank"]
+    lora_alpha: float | None = _DEFAULTS["lora_alpha"]
+    lora_dropout: float = _DEFAULTS["lora_dropout"]
+    lora_target: str = _DEFAULTS["lora_target"]
+    rslora: bool = _DEFAULTS["rslora"]
+    loraplus_ratio: float | None = _DEFAULTS["loraplus_ratio"]
+    freeze_layers: int = _DEFAULTS["freeze_layers"]
+    freeze_modules: str = _DEFAULTS["freeze_modules"]
+    freeze_extra: str = _DEFAULTS["freeze_extra"]
+    expand_layers: int = _DEFAULTS["expand_layers"]
+    galore_rank: int = _DEFAULTS["galore_rank"]
+    galore_scale: float = _DEFAULTS["galore_scale"]
+    galore_update_interval: int = _DEFAULTS["galore_update_interval"]
+    galore_target: str = _DEFAULTS["galore_target"]
+    badam_mode: str = _DEFAULTS["badam_mode"]
+    badam_switch_interval: int = _DEFAULTS["badam_switch_interval"]
     added_token_ids: list[int] = field(default_factory=list)
 
     @property
@@ -122,10 +126,12 @@ def _lora(model, o: MethodOptions):
         if unknown:
             linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
             raise BadInput(f"--lora-target: {', '.join(unknown)} not in the model", f"its linear layers: {', '.join(linear)}")
+    # PEFT's annotations are narrower than what it accepts: lora_alpha is declared int (a float
+    # works: the scale is alpha / rank), and its Literal cannot spell "pissa_niter_<n>"
     config = LoraConfig(
-        task_type="CAUSAL_LM", r=o.lora_rank, lora_alpha=o.lora_alpha or 2 * o.lora_rank,
+        task_type="CAUSAL_LM", r=o.lora_rank, lora_alpha=o.lora_alpha or 2 * o.lora_rank,  # type: ignore[arg-type]
         lora_dropout=o.lora_dropout, target_modules=target, use_dora=o.method == "dora",
-        use_rslora=o.rslora, init_lora_weights="pissa_niter_16" if o.method == "pissa" else True,
+        use_rslora=o.rslora, init_lora_weights="pissa_niter_16" if o.method == "pissa" else True,  # type: ignore[arg-type]
         trainable_token_indices=o.added_token_ids or None)
     return get_peft_model(model, config)
 

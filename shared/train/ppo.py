@@ -35,9 +35,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from lmforge.shared import __version__
+from lmforge.shared.core import catalog
 from lmforge.shared.core import log, rundir
 from lmforge.shared.core.errors import BadInput
+from lmforge.shared.model.generation import left_pad, pad_id_of, sampling_args
+
+
+_DEFAULTS = catalog.defaults("train ppo")   # the options' declared defaults
 
 
 @dataclass
@@ -46,42 +50,42 @@ class PPOOptions:
     reward: str
     data: str
     output: Path
-    sft: str | None = None
-    overwrite: bool = False
-    resume: bool = False
-    layout: str = "shared"
-    lora_rank: int = 8
-    lora_alpha: float | None = None
-    lora_target: str = "all"
-    learning_rate: float = 1e-5
-    batch_size: int = 8
-    mini_batch_size: int = 4
-    ppo_epochs: int = 4
-    max_steps: int = 100
-    epochs: float | None = None
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    kl_coef: float = 0.05
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.1
-    reward_scale: float = 1.0
-    reward_clip: float | None = None
-    reward_norm: bool = False
-    missing_eos_penalty: float | None = None
-    whiten_advantages: bool = True
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    save_steps: int = 50
-    keep_checkpoints: bool = False
-    logging_steps: int = 1
-    precision: str = "auto"
+    sft: str | None = _DEFAULTS["sft"]
+    overwrite: bool = _DEFAULTS["overwrite"]
+    resume: bool = _DEFAULTS["resume"]
+    layout: str = _DEFAULTS["layout"]
+    lora_rank: int = _DEFAULTS["lora_rank"]
+    lora_alpha: float | None = _DEFAULTS["lora_alpha"]
+    lora_target: str = _DEFAULTS["lora_target"]
+    learning_rate: float = _DEFAULTS["learning_rate"]
+    batch_size: int = _DEFAULTS["batch_size"]
+    mini_batch_size: int = _DEFAULTS["mini_batch_size"]
+    ppo_epochs: int = _DEFAULTS["ppo_epochs"]
+    max_steps: int = _DEFAULTS["max_steps"]
+    epochs: float | None = _DEFAULTS["epochs"]
+    max_new_tokens: int = _DEFAULTS["max_new_tokens"]
+    temperature: float = _DEFAULTS["temperature"]
+    top_k: int = _DEFAULTS["top_k"]
+    top_p: float = _DEFAULTS["top_p"]
+    kl_coef: float = _DEFAULTS["kl_coef"]
+    kl_target: float = _DEFAULTS["kl_target"]
+    kl_horizon: int = _DEFAULTS["kl_horizon"]
+    gamma: float = _DEFAULTS["gamma"]
+    lam: float = _DEFAULTS["lam"]
+    clip_range: float = _DEFAULTS["clip_range"]
+    clip_range_value: float = _DEFAULTS["clip_range_value"]
+    vf_coef: float = _DEFAULTS["vf_coef"]
+    reward_scale: float = _DEFAULTS["reward_scale"]
+    reward_clip: float | None = _DEFAULTS["reward_clip"]
+    reward_norm: bool = _DEFAULTS["reward_norm"]
+    missing_eos_penalty: float | None = _DEFAULTS["missing_eos_penalty"]
+    whiten_advantages: bool = _DEFAULTS["whiten_advantages"]
+    max_grad_norm: float = _DEFAULTS["max_grad_norm"]
+    seed: int = _DEFAULTS["seed"]
+    save_steps: int = _DEFAULTS["save_steps"]
+    keep_checkpoints: bool = _DEFAULTS["keep_checkpoints"]
+    logging_steps: int = _DEFAULTS["logging_steps"]
+    precision: str = _DEFAULTS["precision"]
 
 
 # ----------------------------------------------------------------------------- math
@@ -239,7 +243,7 @@ def adapter(model, name: str):
 def build(o: PPOOptions, tokenizer, device):
     """The roles for the layout, from --model/--sft/--reward."""
     from lmforge.shared.model.models import load_model, resize_to
-    from lmforge.shared.train.preference import load_head
+    from lmforge.shared.model.value import load_head
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -256,10 +260,12 @@ def build(o: PPOOptions, tokenizer, device):
     reward_dir = Path(o.reward)
     rundir.require_finished(reward_dir)
     hidden_size = None
-    lora = LoraConfig(task_type="CAUSAL_LM", r=o.lora_rank, lora_alpha=o.lora_alpha or 2 * o.lora_rank,
+    # PEFT annotates lora_alpha as int; a float works (the scale is alpha / rank)
+    lora = LoraConfig(task_type="CAUSAL_LM", r=o.lora_rank, lora_alpha=o.lora_alpha or 2 * o.lora_rank,  # type: ignore[arg-type]
                       target_modules="all-linear" if o.lora_target == "all" else o.lora_target.split(","),
                       lora_dropout=0.0)
     reward_is_adapter = (reward_dir / "adapter_config.json").exists()
+    roles: SharedRoles | SeparateRoles
     if o.layout == "shared":
         if not reward_is_adapter:
             raise BadInput(f"--reward {o.reward}: a full reward model cannot share the policy's weights",
@@ -301,7 +307,7 @@ class PPO:
         self.o, self.roles, self.tokenizer = o, roles, tokenizer
         self.prompts = prompts                   # datasets.Dataset with prompt_ids
         self.stop_ids = stop_ids
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+        self.pad_id = pad_id_of(tokenizer, stop_ids)
         self.optimizer = torch.optim.AdamW(roles.trainable(), lr=o.learning_rate)
         self.kl = AdaptiveKL(o.kl_coef, o.kl_target, o.kl_horizon)
         self.moments = RunningMoments()
@@ -323,17 +329,11 @@ class PPO:
     @torch.no_grad()
     def rollout(self, prompts: list[list[int]]):
         """Sample responses; returns padded sequences, attention mask and response mask."""
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)  # left-padded
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        ids, mask = left_pad(prompts, self.pad_id, self.device)
+        width = ids.shape[1]
         model = self.roles.generator()
         kwargs = dict(max_new_tokens=self.o.max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-                      use_cache=True)
-        if self.o.temperature > 0:
-            kwargs.update(do_sample=True, temperature=self.o.temperature, top_k=self.o.top_k or None,
-                          top_p=self.o.top_p)
-        else:
-            kwargs.update(do_sample=False)
+                      use_cache=True, **sampling_args(self.o.temperature, self.o.top_p, self.o.top_k))
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         response = out[:, width:]
         # the response runs to its first stop token (included); anything after is padding
@@ -532,17 +532,17 @@ def _train(o: PPOOptions, out: Path, resume_from: Path | None) -> None:
     rundir.plot_loss(out)
     history = journal.entries()
     first, last = history[0] if history else {}, history[-1] if history else {}
-    record = {"lmforge_version": __version__, "kind": "adapter", "stage": "ppo", "method": "lora",
-              "base_model": str(Path(o.model).resolve()) if Path(o.model).exists() else o.model,
-              "stacked_on": [str(Path(o.sft).resolve())] if o.sft and (Path(o.sft) / "adapter_config.json").exists() else [],
-              "reward_model": str(Path(o.reward).resolve()), "layout": o.layout,
-              "data": {"path": str(data.path), "rows": data.rows},
-              "template": data.meta.get("template"), "stop_words": stop_words, "added_tokens": added,
-              "tokenizer_fingerprint": (data.meta.get("tokenizer") or {}).get("fingerprint"),
-              "hyperparameters": {k: v for k, v in asdict(o).items() if k not in ("output", "overwrite", "resume")},
-              "metrics": {"steps": trainer.step, "first_reward": first.get("reward"), "final_reward": last.get("reward"),
-                          "final_kl": last.get("kl"), "runtime_seconds": round(time.monotonic() - started, 2)}}
-    rundir.write_json(out / rundir.RECORD, record)
+    record = rundir.record(
+        "adapter", stage="ppo", method="lora", base_model=rundir.model_ref(o.model),
+        stacked_on=[str(Path(o.sft).resolve())] if o.sft and (Path(o.sft) / "adapter_config.json").exists() else [],
+        reward_model=str(Path(o.reward).resolve()), layout=o.layout,
+        data={"path": str(data.path), "rows": data.rows},
+        template=data.meta.get("template"), stop_words=stop_words, added_tokens=added,
+        tokenizer_fingerprint=(data.meta.get("tokenizer") or {}).get("fingerprint"),
+        hyperparameters={k: v for k, v in asdict(o).items() if k not in ("output", "overwrite", "resume")},
+        metrics={"steps": trainer.step, "first_reward": first.get("reward"), "final_reward": last.get("reward"),
+                 "final_kl": last.get("kl"), "runtime_seconds": round(time.monotonic() - started, 2)})
+    rundir.write_record(out, record)
     log.info(f"ppo: done: reward {first.get('reward', 0):.3f} -> {last.get('reward', 0):.3f}, KL {last.get('kl', 0):.3f}")
 
 
@@ -561,7 +561,7 @@ def validate(o: PPOOptions) -> None:
         raise BadInput(f"--learning-rate {o.learning_rate:g}: must be above 0")
     if not Path(o.reward).is_dir():
         raise BadInput(f"--reward {o.reward}: not a directory", "give a reward model made by `lmforge train rm`")
-    from lmforge.shared.train.preference import HEAD_FILE
+    from lmforge.shared.model.value import HEAD_FILE
 
     if not (Path(o.reward) / HEAD_FILE).exists():
         rundir.require_finished(o.reward)

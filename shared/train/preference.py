@@ -22,80 +22,15 @@ DPO family (`--loss`):
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
-from lmforge.shared.core.errors import BadInput
+from lmforge.shared.data.collate import PairCollator
+from lmforge.shared.model.value import HEAD_FILE, ValueModel, save_value_model
 
 IGNORE = -100
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
-LOSSES = (*DPO_LOSSES, "orpo", "simpo", "kto")
-HEAD_FILE = "value_head.safetensors"
-
-
-# ----------------------------------------------------------------------------- reward model
-
-class ValueModel(torch.nn.Module):
-    """A causal LM's decoder (adapted or not) with a scalar value head on the last hidden state."""
-
-    def __init__(self, causal, head: torch.nn.Linear | None = None):
-        super().__init__()
-        self.causal = causal
-        hidden = causal.config.get_text_config().hidden_size
-        self.head = head if head is not None else torch.nn.Linear(hidden, 1)
-        if head is None:
-            torch.nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
-            torch.nn.init.zeros_(self.head.bias)
-        self.config = causal.config
-
-    def decoder(self):
-        inner = self.causal.get_base_model() if hasattr(self.causal, "get_base_model") else self.causal
-        return inner.get_decoder()
-
-    def forward(self, input_ids, last_index, position_ids=None, **_):
-        hidden = self.decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
-        return self.head(picked.to(self.head.weight.dtype)).squeeze(-1)
-
-    def gradient_checkpointing_enable(self, **kwargs):
-        self.causal.gradient_checkpointing_enable(**kwargs)
-
-    def enable_input_require_grads(self):
-        self.causal.enable_input_require_grads()
-
-
-class PairCollator:
-    """Rows of (prompt_ids, chosen_ids, rejected_ids) -> [all chosen; all rejected], right-padded."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-        self.tokens = 0
-
-    def __call__(self, rows: list[dict]) -> dict:
-        sequences = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [r["prompt_ids"] + r["rejected_ids"] for r in rows]
-        longest = max(len(s) for s in sequences)
-        self.tokens += sum(len(s) for s in sequences)
-        return {"input_ids": torch.tensor([s + [self.pad_id] * (longest - len(s)) for s in sequences]),
-                "last_index": torch.tensor([len(s) - 1 for s in sequences])}
-
-
-def save_value_model(model: ValueModel, directory: str | Path) -> None:
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    model.causal.save_pretrained(str(directory))
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(directory / HEAD_FILE))
-
-
-def load_head(directory: str | Path, hidden: int) -> torch.nn.Linear:
-    from safetensors.torch import load_file
-
-    path = Path(directory) / HEAD_FILE
-    if not path.exists():
-        raise BadInput(f"{directory}: not a reward model (no {HEAD_FILE})", "train one with `lmforge train rm`")
-    head = torch.nn.Linear(hidden, 1)
-    head.load_state_dict(load_file(str(path)))
-    return head
 
 
 def _stats_trainer_class():
@@ -107,7 +42,7 @@ def _stats_trainer_class():
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self._stats = {"train": {}, "eval": {}}
+            self._stats: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
 
         def record(self, model, figures) -> None:
             stats = self._stats["train" if model.training else "eval"]
@@ -117,7 +52,7 @@ def _stats_trainer_class():
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             inputs = self._prepare_inputs(inputs)
             with torch.no_grad():
-                loss = self.compute_loss(model, inputs)
+                loss = cast(torch.Tensor, self.compute_loss(model, inputs))  # a tensor: no return_outputs
             return loss.detach(), None, None
 
         def log(self, logs, start_time=None):
@@ -133,7 +68,7 @@ def _stats_trainer_class():
 
 
 def _reward_trainer_class():
-    class RewardTrainer(_stats_trainer_class()):
+    class RewardTrainer(_stats_trainer_class()):  # type: ignore[misc]  # made at run time (transformers loads lazily)
         """Pairwise loss on value-head scores; logs accuracy, margin and mean scores."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -159,7 +94,7 @@ def _reward_trainer_class():
 
                 set_peft_model_state_dict(model.causal, load_file(str(directory / "adapter_model.safetensors")))
             else:
-                from transformers.modeling_utils import load_sharded_checkpoint
+                from transformers.trainer_utils import load_sharded_checkpoint
 
                 load_sharded_checkpoint(model.causal, str(directory), strict=False) if not (
                     directory / "model.safetensors").exists() else model.causal.load_state_dict(
@@ -213,6 +148,7 @@ def _dpo_trainer_class():
         def _compute_loss(self, model, inputs, return_outputs):
             result = super()._compute_loss(model, inputs, return_outputs)
             if self._ftx:  # log the SFT term: mean negative log-likelihood per chosen token
+                assert self.model is not None  # set from __init__ on
                 mode = "train" if self.model.training else "eval"
                 chosen_mask = inputs["completion_mask"][..., 1:].chunk(2, dim=0)[0]
                 summed = self._metrics[mode]["logps/chosen"][-1] * chosen_mask.shape[0]
@@ -246,7 +182,7 @@ def _kto_trainer_class():
 
 
 def _ref_free_trainer_class():
-    class RefFreeTrainer(_stats_trainer_class()):
+    class RefFreeTrainer(_stats_trainer_class()):  # type: ignore[misc]  # made at run time (transformers loads lazily)
         """ORPO and SimPO: preference losses without a reference model."""
 
         def __init__(self, *args, loss: str, beta: float, gamma: float, ftx: float, **kwargs):
@@ -298,10 +234,10 @@ def build_dpo_trainer(o, model, tokenizer, args, data, eval_data):
         from trl import KTOConfig
 
         kwargs["train_sampling_strategy"] = "sequential"
-        config = KTOConfig(**kwargs, beta=beta, max_length=None,
-                           desirable_weight=o.extra.get("desirable_weight", 1.0),
-                           undesirable_weight=o.extra.get("undesirable_weight", 1.0))
-        trainer = _kto_trainer_class()(model=model, args=config, train_dataset=data.dataset,
+        kto_config = KTOConfig(**kwargs, beta=beta, max_length=None,
+                               desirable_weight=o.extra.get("desirable_weight", 1.0),
+                               undesirable_weight=o.extra.get("undesirable_weight", 1.0))
+        trainer = _kto_trainer_class()(model=model, args=kto_config, train_dataset=data.dataset,
                                        eval_dataset=eval_data.dataset if eval_data else None,
                                        processing_class=tokenizer)
     else:

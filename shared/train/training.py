@@ -11,8 +11,9 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from lmforge.shared import __version__
+from lmforge.shared.core import catalog
 from lmforge.shared.core import log, rundir
 from lmforge.shared.core.errors import BadInput, RunFailure
 from lmforge.shared.core.meta import file_digest
@@ -24,40 +25,43 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
               "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
 
 
+_DEFAULTS = catalog.defaults("train sft")   # the options' declared defaults
+
+
 @dataclass
 class TrainOptions:
     stage: str
     model: str
     data: str
     output: Path
-    eval_data: str | None = None
-    overwrite: bool = False
-    resume: bool = False
+    eval_data: str | None = _DEFAULTS["eval_data"]
+    overwrite: bool = _DEFAULTS["overwrite"]
+    resume: bool = _DEFAULTS["resume"]
     method: MethodOptions = field(default_factory=MethodOptions)
-    learning_rate: float | None = None
-    epochs: float = 3.0
-    max_steps: int = -1
-    warmup: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    batch_size: int = 1
-    grad_accum: int = 8
-    scheduler: str = "cosine"
-    gradient_checkpointing: bool = False
-    neftune_alpha: float | None = None
-    precision: str = "auto"
-    attn: str = "auto"
-    rope_scaling: str = "auto"
-    seed: int = 42
-    save_steps: int = 500
-    keep_checkpoints: bool = False
-    logging_steps: int = 10
-    eval_steps: int | None = None
-    report: str = "none"
-    deepspeed: str | None = None
-    fsdp: bool = False
-    optim: str = "adamw_torch"
-    quant: int | None = None
+    learning_rate: float | None = _DEFAULTS["learning_rate"]
+    epochs: float = _DEFAULTS["epochs"]
+    max_steps: int = _DEFAULTS["max_steps"]
+    warmup: float = _DEFAULTS["warmup"]
+    weight_decay: float = _DEFAULTS["weight_decay"]
+    max_grad_norm: float = _DEFAULTS["max_grad_norm"]
+    batch_size: int = _DEFAULTS["batch_size"]
+    grad_accum: int = _DEFAULTS["grad_accum"]
+    scheduler: str = _DEFAULTS["scheduler"]
+    gradient_checkpointing: bool = _DEFAULTS["gradient_checkpointing"]
+    neftune_alpha: float | None = _DEFAULTS["neftune_alpha"]
+    precision: str = _DEFAULTS["precision"]
+    attn: str = _DEFAULTS["attn"]
+    rope_scaling: str = _DEFAULTS["rope_scaling"]
+    seed: int = _DEFAULTS["seed"]
+    save_steps: int = _DEFAULTS["save_steps"]
+    keep_checkpoints: bool = _DEFAULTS["keep_checkpoints"]
+    logging_steps: int = _DEFAULTS["logging_steps"]
+    eval_steps: int | None = _DEFAULTS["eval_steps"]
+    report: str = _DEFAULTS["report"]
+    deepspeed: str | None = _DEFAULTS["deepspeed"]
+    fsdp: bool = _DEFAULTS["fsdp"]
+    optim: str = _DEFAULTS["optim"]
+    quant: int | None = _DEFAULTS["quant"]
     extra: dict = field(default_factory=dict)   # stage-specific settings, recorded as they are
 
     def lr(self) -> float:
@@ -76,7 +80,7 @@ def deepspeed_config(spec: str) -> dict | str:
     if spec == "z2":
         return {**base, "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True}}
     if spec in ("z3", "z3-offload"):
-        zero = {"stage": 3, "overlap_comm": False, "contiguous_gradients": True,
+        zero: dict[str, object] = {"stage": 3, "overlap_comm": False, "contiguous_gradients": True,
                 "stage3_gather_16bit_weights_on_model_save": True}
         if spec == "z3-offload":
             zero.update({"offload_optimizer": {"device": "cpu", "pin_memory": True},
@@ -338,11 +342,11 @@ def _tensorboard(out: Path):
 
 def build_default_trainer(o: TrainOptions, model, tokenizer, args, data: PackedData, eval_data: PackedData | None):
     """pt/sft: the plain Trainer on packed rows with the padding-free collator."""
-    from lmforge.shared.train.collate import PackedCollator
+    from lmforge.shared.data.collate import PackedCollator
     from transformers import Trainer
 
     collator = PackedCollator(neat=data.meta.get("packing") == "neat", pad_id=tokenizer.pad_token_id or 0)
-    optimizers = (None, None)
+    optimizers: tuple[Any, None] = (None, None)  # (a torch optimizer, or None for the Trainer's own; no scheduler)
     if o.method.loraplus_ratio:
         import torch
         from peft.optimizers import create_loraplus_optimizer
@@ -361,7 +365,8 @@ def build_default_trainer(o: TrainOptions, model, tokenizer, args, data: PackedD
     if not _zero3(o.deepspeed):
         from lmforge.shared.train import lossfn
 
-        trainer.lmforge_restore = lossfn.install(model)  # output layer + loss in chunks: less memory
+        # output layer + loss in chunks: less memory; our own attribute, read back with getattr
+        trainer.lmforge_restore = lossfn.install(model)  # type: ignore[attr-defined]
     return trainer, collator
 
 
@@ -402,28 +407,26 @@ def save_result(o: TrainOptions, trainer, model, tokenizer, data: PackedData, ou
     if not o.keep_checkpoints:
         shutil.rmtree(out / rundir.CHECKPOINTS, ignore_errors=True)
     rundir.plot_loss(out)
-    record = {
-        "lmforge_version": __version__,
-        "kind": o.extra.get("kind") or ("adapter" if o.method.is_adapter else "model"),
-        "stage": o.stage, "base_model": str(Path(o.model).resolve()) if Path(o.model).exists() else o.model,
-        "method": o.method.method, "method_options": {k: v for k, v in asdict(o.method).items()
-                                                      if k != "added_token_ids"},
-        "data": {"path": str(data.path), "fingerprint": file_digest(data.path), "rows": data.rows,
-                 "cutoff": data.meta.get("cutoff"), "packing": data.meta.get("packing")},
-        "eval_data": o.eval_data, "template": data.meta.get("template"), "stop_words": stops,
-        "added_tokens": (data.meta.get("tokenizer") or {}).get("added_tokens", []),
-        "tokenizer_fingerprint": (data.meta.get("tokenizer") or {}).get("fingerprint"),
-        "hyperparameters": {"learning_rate": o.lr(), "epochs": o.epochs, "max_steps": o.max_steps,
-                            "warmup": o.warmup, "weight_decay": o.weight_decay, "max_grad_norm": o.max_grad_norm,
-                            "batch_size": o.batch_size, "grad_accum": o.grad_accum, "scheduler": o.scheduler,
-                            "seed": o.seed, "precision": device.dtype_name, "optim": o.optim,
-                            "gradient_checkpointing": o.gradient_checkpointing, "quant": o.quant,
-                            "neftune_alpha": o.neftune_alpha,
-                            "deepspeed": o.deepspeed, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-                            **{k: v for k, v in o.extra.items() if k not in ("training_arguments", "data_stages", "kind")}},
-        "device": {"kind": device.kind, "attention": device.attn}, "metrics": metrics,
-    }
-    rundir.write_json(out / rundir.RECORD, record)
+    record = rundir.record(
+        o.extra.get("kind") or ("adapter" if o.method.is_adapter else "model"),
+        stage=o.stage, base_model=rundir.model_ref(o.model),
+        method=o.method.method, method_options={k: v for k, v in asdict(o.method).items() if k != "added_token_ids"},
+        data={"path": str(data.path), "fingerprint": file_digest(data.path), "rows": data.rows,
+              "cutoff": data.meta.get("cutoff"), "packing": data.meta.get("packing")},
+        eval_data=o.eval_data, template=data.meta.get("template"), stop_words=stops,
+        added_tokens=(data.meta.get("tokenizer") or {}).get("added_tokens", []),
+        tokenizer_fingerprint=(data.meta.get("tokenizer") or {}).get("fingerprint"),
+        hyperparameters={"learning_rate": o.lr(), "epochs": o.epochs, "max_steps": o.max_steps,
+                        "warmup": o.warmup, "weight_decay": o.weight_decay, "max_grad_norm": o.max_grad_norm,
+                        "batch_size": o.batch_size, "grad_accum": o.grad_accum, "scheduler": o.scheduler,
+                        "seed": o.seed, "precision": device.dtype_name, "optim": o.optim,
+                        "gradient_checkpointing": o.gradient_checkpointing, "quant": o.quant,
+                        "neftune_alpha": o.neftune_alpha,
+                        "deepspeed": o.deepspeed, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+                        **{k: v for k, v in o.extra.items() if k not in ("training_arguments", "data_stages", "kind")}},
+        device={"kind": device.kind, "attention": device.attn}, metrics=metrics,
+    )
+    rundir.write_record(out, record)
     log.info(f"train: done: loss {metrics['train_loss']:.4f}" +
              (f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "") +
              f", {metrics['tokens_per_second']:,.0f} tokens/s, {metrics['runtime_seconds']:.0f}s")

@@ -26,7 +26,6 @@ class PackedCollator:
         self.neat = neat
         self.pad_id = pad_id
         self.tokens = 0          # real (unpadded) tokens seen, for tokens/s
-        self.trained_tokens = 0  # tokens with a loss
 
     def __call__(self, rows: list[dict]) -> dict:
         import torch
@@ -49,8 +48,24 @@ class PackedCollator:
             labels.append(row_labels + [IGNORE] * pad)
             positions.append(row_positions)
             self.tokens += n
-            self.trained_tokens += sum(1 for x in row_labels if x != IGNORE)
         # use_cache=False: with a KV cache, transformers builds a plain causal mask and ignores
         # restarts in position_ids, which would let attention cross examples
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
                 "position_ids": torch.tensor(positions), "use_cache": False}
+
+
+class PairCollator:
+    """Rows of (prompt_ids, chosen_ids, rejected_ids) -> [all chosen; all rejected], right-padded."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+        self.tokens = 0
+
+    def __call__(self, rows: list[dict]) -> dict:
+        sequences = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [r["prompt_ids"] + r["rejected_ids"] for r in rows]
+        longest = max(len(s) for s in sequences)
+        self.tokens += sum(len(s) for s in sequences)
+        import torch
+
+        return {"input_ids": torch.tensor([s + [self.pad_id] * (longest - len(s)) for s in sequences]),
+                "last_index": torch.tensor([len(s) - 1 for s in sequences])}

@@ -1,0 +1,299 @@
+"""`serve`: an OpenAI-compatible HTTP API (FastAPI) over an engine, with SSE streaming.
+
+Prompts are rendered with the same template code that `data pack` trains with, so a model is
+served with exactly what it was trained on. Requests are validated by the models in
+`protocol` (imported where the app is built, so `lmforge --help` never loads pydantic); the
+engines that generate are in `engines`.
+"""
+
+# no `from __future__ import annotations`: FastAPI resolves the route parameters' annotations
+# (Request, imported inside create_app) at run time.
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmforge.shared.core.errors import BadInput
+from lmforge.shared.infer.engines import HFEngine, Job, VLLMEngine
+from lmforge.shared.model.generation import encode_chat_prompt
+
+
+@dataclass
+class Served:
+    """A model ready to answer: its engine, tokenizer and template, and how it is served."""
+
+    engine: Any                 # HFEngine or VLLMEngine
+    tokenizer: Any
+    renderer: Any               # a templates renderer
+    name: str
+    context: int
+    api_key: str | None
+    max_concurrency: int
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def create_app(served: Served):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from lmforge.shared.data.templates import parse_calls
+    from lmforge.shared.infer import protocol as api
+    from lmforge.shared.infer.protocol import APIError
+
+    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None)
+    slots = asyncio.Semaphore(served.max_concurrency)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(404)
+    async def not_found(request, exc):
+        return JSONResponse(APIError(404, f"no route {request.url.path}", code="not_found").body(), status_code=404)
+
+    @app.exception_handler(405)
+    async def not_allowed(request, exc):
+        return JSONResponse(APIError(405, f"{request.method} is not allowed on {request.url.path}").body(),
+                            status_code=405)
+
+    def authorise(request: Request) -> None:
+        if served.api_key and request.headers.get("authorization", "") != f"Bearer {served.api_key}":
+            raise APIError(401, "invalid or missing API key", kind="authentication_error", code="invalid_api_key")
+
+    def job_for(body: dict, prompt_ids: list[int]):
+        """The request's generation settings, checked against its prompt -> (Job, Settings)."""
+        settings = api.Settings.check(body, prompt_tokens=len(prompt_ids), context=served.context)
+        job = Job(prompt_ids=prompt_ids, max_tokens=settings.max_tokens, temperature=settings.temperature,
+                  top_p=settings.top_p, seed=settings.seed, n=settings.n, stop=settings.stop)
+        return job, settings
+
+    @app.get("/health")
+    async def health():
+        stats = served.engine.stats() if hasattr(served.engine, "stats") else {}
+        return {"status": "ok", "model": served.name, **stats}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorise(request)
+        return api.ModelList(data=[api.ModelCard(id=served.name, created=served.created)]).model_dump()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        authorise(request)
+        body = api.parse_body(await request.body())
+        asked = api.ChatRequest.check(body, served_name=served.name, renderer=served.renderer)
+        tools = asked.tools is not None
+        prompt = served.renderer.generation_prompt(asked.turns, asked.system, asked.tools or "")
+        ids, lead = encode_chat_prompt(served.tokenizer, prompt)
+        job, settings = job_for(body, ids)
+        job.lead = lead
+        style = getattr(getattr(served.renderer, "tpl", None), "tool_style", None) or ("qwen" if tools else None)
+        chat_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        if settings.stream:
+            return StreamingResponse(_stream_chat(served, slots, request, job, chat_id, tools, style,
+                                                  settings.include_usage),
+                                     media_type="text/event-stream")
+        async with slots:
+            final = await _collect(served, request, job)
+        choices = []
+        for c in sorted(final["choices"], key=lambda c: c["index"]):
+            message = api.Message(content=c["text"])
+            reason = c["finish_reason"]
+            if tools:
+                content, calls = parse_calls(style, c["text"])
+                if calls:
+                    message = api.Message(content=content or None, tool_calls=_tool_calls(calls))
+                    reason = "tool_calls"
+            choices.append(api.ChatChoice(index=c["index"], message=message, finish_reason=reason))
+        completion = sum(c["completion_tokens"] for c in final["choices"])
+        return api.ChatCompletion(id=chat_id, created=int(time.time()), model=served.name, choices=choices,
+                                  usage=api.Usage.of(final["prompt_tokens"], completion)).model_dump()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        authorise(request)
+        body = api.parse_body(await request.body())
+        asked = api.CompletionRequest.check(body, served_name=served.name)
+        ids = served.tokenizer(asked.prompt, add_special_tokens=True).input_ids
+        job, settings = job_for(body, ids)
+        cmpl_id = f"cmpl-{uuid.uuid4().hex[:24]}"
+        if settings.stream:
+            return StreamingResponse(_stream_text(served, slots, request, job, cmpl_id, settings.include_usage),
+                                     media_type="text/event-stream")
+        async with slots:
+            final = await _collect(served, request, job)
+        choices = [api.TextChoice(index=c["index"], text=c["text"], finish_reason=c["finish_reason"])
+                   for c in sorted(final["choices"], key=lambda c: c["index"])]
+        completion = sum(c["completion_tokens"] for c in final["choices"])
+        return api.TextCompletion(id=cmpl_id, created=int(time.time()), model=served.name, choices=choices,
+                                  usage=api.Usage.of(final["prompt_tokens"], completion)).model_dump()
+
+    return app
+
+
+def _tool_calls(calls: list[dict]) -> list:
+    """Parsed calls -> protocol.ToolCall, each with a fresh id."""
+    from lmforge.shared.infer.protocol import Function, ToolCall
+
+    return [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}",
+                     function=Function(name=c["name"], arguments=json.dumps(c["arguments"], ensure_ascii=False)))
+            for c in calls]
+
+
+async def _collect(served: Served, request, job: Job) -> dict:
+    from lmforge.shared.infer.protocol import APIError
+
+    async for event in served.engine.generate(job):
+        if event.get("done"):
+            if event.get("error"):
+                raise APIError(500, event["error"], kind="server_error")
+            return event
+        if await request.is_disconnected():
+            job.cancelled = True
+    raise APIError(500, "generation ended without a result", kind="server_error")
+
+
+def _sse(obj: object) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _stream(served: Served, slots, request, job: Job, head: list[str], on_text, on_done):
+    """The SSE loop both streaming routes share. Once a slot is held, send `head`, then the lines
+    `on_text(event)` makes of each piece of text, then those of `on_done(event)` and [DONE]. A client
+    that goes away cancels its rows in the engine; a failed generation ends in an SSE error event."""
+    async with slots:
+        for line in head:
+            yield line
+        async for event in served.engine.generate(job):
+            if await request.is_disconnected():
+                job.cancelled = True
+                return
+            if not event.get("done"):
+                for line in on_text(event):
+                    yield line
+                continue
+            if event.get("error"):
+                yield _sse({"error": {"message": event["error"], "type": "server_error"}})
+                return
+            for line in on_done(event):
+                yield line
+            yield "data: [DONE]\n\n"
+            return
+
+
+def _stream_chat(served: Served, slots, request, job: Job, chat_id: str, tools: bool, style: str | None,
+                 usage: bool):
+    from lmforge.shared.data.templates import parse_calls
+    from lmforge.shared.infer.protocol import ChatChunk, ChunkChoice, Delta, Usage
+
+    created = int(time.time())
+    held: dict[int, str] = {}  # with tools: text held back until it is clearly not a tool call
+    released: set[int] = set()
+
+    def chunk(index: int, delta: Delta, reason=None) -> str:
+        return _sse(ChatChunk(id=chat_id, created=created, model=served.name,
+                              choices=[ChunkChoice(index=index, delta=delta, finish_reason=reason)]).model_dump())
+
+    def on_text(event: dict):
+        index, text = event["index"], event["text"]
+        if tools and index not in released:
+            held[index] = held.get(index, "") + text
+            if _could_be_call(held[index], style):
+                return
+            released.add(index)
+            text = held.pop(index)
+        yield chunk(index, Delta(content=text))
+
+    def on_done(event: dict):
+        for c in sorted(event["choices"], key=lambda c: c["index"]):
+            reason = c["finish_reason"]
+            if tools and c["index"] not in released:
+                content, calls = parse_calls(style, c["text"])
+                if calls:
+                    for k, call in enumerate(_tool_calls(calls)):
+                        yield chunk(c["index"], Delta(tool_calls=[call.model_copy(update={"index": k})]))
+                    reason = "tool_calls"
+                elif held.get(c["index"]):
+                    yield chunk(c["index"], Delta(content=held[c["index"]]))
+            yield chunk(c["index"], Delta(), reason)
+        if usage:  # stream_options.include_usage, as OpenAI: a last chunk with no choices
+            completion = sum(c["completion_tokens"] for c in event["choices"])
+            yield _sse(ChatChunk(id=chat_id, created=created, model=served.name, choices=[],
+                                 usage=Usage.of(event["prompt_tokens"], completion)).model_dump())
+
+    head = [chunk(i, Delta(role="assistant", content="")) for i in range(job.n)]
+    return _stream(served, slots, request, job, head, on_text, on_done)
+
+
+def _could_be_call(text: str, style: str | None) -> bool:
+    """Could this start of an answer still turn into a tool call (so it must not be streamed yet)?"""
+    start = text.lstrip()
+    if not start:
+        return True
+    if style == "qwen":
+        return "<tool_call>".startswith(start[:11]) or start.startswith("<tool_call>") or "<tool_call>" in text
+    if style == "mistral":
+        return "[TOOL_CALLS]".startswith(start[:12]) or start.startswith("[TOOL_CALLS]")
+    return start.startswith("{") or start.startswith("[")
+
+
+def _stream_text(served: Served, slots, request, job: Job, cmpl_id: str, usage: bool):
+    from lmforge.shared.infer.protocol import TextChoice, TextCompletion, Usage
+
+    created = int(time.time())
+
+    def line(choices: list, usage=None) -> str:
+        return _sse(TextCompletion(id=cmpl_id, created=created, model=served.name, choices=choices,
+                                   usage=usage).model_dump())
+
+    def on_text(event: dict):
+        yield line([TextChoice(index=event["index"], text=event["text"], finish_reason=None)])
+
+    def on_done(event: dict):
+        for c in event["choices"]:
+            yield line([TextChoice(index=c["index"], text="", finish_reason=c["finish_reason"])])
+        if usage:
+            completion = sum(c["completion_tokens"] for c in event["choices"])
+            yield line([], usage=Usage.of(event["prompt_tokens"], completion))
+
+    return _stream(served, slots, request, job, [], on_text, on_done)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def prepare(model_dir: str, adapter: str | None, template: str, backend: str, max_concurrency: int,
+            max_batch: int, api_key: str | None, name: str | None) -> Served:
+    from pathlib import Path
+
+    from lmforge.shared.data.templates import renderer_for
+    from lmforge.shared.model.generation import stop_token_ids
+    from lmforge.shared.model.models import load_for_inference as load
+
+    if backend == "vllm":
+        from lmforge.shared.data.tokenizing import load_tokenizer
+        from transformers import AutoConfig
+
+        tokenizer = load_tokenizer(adapter or model_dir)
+        render = renderer_for(template, tokenizer, model_dir, adapter)
+        engine: HFEngine | VLLMEngine = VLLMEngine(model_dir, adapter, max_concurrency)
+        context = getattr(AutoConfig.from_pretrained(str(model_dir)), "max_position_embeddings", 4096) or 4096
+    else:
+        model, tokenizer = load(model_dir, adapter)
+        render = renderer_for(template, tokenizer, model_dir, adapter)
+        engine = HFEngine(model, tokenizer, stop_token_ids(tokenizer, render.stop_words()), max_batch)
+        context = getattr(model.config, "max_position_embeddings", 2048) or 2048
+    served_name = name or Path(adapter or model_dir).name or str(model_dir)
+    return Served(engine, tokenizer, render, served_name, context, api_key, max_concurrency)
+
+
+def check_port(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise BadInput(f"cannot listen on {host}:{port} ({exc.strerror})", "pick another --port or --host") from None

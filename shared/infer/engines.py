@@ -1,0 +1,279 @@
+"""The engines behind `serve` and `chat`: a request's generation as a Job, and what runs it.
+
+- HFEngine (default): transformers' generate() in one worker thread, so requests never block
+  the event loop. Requests that arrive while a batch runs wait for the next one; requests with
+  the same sampling settings are generated together in one batch (each row stops on its own: at
+  a stop token, its own token limit or stop string, or when its client disconnects). Tokens are
+  streamed back per request as they are produced.
+- VLLMEngine (`--backend vllm`, on a GPU with vllm installed): vLLM's async engine, with the
+  adapter as a LoRA request.
+
+An engine's generate(job) yields events: {"index", "text"} deltas, then {"done": True, "choices":
+[...], "prompt_tokens"} (or {"done": True, "error"}).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmforge.shared.core.errors import BadInput
+from lmforge.shared.model.generation import left_pad, pad_id_of, sampling_args
+
+
+@dataclass
+class Job:
+    """One request's generation: its prompt, settings, and where its events go."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    lead: str = ""              # spaces ending the rendered prompt that the model writes itself
+    cancelled: bool = False
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue | None = None
+
+    def key(self) -> tuple:
+        """Requests with the same key can share a batch."""
+        greedy = self.temperature == 0
+        return (greedy, None if greedy else self.temperature, None if greedy else self.top_p, self.seed)
+
+    def emit(self, event: dict) -> None:
+        assert self.loop is not None and self.events is not None, "emit() before generate()"
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+# ----------------------------------------------------------------------------- engines
+
+class HFEngine:
+    """transformers generate() in a worker thread, batching compatible requests."""
+
+    def __init__(self, model, tokenizer, stop_ids: list[int], max_batch: int = 8):
+        self.model, self.tokenizer, self.stop_ids = model, tokenizer, stop_ids
+        self.max_batch = max_batch
+        self.pad_id = pad_id_of(tokenizer, stop_ids)
+        self.device = next(model.parameters()).device
+        self.jobs: queue.Queue[Job] = queue.Queue()
+        self.waiting: list[Job] = []
+        self.running = 0        # jobs in the current batch (for /health)
+        self.generated = 0      # tokens generated since start (for /health)
+        self.thread = threading.Thread(target=self._loop, name="lmforge-generate", daemon=True)
+        self.thread.start()
+
+    async def generate(self, job: Job):
+        """Events for a job: {"index", "text"} deltas, then {"done": True, "choices": [...]}"""
+        job.loop = asyncio.get_running_loop()
+        job.events = asyncio.Queue()
+        self.jobs.put(job)
+        try:
+            while True:
+                event = await job.events.get()
+                yield event
+                if event.get("done"):
+                    return
+        finally:
+            job.cancelled = True  # the client went away (or we finished): stop its rows
+
+    # -- the worker thread
+    def _loop(self) -> None:
+        while True:
+            if not self.waiting:
+                self.waiting.append(self.jobs.get())
+            while True:  # take everything that has arrived
+                try:
+                    self.waiting.append(self.jobs.get_nowait())
+                except queue.Empty:
+                    break
+            first = self.waiting[0]
+            batch = [j for j in self.waiting if j.key() == first.key()]
+            rows = 0
+            taken: list[Job] = []
+            for job in batch:
+                if rows + job.n > self.max_batch and taken:
+                    break
+                taken.append(job)
+                rows += job.n
+            for job in taken:
+                self.waiting.remove(job)
+            try:
+                self.running = len(taken)
+                self._run([j for j in taken if not j.cancelled])
+            except Exception as exc:  # report to the waiting clients, keep serving
+                for job in taken:
+                    job.emit({"done": True, "error": f"{type(exc).__name__}: {exc}"})
+            finally:
+                self.running = 0
+                _release_memory()
+
+    def stats(self) -> dict:
+        return {"running": self.running, "waiting": len(self.waiting) + self.jobs.qsize(),
+                "generated_tokens": self.generated}
+
+    def _run(self, jobs: list[Job]) -> None:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        if not jobs:
+            return
+        rows = [(job, i) for job in jobs for i in range(job.n)]
+        ids, mask = left_pad([job.prompt_ids for job, _ in rows], self.pad_id, self.device)
+        tokens: list[list[int]] = [[] for _ in rows]
+        sent = [""] * len(rows)                 # text already streamed per row
+        done = [False] * len(rows)
+        finish = ["length"] * len(rows)
+        tokenizer, stops, engine = self.tokenizer, set(self.stop_ids), self
+
+        def text_of(r: int) -> str:
+            return _visible(tokenizer.decode(tokens[r], skip_special_tokens=True), rows[r][0].lead)
+
+        class Rows(BaseStreamer):
+            """Receives each step's new token for every row and streams text to the clients."""
+
+            started = False
+
+            def put(self, value):
+                if not self.started:  # the first call carries the prompt
+                    self.started = True
+                    return
+                for r, token in enumerate(value.view(-1).tolist()):
+                    if done[r]:
+                        continue
+                    job, index = rows[r]
+                    if token in stops:
+                        done[r], finish[r] = True, "stop"
+                        continue
+                    tokens[r].append(token)
+                    engine.generated += 1
+                    text = text_of(r)
+                    cut = _first_stop(text, job.stop)
+                    if cut is not None:
+                        text, done[r], finish[r] = text[:cut], True, "stop"
+                    elif len(tokens[r]) >= job.max_tokens:
+                        done[r] = True
+                    # hold back an incomplete character or a possible stop-string prefix
+                    safe = text if done[r] else _safe_prefix(text, job.stop)
+                    if len(safe) > len(sent[r]) and safe.startswith(sent[r]):
+                        job.emit({"index": index, "text": safe[len(sent[r]):]})
+                        sent[r] = safe
+
+            def end(self):
+                pass
+
+        class RowStop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                for r, (job, _) in enumerate(rows):
+                    if job.cancelled:
+                        done[r] = True
+                return torch.tensor(done, device=input_ids.device)
+
+        first = jobs[0]
+        kwargs = dict(max_new_tokens=max(job.max_tokens for job in jobs), eos_token_id=self.stop_ids,
+                      pad_token_id=self.pad_id, use_cache=True, streamer=Rows(),
+                      stopping_criteria=StoppingCriteriaList([RowStop()]),
+                      **sampling_args(first.temperature, first.top_p))  # top-k: generate()'s own
+        if first.seed is not None:
+            torch.manual_seed(first.seed)
+        with torch.no_grad():
+            self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        for job in jobs:
+            choices: list[dict[str, Any]] = []
+            for r, (owner, index) in enumerate(rows):
+                if owner is job:
+                    text = text_of(r)
+                    cut = _first_stop(text, job.stop)
+                    choices.append({"index": index, "text": text[:cut] if cut is not None else text,
+                                    "finish_reason": finish[r], "completion_tokens": len(tokens[r])})
+                    if len(choices[-1]["text"]) > len(sent[r]) and choices[-1]["text"].startswith(sent[r]):
+                        job.emit({"index": index, "text": choices[-1]["text"][len(sent[r]):]})
+            job.emit({"done": True, "choices": choices, "prompt_tokens": len(job.prompt_ids)})
+
+
+def _release_memory() -> None:
+    """Give freed heap back to the OS after a batch: batches of varying shapes otherwise leave
+    glibc's arenas fragmented and a long-running server's RSS creeps up."""
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None  # libc's malloc_trim; False where there is none
+
+
+class VLLMEngine:
+    """vLLM's async engine (GPU). The adapter, if any, is served as a LoRA request."""
+
+    def __init__(self, model_dir: str, adapter: str | None, max_concurrency: int):
+        try:
+            from vllm import AsyncEngineArgs, AsyncLLMEngine
+        except ImportError:
+            raise BadInput("--backend vllm needs vllm, a GPU-only extra", "pip install 'lmforge[gpu]' on a CUDA machine") from None
+        args = AsyncEngineArgs(model=str(model_dir), enable_lora=adapter is not None, max_num_seqs=max_concurrency)
+        self.engine = AsyncLLMEngine.from_engine_args(args)
+        self.lora = None
+        if adapter:
+            from vllm.lora.request import LoRARequest
+
+            self.lora = LoRARequest("adapter", 1, str(adapter))
+
+    async def generate(self, job: Job):
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=job.n, temperature=job.temperature, top_p=job.top_p, max_tokens=job.max_tokens,
+                                seed=job.seed, stop=job.stop or None)
+        request_id = uuid.uuid4().hex
+        sent: dict[int, str] = {}
+        final: Any = None
+        try:
+            async for output in self.engine.generate({"prompt_token_ids": job.prompt_ids}, params, request_id,
+                                                     lora_request=self.lora):
+                for choice in output.outputs:
+                    previous, text = sent.get(choice.index, ""), _visible(choice.text, job.lead)
+                    if len(text) > len(previous) and text.startswith(previous):
+                        yield {"index": choice.index, "text": text[len(previous):]}
+                        sent[choice.index] = text
+                final = output
+        except asyncio.CancelledError:
+            await self.engine.abort(request_id)
+            raise
+        choices = [{"index": c.index, "text": _visible(c.text, job.lead), "finish_reason": c.finish_reason or "stop",
+                    "completion_tokens": len(c.token_ids)} for c in final.outputs]
+        yield {"done": True, "choices": choices, "prompt_tokens": len(job.prompt_ids)}
+
+
+def _visible(text: str, lead: str) -> str:
+    """The answer without the spaces that belong to the prompt (decoders may already drop them)."""
+    return text[len(lead):] if lead and text.startswith(lead) else text
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    positions = [text.find(s) for s in stops if s and s in text]
+    return min(positions) if positions else None
+
+
+def _safe_prefix(text: str, stops: list[str]) -> str:
+    """Text that can be streamed now: no trailing partial character, no possible stop-string start."""
+    text = text.rstrip("\ufffd")
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                hold = max(hold, k)
+                break
+    return text[:len(text) - hold] if hold else text

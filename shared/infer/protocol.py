@@ -1,0 +1,419 @@
+"""The OpenAI protocol `serve` speaks: request models that validate a body (answering in OpenAI's
+error shape), and the response bodies it sends.
+
+Requests are checked in two steps, as the routes need them: the request itself (`ChatRequest`:
+model, messages, tools; `CompletionRequest`: model, prompt), then, once the prompt is tokenized,
+the generation settings (`Settings`), whose token limit is checked against the prompt's length and
+the model's context. Each step reports the first problem in the order its fields are declared.
+
+pydantic is imported here at module level: import this module only where an app is built or a
+request is answered, never on the way to `lmforge --help`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+from pydantic import AliasChoices, BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_serializer
+from pydantic_core import PydanticCustomError
+
+# ----------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's JSON shape."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _invalid(message: str, param: str | None, code: str | None = None, status: int = 400) -> PydanticCustomError:
+    """A validation error that becomes exactly this APIError (see `_api_error`)."""
+    return PydanticCustomError("lmforge", "{message}", {"message": message, "param": param, "code": code,
+                                                        "status": status})
+
+
+def _api_error(exc: ValidationError) -> APIError:
+    """The first problem pydantic found, as the APIError it stands for. A ValueError or
+    AssertionError that a check did not mean to raise is a bug, not a bad request: it is raised
+    again, to end as a server error."""
+    error = exc.errors()[0]
+    ctx = error.get("ctx") or {}
+    if error["type"] == "lmforge":
+        return APIError(ctx["status"], ctx["message"], param=ctx["param"], code=ctx["code"])
+    if isinstance(ctx.get("error"), Exception):
+        raise ctx["error"]
+    loc = error.get("loc") or ()
+    return APIError(400, error["msg"], param=str(loc[0]) if loc else None)
+
+
+def parse_body(raw: bytes) -> dict:
+    """A request body: a JSON object, else an APIError."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise APIError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+class _Checked(BaseModel):
+    """A request part checked with `check(body, **context)`: APIError on the first problem."""
+
+    @classmethod
+    def check(cls, body: dict, **context):
+        try:
+            return cls.model_validate(body, context=context)
+        except ValidationError as exc:
+            raise _api_error(exc) from None
+
+
+def _context(info: ValidationInfo) -> dict:
+    """What `check(body, **context)` was given."""
+    return info.context or {}
+
+
+def _number(key: str, value, default, low=None, high=None, kind=float):
+    """A JSON number setting: null means the default; booleans and fractional integers are refused."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and int(value) != value):
+        raise _invalid(f"'{key}' must be {'an integer' if kind is int else 'a number'}", key)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise _invalid(f"'{key}' must be between {low} and {high}", key)
+    return kind(value)
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+class _Request(_Checked):
+    """What both routes take first: the model asked for (context: served_name)."""
+
+    model: Any = None
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _served_model(cls, value, info: ValidationInfo):
+        name = _context(info)["served_name"]
+        if value not in (None, name):
+            raise _invalid(f"the model '{value}' does not exist; this server serves '{name}'", "model",
+                           code="model_not_found", status=404)
+        return value
+
+
+class ChatRequest(_Request):
+    """/v1/chat/completions: the conversation, as (system, aligned turns), and the tool schemas
+    (context: served_name, renderer)."""
+
+    messages: Any = Field(None, validate_default=True)
+    tools: Any = None             # None: no tools asked for; else their normalized JSON ("" if none given)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _turns(cls, value):
+        return messages_to_turns(value)
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _tools(cls, value, info: ValidationInfo):
+        if not value:
+            return None
+        from lmforge.shared.data.aligned import RowError
+        from lmforge.shared.data.formats import normalize_tools
+
+        renderer = _context(info)["renderer"]
+        if not renderer.supports_tools:
+            raise _invalid(f"the template '{renderer.name}' has no tool support", "tools")
+        try:
+            return normalize_tools(value)
+        except RowError as exc:
+            raise _invalid(f"invalid tools: {exc}", "tools") from None
+
+    @property
+    def system(self) -> str:
+        return self.messages[0]
+
+    @property
+    def turns(self) -> list[tuple[str, str]]:
+        return self.messages[1]
+
+
+class CompletionRequest(_Request):
+    """/v1/completions: one prompt string (a list of one string is taken as that string)."""
+
+    prompt: Any = Field(None, validate_default=True)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, value):
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if not isinstance(value, str) or not value:
+            raise _invalid("'prompt' must be a non-empty string", "prompt")
+        return value
+
+
+class Settings(_Checked):
+    """The generation settings of a request whose prompt is tokenized (context: prompt_tokens, and
+    the model's context length)."""
+
+    max_tokens: Any = Field(None, validation_alias=AliasChoices("max_completion_tokens", "max_tokens"),
+                            validate_default=True)
+    stop: Any = Field(None, validate_default=True)
+    stream: Any = False
+    stream_options: Any = None
+    temperature: Any = 1.0
+    top_p: Any = 1.0
+    seed: Any = None
+    n: Any = 1
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _max_tokens(cls, value, info: ValidationInfo):
+        value = _number("max_tokens", value, None, 1, None, int)
+        prompt, context = _context(info)["prompt_tokens"], _context(info)["context"]
+        room = context - prompt
+        if room <= 0:
+            raise _invalid(f"the prompt has {prompt} tokens; the model's context is {context}", "messages",
+                           code="context_length_exceeded")
+        if value is None:
+            return min(room, 512)
+        if prompt + value > context:
+            raise _invalid(f"prompt ({prompt} tokens) + max_tokens ({value}) exceeds the model's "
+                           f"context of {context} tokens", "max_tokens", code="context_length_exceeded")
+        return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, value):
+        if isinstance(value, str):
+            value = [value]
+        if value is not None and (not isinstance(value, list) or not all(isinstance(s, str) for s in value)
+                                  or len(value) > 4):
+            raise _invalid("'stop' must be a string or a list of up to 4 strings", "stop")
+        return value or []
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _stream(cls, value):
+        if not isinstance(value, bool):
+            raise _invalid("'stream' must be true or false", "stream")
+        return value
+
+    @field_validator("stream_options", mode="before")
+    @classmethod
+    def _stream_options(cls, value):
+        if value is not None and not isinstance(value, dict):
+            raise _invalid("'stream_options' must be an object", "stream_options")
+        return value
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _temperature(cls, value):
+        return _number("temperature", value, 1.0, 0, 2)
+
+    @field_validator("top_p", mode="before")
+    @classmethod
+    def _top_p(cls, value):
+        return _number("top_p", value, 1.0, 0, 1)
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed(cls, value):
+        return _number("seed", value, None, kind=int)
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def _n(cls, value):
+        return _number("n", value, 1, 1, 16, int)
+
+    @property
+    def include_usage(self) -> bool:
+        """stream_options.include_usage: end the stream with a chunk carrying the usage."""
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+def messages_to_turns(messages: object) -> tuple[str, list[tuple[str, str]]]:
+    """OpenAI chat messages -> (system, aligned turns); a validation error on a malformed list."""
+    from lmforge.shared.data.aligned import (
+        ASSISTANT,
+        FUNCTION,
+        OBSERVATION,
+        USER,
+        RowError,
+        check_turns,
+    )
+    from lmforge.shared.data.formats import normalize_call
+
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("'messages' must be a non-empty list", "messages")
+    system_parts: list[str] = []
+    turns: list[tuple[str, str]] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise _invalid(f"messages[{i}] must be an object", "messages")
+        role, content = m.get("role"), m.get("content")
+        if isinstance(content, list):  # content parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if content is not None and not isinstance(content, str):
+            raise _invalid(f"messages[{i}].content must be a string", "messages")
+        if role in ("system", "developer"):
+            if turns:
+                raise _invalid(f"messages[{i}]: a system message must come first", "messages")
+            system_parts.append(content or "")
+        elif role == "user":
+            turns.append((USER, content or ""))
+        elif role == "assistant":
+            if m.get("tool_calls"):
+                calls = [c.get("function", c) if isinstance(c, dict) else c for c in m["tool_calls"]]
+                try:
+                    turns.append((FUNCTION, normalize_call(calls if len(calls) > 1 else calls[0])))
+                except RowError as exc:
+                    raise _invalid(f"messages[{i}].tool_calls: {exc}", "messages") from None
+            else:
+                turns.append((ASSISTANT, content or ""))
+        elif role in ("tool", "function"):
+            if turns and turns[-1][0] == OBSERVATION:  # parallel results stay together
+                prev = turns[-1][1]
+                merged = json.loads(prev) if prev.startswith("[") else [prev]
+                turns[-1] = (OBSERVATION, json.dumps(merged + [content or ""], ensure_ascii=False))
+            else:
+                turns.append((OBSERVATION, content or ""))
+        else:
+            raise _invalid(f"messages[{i}]: unknown role {role!r}", "messages")
+    try:
+        check_turns(turns, [(ASSISTANT, "x")], "sft")
+    except RowError as exc:
+        raise _invalid(f"invalid messages: {exc}", "messages") from None
+    return "\n".join(system_parts), turns
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+class _Body(BaseModel):
+    """A response body; the fields named in OPTIONAL are left out while they are None."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unset(self, handler):
+        data = handler(self)
+        for key in self.OPTIONAL:
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
+
+class Usage(_Body):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt: int, completion: int) -> "Usage":
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+class Function(_Body):
+    name: str
+    arguments: str                # JSON text
+
+
+class ToolCall(_Body):
+    OPTIONAL = ("index",)
+
+    index: int | None = None      # in a stream: the call's place in the answer
+    id: str
+    type: str = "function"
+    function: Function
+
+
+class Message(_Body):
+    OPTIONAL = ("tool_calls",)
+
+    role: str = "assistant"
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+class ChatChoice(_Body):
+    index: int
+    message: Message
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletion(_Body):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(_Body):
+    OPTIONAL = ("role", "content", "tool_calls")
+
+    role: str | None = None
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class ChunkChoice(_Body):
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatChunk(_Body):
+    OPTIONAL = ("usage",)
+
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class TextChoice(_Body):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class TextCompletion(_Body):
+    """A /v1/completions answer, and (with usage only on the last) each chunk of its stream."""
+
+    OPTIONAL = ("usage",)
+
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(_Body):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "lmforge"
+
+
+class ModelList(_Body):
+    object: str = "list"
+    data: list[ModelCard]

@@ -1,0 +1,59 @@
+"""Reward models: a causal LM with a scalar value head, as `train rm` saves them and `train ppo`
+and `eval rm` load them (the adapter or model, plus value_head.safetensors, in one directory)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lmforge.shared.core.errors import BadInput
+
+HEAD_FILE = "value_head.safetensors"
+
+
+class ValueModel(torch.nn.Module):
+    """A causal LM's decoder (adapted or not) with a scalar value head on the last hidden state."""
+
+    def __init__(self, causal, head: torch.nn.Linear | None = None):
+        super().__init__()
+        self.causal = causal
+        hidden = causal.config.get_text_config().hidden_size
+        self.head = head if head is not None else torch.nn.Linear(hidden, 1)
+        if head is None:
+            torch.nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
+            torch.nn.init.zeros_(self.head.bias)
+        self.config = causal.config
+
+    def decoder(self):
+        inner = self.causal.get_base_model() if hasattr(self.causal, "get_base_model") else self.causal
+        return inner.get_decoder()
+
+    def forward(self, input_ids, last_index, position_ids=None, **_):
+        hidden = self.decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
+        return self.head(picked.to(self.head.weight.dtype)).squeeze(-1)
+
+    def gradient_checkpointing_enable(self, **kwargs):
+        self.causal.gradient_checkpointing_enable(**kwargs)
+
+    def enable_input_require_grads(self):
+        self.causal.enable_input_require_grads()
+
+
+def save_value_model(model: ValueModel, directory: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    model.causal.save_pretrained(str(directory))
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(directory / HEAD_FILE))
+
+
+def load_head(directory: str | Path, hidden: int) -> torch.nn.Linear:
+    from safetensors.torch import load_file
+
+    path = Path(directory) / HEAD_FILE
+    if not path.exists():
+        raise BadInput(f"{directory}: not a reward model (no {HEAD_FILE})", "train one with `lmforge train rm`")
+    head = torch.nn.Linear(hidden, 1)
+    head.load_state_dict(load_file(str(path)))
+    return head
