@@ -8,25 +8,43 @@ TORCH  ?= torch==2.13.0
 EXTRAS ?= test,cpu-extras
 OUT    ?= demo-out
 LM     := $(BIN)/lmforge
+# The exact versions the suite last passed with. `make CONSTRAINTS= install` (or test, demo) takes
+# the newest releases pyproject.toml allows instead; `make constraints` records what is installed.
+CONSTRAINTS ?= .ci/constraints.txt
 
-.PHONY: install test test-fast demo completions bench bench-gpu clean-demo lf-venv
+.PHONY: install test test-fast lint typecheck constraints demo completions bench bench-gpu clean-demo lf-venv
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: a bare requirement would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install -q $(TORCH)
 	echo "$(TORCH)" > $(VENV)/constraints.txt
+	$(if $(CONSTRAINTS),grep -v '^torch==' $(CONSTRAINTS) >> $(VENV)/constraints.txt)
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed
 
-test: install
+# static checks: part of the suite, so a line no CPU test reaches (CUDA, vLLM) still cannot hold
+# an undefined name. mypy reads the lmforge.* package layout through .typecheck/ (symlinks).
+lint: install
+	$(BIN)/ruff check shared tools tests
+
+typecheck: install
+	mkdir -p .typecheck/lmforge
+	ln -sfn ../../shared .typecheck/lmforge/shared
+	ln -sfn ../../tools .typecheck/lmforge/tools
+	$(BIN)/mypy
+
+test: lint typecheck
 	$(BIN)/python -m pytest -q -m "not gpu"
 
-test-fast: install
+test-fast: lint typecheck
 	$(BIN)/python -m pytest -q -m "not gpu and not slow"
+
+constraints: install
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch==' | LC_ALL=C sort > .ci/constraints.txt
 
 completions: install
 	$(LM) completion bash > completions/lmforge.bash
