@@ -102,6 +102,54 @@ CASES = [
                                       t / "no" / "such" / "out.arrow"], "does not exist"),
     ("output-not-writable", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [ALPACA]), "-o",
                                        "/proc/out.arrow"], "/proc/out.arrow: no such file or directory"),
+    # the slips a hostile review found (issue: nothing half-written is taken for whole)
+    ("config-alias-bomb", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [ALPACA]), "--config", _file(
+        t, "c.yaml", "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n")],
+     "aliases"),
+    ("config-huge", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [ALPACA]), "--config",
+                               _file(t, "c.yaml", "# " + "x" * (2 << 20) + "\n")], "more than an option file needs"),
+    ("json-nested-deep", lambda t: ["data", "align", _file(t, "a.json", "[" * 100_000 + "]" * 100_000)],
+     "nested too deeply"),
+    ("dataset-info-file-name-type", lambda t: ["data", "align", "--dataset-info",
+                                               _file(t, "dataset_info.json", '{"d": {"file_name": 5}}'), "--name", "d"],
+     "'file_name' must be a string"),
+    ("dataset-info-columns-type", lambda t: ["data", "align", "--dataset-info",
+                                             _file(t, "dataset_info.json", '{"d": {"file_name": "a.json", "columns": [1]}}'),
+                                             "--name", "d"], "'columns' must map names"),
+    ("split-val-nan", lambda t: ["data", "split", _arrow(t), "--val-size", "nan", "-o", t / "split_out"],
+     "not a number"),
+    ("split-val-inf", lambda t: ["data", "split", _arrow(t), "--val-size", "inf", "-o", t / "split_out"],
+     "not a number"),
+    ("pack-prompt-and-history", lambda t: ["data", "pack", _arrow(t), "-m", "unused", "--train-on-prompt",
+                                           "--mask-history"], "contradict each other"),
+    ("train-max-steps-negative", lambda t: ["train", "sft", "-m", "m", "-d", "d", "-o", t / "run", "--max-steps", "-5"],
+     "--max-steps -5: must be at least 1"),
+    ("train-save-steps-zero", lambda t: ["train", "sft", "-m", "m", "-d", "d", "-o", t / "run", "--save-steps", "0"],
+     "--save-steps 0: must be at least 1"),
+    ("train-save-steps-negative", lambda t: ["train", "sft", "-m", "m", "-d", "d", "-o", t / "run", "--save-steps",
+                                             "-3"], "--save-steps -3"),
+    ("train-logging-steps-zero", lambda t: ["train", "dpo", "-m", "m", "-d", "d", "-o", t / "run", "--logging-steps",
+                                            "0"], "--logging-steps 0"),
+    ("train-grad-norm-negative", lambda t: ["train", "sft", "-m", "m", "-d", "d", "-o", t / "run", "--max-grad-norm",
+                                            "-1"], "--max-grad-norm -1: must be >= 0"),
+    ("train-weight-decay-negative", lambda t: ["train", "pt", "-m", "m", "-d", "d", "-o", t / "run", "--weight-decay",
+                                               "-0.1"], "--weight-decay"),
+    ("train-epochs-inf", lambda t: ["train", "sft", "-m", "m", "-d", "d", "-o", t / "run", "--epochs", "inf"],
+     "--epochs inf"),
+    ("train-full-with-lora-rank", lambda t: ["train", "sft", "-m", "m", "-d", "d", "-o", t / "run", "--method", "full",
+                                             "--lora-rank", "16"], "--lora-rank applies to --method lora"),
+    ("train-lora-with-freeze-layers", lambda t: ["train", "sft", "-m", "m", "-d", "d", "-o", t / "run",
+                                                 "--freeze-layers", "2"], "--freeze-layers applies to --method freeze"),
+    ("train-freeze-with-galore-rank", lambda t: ["train", "pt", "-m", "m", "-d", "d", "-o", t / "run", "--method",
+                                                 "freeze", "--galore-rank", "4"], "--galore-rank applies"),
+    ("train-lora-with-badam-mode", lambda t: ["train", "rm", "-m", "m", "-d", "d", "-o", t / "run", "--badam-mode",
+                                              "random"], "--badam-mode applies"),
+    ("train-conflict-from-config", lambda t: ["train", "sft", "-m", "m", "-d", "d", "-o", t / "run", "--method", "full",
+                                              "--config", _file(t, "c.yaml", "lora_dropout: 0.1\n")],
+     "--lora-dropout applies"),
+    ("merge-shard-size", lambda t: ["adapter", "merge", "base", "adapter", "-o", t / "merged", "--max-shard-size", "2XB"],
+     "--max-shard-size 2XB: not a size"),
+    ("quantize-missing-model", lambda t: ["model", "quantize", t / "missing", "-o", t / "q"], "not found"),
 ]
 
 
@@ -140,7 +188,61 @@ def test_bad_input_is_one_clean_line(tmp_path, case):
 
 
 def test_corpus_is_large_enough():
-    assert len(CASES) >= 20
+    from test_bad_options import OPTION_CASES
+
+    assert len(CASES) >= 60 and len(CASES) + len(OPTION_CASES) >= 250
+
+
+def _closed_fd(fd: int):
+    return lambda: os.close(fd)
+
+
+@pytest.mark.parametrize("args,fd,words", [
+    (["data", "align"], 0, "stdin: empty input"),
+    (["data", "show"], 0, "stdin: empty input"),
+    (["data", "merge", "-"], 0, "stdin: empty input"),
+])
+def test_closed_stdin_is_one_line(tmp_path, args, fd, words):
+    proc = subprocess.run(LMFORGE + args, stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+                          preexec_fn=_closed_fd(fd), cwd=tmp_path)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and words in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [["data", "align"], ["data", "templates", "--json"], ["data", "show", "--stats"]])
+def test_closed_stdout_is_one_line(tmp_path, args):
+    src = write_jsonl(tmp_path / "a.jsonl", [ALPACA])
+    ok(["data", "align", src, "-o", tmp_path / "a.arrow"])
+    full = [*args, str(tmp_path / ("a.jsonl" if args[1] == "align" else "a.arrow"))] if args[1] != "templates" else args
+    proc = subprocess.run(LMFORGE + full, capture_output=False, stderr=subprocess.PIPE, timeout=60,
+                          preexec_fn=_closed_fd(1))
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "stdout is closed" in err and "Traceback" not in err, err
+
+
+def test_chat_with_closed_stdin_ends_cleanly(tmp_path):
+    from conftest import shared_path
+
+    model = shared_path("models/stories260K")
+    proc = subprocess.run(LMFORGE + ["chat", "-m", str(model), "--template", "default"], capture_output=True,
+                          timeout=120, preexec_fn=_closed_fd(0))
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr
+
+
+def test_truncated_safetensors_is_one_line(tmp_path):
+    import shutil
+
+    from conftest import shared_path
+
+    model = tmp_path / "model"
+    shutil.copytree(shared_path("models/stories260K"), model)
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    line = bad(["model", "quantize", model, "-o", tmp_path / "q", "--method", "bnb-int8"])
+    assert "truncated or corrupt" in line and not (tmp_path / "q").exists()
+    weights.write_bytes(b"garbage" * 10)
+    assert "truncated or corrupt" in bad(["model", "quantize", model, "-o", tmp_path / "q", "--method", "bnb-int8"])
 
 
 def test_binary_output_to_a_terminal_is_refused(tmp_path):

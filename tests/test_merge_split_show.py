@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
 from conftest import LMFORGE, bad, ok, read_meta, read_rows, shared_path, write_jsonl
 
 
@@ -37,7 +38,32 @@ def test_interleave_under_and_over(tmp_path):
     under = _names(ok(["data", "merge", a, b, "--mix", "interleave-under"]).stdout)
     assert under == ["a0", "b0"]  # stops as soon as b runs out
     over = _names(ok(["data", "merge", a, b, "--mix", "interleave-over"]).stdout)
-    assert over == ["a0", "b0", "a1", "b0", "a2"]  # b restarts until a is used up too
+    assert over == ["a0", "b0", "a1", "b0", "a2", "b0"]  # b restarts until a is used up too (whole rounds)
+
+
+def _interleaved(path_rows: list[list[str]], strategy: str, probs, seed: int) -> list[str]:
+    import datasets
+
+    sets = [datasets.Dataset.from_dict({"name": names}) for names in path_rows]
+    return datasets.interleave_datasets(sets, probabilities=probs, seed=seed,
+                                        stopping_strategy=strategy)["name"]
+
+
+
+@pytest.mark.parametrize("mix,strategy", [("interleave-under", "first_exhausted"),
+                                          ("interleave-over", "all_exhausted")])
+@pytest.mark.parametrize("probs", [None, [0.3, 0.7], [0.9, 0.1]])
+def test_interleaving_equals_datasets_interleave_datasets(tmp_path, mix, strategy, probs):
+    """The README promises datasets' semantics: the same rows in the same order, for the same seed."""
+    sizes = (91, 999) if mix == "interleave-under" else (91, 233)
+    a, b = _aligned(tmp_path, "a", sizes[0]), _aligned(tmp_path, "b", sizes[1])
+    args = ["data", "merge", a, b, "--mix", mix, "--seed", "7"]
+    if probs:
+        args += ["--probs", ",".join(map(str, probs))]
+    ours = _names(ok(args).stdout)
+    theirs = _interleaved([[f"a{i}" for i in range(sizes[0])], [f"b{i}" for i in range(sizes[1])]],
+                          strategy, probs, 7)
+    assert ours == theirs
 
 
 def test_interleave_with_probs_is_seeded(tmp_path):

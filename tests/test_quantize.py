@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import bad, ok, run, shared_path
+from conftest import write_jsonl, bad, ok, run, shared_path
 
 STORIES = "models/stories260K"
 
@@ -54,6 +54,16 @@ def test_int8_quantization_keeps_perplexity(data, tmp_path):
     assert abs(record["perplexity"]["change"]) < 0.03  # within a few percent of the original
     err = result.stderr.decode()
     assert "perplexity before" in err and "perplexity after" in err
+    _generates(out)
+
+
+def test_int8_needs_no_data(data, tmp_path):
+    """bitsandbytes needs no calibration: without --eval-data the model is quantized, unmeasured."""
+    out = tmp_path / "int8"
+    result = ok(["model", "quantize", data["stories"], "-o", out, "--method", "bnb-int8"])
+    record = json.loads((out / "lmforge.json").read_text())
+    assert record["bits"] == 8 and record["perplexity"] is None
+    assert "without measuring perplexity" in result.stderr.decode()
     _generates(out)
 
 
@@ -126,7 +136,13 @@ def test_quantize_bad_input(data, tmp_path):
                               "--calib", data["corpus"]])
     assert "does not go with" in bad(["model", "quantize", data["tiny"], "-o", tmp_path / "c", "--method", "bnb-int8",
                                       "--bits", "4", "--eval-data", data["corpus"]])
-    assert "no text to measure" in bad(["model", "quantize", data["tiny"], "-o", tmp_path / "d"])
+    assert "not found" in bad(["model", "quantize", tmp_path / "missing", "-o", tmp_path / "d"])
+    short = tmp_path / "short.arrow"
+    ok(["data", "align", write_jsonl(tmp_path / "s.jsonl", [{"text": f"w{i}"} for i in range(40)]), "-o", short])
+    assert "no calibration row is longer than 10 tokens" in bad(
+        ["model", "quantize", data["tiny"], "-o", tmp_path / "d", "--method", "gptq", "--bits", "3", "--calib", short])
+    short.unlink()
+    (tmp_path / "s.jsonl").unlink()
     result = run(["model", "quantize", data["stories"], "-o", tmp_path / "e", "--method", "bnb-nf4",
                   "--eval-data", data["corpus"], "--eval-samples", "4"])
     assert result.returncode == 1 and b"try bnb-int8 or gptq" in result.stderr and b"Traceback" not in result.stderr

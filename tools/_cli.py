@@ -20,7 +20,7 @@ from lmforge.shared.core.errors import BadInput
 from lmforge.shared.core.options import Opt
 from typer.core import TyperCommand, TyperGroup
 
-_invocation: dict[str, Any] = {"command": "", "options": {}}
+_invocation: dict[str, Any] = {"command": "", "options": {}, "given": set()}
 
 
 def _config_callback(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> None:
@@ -92,6 +92,10 @@ class Command(TyperCommand):
     def invoke(self, ctx: Any) -> Any:  # a click Context (typer vendors click; its class is private)
         _invocation["command"] = " ".join(ctx.command_path.split()[1:])
         _invocation["options"] = dict(ctx.params)
+        # what the user chose (command line, --config, environment), as opposed to defaults
+        _invocation["given"] = {name for name in ctx.params
+                                if ctx.get_parameter_source(name) is not None
+                                and ctx.get_parameter_source(name).name not in ("DEFAULT",)}
         return super().invoke(ctx)
 
 
@@ -121,6 +125,12 @@ def invocation() -> tuple[str, dict]:
     return _invocation["command"], dict(_invocation["options"])
 
 
+def given() -> set[str]:
+    """The options of the running command that the user set (on the command line, in --config
+    or the environment), as opposed to those left at their defaults: for refusing conflicts."""
+    return set(_invocation["given"])
+
+
 def print_json(obj: object) -> None:
     sys.stdout.write(json.dumps(obj, ensure_ascii=False, indent=2, default=str) + "\n")
     sys.stdout.flush()
@@ -140,6 +150,9 @@ def typer_parameter(opt: Opt, **behaviour: Any) -> tuple[Any, Any]:
 
     kind: Any = Literal[opt.choices] if opt.choices else _TYPES[opt.type]
     if opt.many:
+        if opt.choices:   # Typer cannot take a list of Literal values: each is checked by a callback
+            kind = str
+            behaviour = {"callback": _each_one_of(opt), **behaviour}
         kind = list[kind]
     if opt.default is None:
         kind = Optional[kind]
@@ -149,6 +162,16 @@ def typer_parameter(opt: Opt, **behaviour: Any) -> tuple[Any, Any]:
         info = typer.Option(*opt.flags, help=opt.help, rich_help_panel=opt.panel, min=opt.min, max=opt.max,
                             envvar=opt.envvar, show_default=opt.show_default, **behaviour)
     return Annotated[kind, info], inspect.Parameter.empty if opt.required else opt.default
+
+
+def _each_one_of(opt: Opt):
+    def check(values: list[str] | None) -> list[str] | None:
+        for value in values or []:
+            if value not in opt.choices:
+                raise typer.BadParameter(f"'{value}' is not one of {', '.join(map(repr, opt.choices))}.")
+        return values
+
+    return check
 
 
 _TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool, "path": Path}

@@ -1,14 +1,18 @@
 """The `lmforge` command: the root app, its command groups, and the error-to-exit-code policy.
 
-Exit codes: 0 ok; 2 bad input or usage (one line on stderr); 1 runtime failure; 130 interrupted.
+Exit codes: 0 ok; 2 bad input or usage (one line on stderr); 1 runtime failure; 130 interrupted
+(Ctrl-C), 143 stopped by SIGTERM, 129 by SIGHUP (after the same clean-up as Ctrl-C).
 A traceback is shown only with --debug or LMFORGE_DEBUG=1.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import os
+import signal
 import sys
+import threading
 
 import typer
 from lmforge.shared import __version__
@@ -18,7 +22,9 @@ from lmforge.shared.core.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
+    BadInput,
     LmforgeError,
+    Terminated,
 )
 
 from . import adapter, completion, data, evaluation, model, serve, train
@@ -69,12 +75,57 @@ def _unexpected(exc: BaseException) -> int:
     return EXIT_FAILURE
 
 
+class _ClosedStdout(io.RawIOBase):
+    """Stands in for a stdout the shell closed (`>&-`): writing to it is a one-line usage error."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        raise BadInput("stdout is closed (>&-)", "redirect it to a file or a pipe, or pass -o FILE")
+
+
+def _reopen_closed_standard_streams() -> None:
+    """A process started with stdin, stdout or stderr closed would hand the next file it opens the
+    missing number (0, 1 or 2), and Python sets sys.stdin/stdout to None. Fill the gap with
+    /dev/null: a closed stdin reads as empty input; a closed stdout refuses writes, clearly."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)   # the lowest free descriptor: this one
+            if fd == 0:
+                sys.stdin = open(0, closefd=False)
+            elif fd == 1:
+                sys.stdout = io.TextIOWrapper(_ClosedStdout(), write_through=True)
+            else:
+                sys.stderr = open(2, "w", closefd=False)
+    if sys.stdin is None:
+        sys.stdin = open(os.devnull)
+
+
+def _signals_raise() -> dict:
+    """SIGTERM and SIGHUP behave like Ctrl-C: raised as an exception where the program is, so
+    atomic writes and unfinished runs are cleaned up; the exit code is then 128 + the signal."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def raise_terminated(signum, frame):
+        raise Terminated(signum)
+
+    return {sig: signal.signal(sig, raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+
 def main(argv: list[str] | None = None) -> None:
+    _reopen_closed_standard_streams()
     command = typer.main.get_command(app)
     args = sys.argv[1:] if argv is None else argv
+    previous_handlers = _signals_raise()
     try:
         result = command.main(args=args, prog_name="lmforge", standalone_mode=False)
         code = result if isinstance(result, int) else 0
+        if code == EXIT_INTERRUPTED:   # Typer turned Ctrl-C (KeyboardInterrupt) into a bare exit 130
+            _error("interrupted")
     except typer.TyperException as exc:  # click's usage errors, vendored by typer
         if type(exc).__name__ == "NoArgsIsHelpError":
             print(exc.format_message(), file=sys.stderr)
@@ -95,9 +146,15 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         _error(exc.one_line())
         code = exc.exit_code
+    except Terminated as exc:
+        _error(f"stopped by {signal.Signals(exc.signum).name}")
+        code = 128 + exc.signum
     except KeyboardInterrupt:
         _error("interrupted")
         code = EXIT_INTERRUPTED
+    except RecursionError:
+        _error("the input is nested too deeply to read; flatten it (JSON nested hundreds of levels deep)")
+        code = EXIT_BAD_INPUT
     except BrokenPipeError:
         # the reader went away (`| head`): stop quietly, like other Unix tools
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -117,12 +174,29 @@ def main(argv: list[str] | None = None) -> None:
         _error("out of memory; use smaller batches or a smaller cutoff")
         code = EXIT_FAILURE
     except Exception as exc:  # a bug or a library failure: short line unless --debug
-        code = _unexpected(exc)
+        code = _known_failure(exc) or _unexpected(exc)
+    for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
     try:
         sys.stdout.flush()
-    except (BrokenPipeError, ValueError):
+    except Exception:  # noqa: BLE001 - a closed or broken stdout was reported above
         pass
     sys.exit(code)
+
+
+def _known_failure(exc: Exception) -> int | None:
+    """Library errors whose cause is known: one line that says what to do, not the library's words."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if log.debug():
+        return None
+    if type(exc).__name__ == "SafetensorError":   # safetensors: a truncated or garbage weights file
+        _error(f"a safetensors weights file cannot be read ({text}); it is truncated or corrupt: "
+               "save or download the model again")
+        return EXIT_BAD_INPUT
+    if "inline_container" in text or "PytorchStreamWriter failed" in text or "file write failed" in text:
+        _error("writing a checkpoint failed (is the disk full?); free some space and run again with --resume")
+        return EXIT_FAILURE
+    return None
 
 
 if __name__ == "__main__":

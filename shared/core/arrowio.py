@@ -9,6 +9,12 @@ path or to stdout. A path is written atomically: to a hidden temporary sibling, 
 place only when complete. Figures known only at the end of a pass (rows dropped, truncated...)
 ride in the custom metadata of a final zero-row batch under `lmforge_summary`; readers that do
 not know about it (datasets, pandas) see nothing.
+
+That final batch is also the stream's end marker. Every stream lmforge writes says so in its
+schema metadata (`lmforge_stream`), and a reader of such a stream refuses it when the marker is
+missing, wherever the stream was cut: an Arrow stream cut at a record-batch boundary (a producer
+killed in a pipe, a copy interrupted) is otherwise valid Arrow and would pass for a whole one.
+Arrow from other tools (no `lmforge_stream` key) is read as it is.
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import pyarrow as pa
 from lmforge.shared.core.errors import BadInput
-from lmforge.shared.core.rundir import temp_sibling
+from lmforge.shared.core.rundir import clean_stale, lock, output_lock_path, temp_sibling, unlock
 
 if TYPE_CHECKING:
     from typing_extensions import TypeIs
 
 META_KEY = b"lmforge"
 SUMMARY_KEY = "lmforge_summary"
+STREAM_KEY = b"lmforge_stream"   # schema metadata: "ends with a summary batch" (value: format version)
 BATCH_ROWS = 4096
 _FILE_MAGIC = b"ARROW1"
 _POISON = b"\xff\xff\xff\xff\x08\x00\x00\x00LMFAILED"
@@ -59,7 +66,8 @@ class ArrowSource:
         return read_meta(self.schema)
 
     def batches(self) -> Iterator[pa.RecordBatch]:
-        """Record batches in order (zero-row batches skipped). Reads each part once."""
+        """Record batches in order (zero-row batches skipped). Reads each part once. An lmforge
+        stream that ends without its end marker raises BadInput once its last batch is read."""
         rows = 0
         for part in self._parts:
             if isinstance(part, pa.ipc.RecordBatchFileReader):
@@ -69,6 +77,7 @@ class ArrowSource:
                         rows += batch.num_rows
                         yield batch
                 continue
+            ended = False
             while True:
                 try:
                     batch, custom = part.read_next_batch_with_custom_metadata()
@@ -76,12 +85,22 @@ class ArrowSource:
                     break
                 except (pa.ArrowInvalid, OSError) as exc:
                     raise BadInput(f"{self.name}: truncated or corrupt Arrow data after {rows} rows "
-                                   f"({exc})", "regenerate the file") from None
+                                   f"({exc})", "regenerate it") from None
                 if custom and SUMMARY_KEY.encode() in custom:
                     self._summary = json.loads(custom[SUMMARY_KEY.encode()])
+                    ended = True
                 if batch.num_rows:
+                    ended = False   # rows after an end marker: it was not the end
                     rows += batch.num_rows
                     yield batch
+            if not ended and _promises_end(part.schema):
+                raise BadInput(f"{self.name}: truncated: the stream stops after {rows} rows without its end "
+                               "marker (the command that wrote it was stopped or failed)", "regenerate it")
+
+    def check_complete(self) -> int:
+        """Read the whole dataset once (memory-mapped: cheap) to prove it is complete; its rows.
+        For callers that hand the file to another reader (datasets) afterwards."""
+        return sum(batch.num_rows for batch in self.batches())
 
     def rows(self) -> Iterator[dict]:
         for batch in self.batches():
@@ -93,6 +112,21 @@ class ArrowSource:
 
     def read_all(self) -> pa.Table:
         return pa.Table.from_batches(list(self.batches()), schema=self.schema)
+
+
+def _promises_end(schema: pa.Schema) -> bool:
+    return bool(schema.metadata) and STREAM_KEY in schema.metadata
+
+
+def end_batch(schema: pa.Schema, summary: dict | None) -> tuple[pa.RecordBatch, dict[str, str]]:
+    """The zero-row batch that ends every lmforge stream, and its custom metadata."""
+    empty = pa.RecordBatch.from_pylist([], schema=schema)
+    return empty, {SUMMARY_KEY: json.dumps(summary or {}, sort_keys=True)}
+
+
+def stream_schema(schema: pa.Schema) -> pa.Schema:
+    """`schema` with the promise of an end marker (what every lmforge writer writes)."""
+    return schema.with_metadata({**(schema.metadata or {}), STREAM_KEY: b"1"})
 
 
 def _open_part(path: Path, name: str):
@@ -174,16 +208,19 @@ def spool_stdin(source: ArrowSource, directory: str | Path | None = None) -> Arr
 
     if source.path is not None:
         return source
-    fd, tmp = tempfile.mkstemp(prefix="lmforge-stdin-", suffix=".arrow", dir=directory)
+    clean_stale(Path(directory or tempfile.gettempdir()), "lmforge-stdin-*.arrow")
+    fd, tmp = tempfile.mkstemp(prefix=f"lmforge-stdin-{os.getpid()}-", suffix=".arrow", dir=directory)
     os.close(fd)
-    with pa.OSFile(tmp, "wb") as sink:
-        writer = pa.ipc.new_stream(sink, source.schema)
-        for batch in source.batches():
-            writer.write_batch(batch)
-        writer.close()
     import atexit
 
     atexit.register(lambda: Path(tmp).unlink(missing_ok=True))
+    with pa.OSFile(tmp, "wb") as sink:
+        schema = stream_schema(source.schema)
+        writer = pa.ipc.new_stream(sink, schema)
+        for batch in source.batches():
+            writer.write_batch(batch)
+        writer.write_batch(*end_batch(schema, source.summary()))
+        writer.close()
     spooled = open_arrow(tmp)
     spooled.name = "stdin"
     return spooled
@@ -195,6 +232,7 @@ def spool_stdin(source: ArrowSource, directory: str | Path | None = None) -> Arr
 def check_output(path: str | Path | None) -> None:
     """Fail early, before any work, when the output cannot be written."""
     if is_stdin(path):
+        sys.stdout.buffer.write(b"")   # a closed stdout (`>&-`) refuses here, before any work
         if sys.stdout.isatty():
             raise BadInput("refusing to write binary Arrow data to a terminal",
                            "pass -o FILE, or pipe into another command (e.g. `| lmforge data show`)")
@@ -216,7 +254,12 @@ class AtomicFile:
         self.handle: io.BufferedWriter | None = None
 
     def __enter__(self) -> io.BufferedWriter:
-        self.handle = open(self.tmp, "wb")
+        lock(output_lock_path(self.path), str(self.path))   # one writer per output
+        try:
+            self.handle = open(self.tmp, "wb")
+        except BaseException:
+            unlock(output_lock_path(self.path))
+            raise
         return self.handle
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -224,10 +267,13 @@ class AtomicFile:
         try:
             self.handle.close()
         finally:
-            if exc_type is None:
-                os.replace(self.tmp, self.path)
-            else:
-                self.tmp.unlink(missing_ok=True)
+            try:
+                if exc_type is None:
+                    os.replace(self.tmp, self.path)
+                else:
+                    self.tmp.unlink(missing_ok=True)
+            finally:
+                unlock(output_lock_path(self.path))
 
 
 class ArrowOutput:
@@ -238,7 +284,7 @@ class ArrowOutput:
 
         check_output(path)
         self.path = None if is_stdin(path) else Path(path)
-        self.schema = with_meta(schema, meta)
+        self.schema = stream_schema(with_meta(schema, meta))
         self.rows = 0
         self._atomic: AtomicFile | None = None
         self._writer: Any = None  # a pa.ipc.RecordBatchStreamWriter once entered
@@ -270,10 +316,8 @@ class ArrowOutput:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if exc_type is None and self._summary is not None:
-                empty = pa.RecordBatch.from_pylist([], schema=self.schema)
-                self._writer.write_batch(
-                    empty, custom_metadata={SUMMARY_KEY: json.dumps(self._summary, sort_keys=True)})
+            if exc_type is None:   # the end marker, with the summary of the pass
+                self._writer.write_batch(*end_batch(self.schema, self._summary))
             if exc_type is None or self.path is not None:
                 self._writer.close()
             else:

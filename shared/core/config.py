@@ -11,6 +11,9 @@ from pathlib import Path
 from lmforge.shared.core.errors import BadInput
 
 
+_MAX_BYTES = 1 << 20
+
+
 def option_key(name: str) -> str:
     return name.strip().lstrip("-").replace("-", "_")
 
@@ -25,7 +28,16 @@ def load_config(path: str | Path) -> dict[str, object]:
         raise BadInput(f"config file {path} not found", "check the path given to --config") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInput(f"config file {path} cannot be read ({exc})") from None
+    if len(text) > _MAX_BYTES:
+        raise BadInput(f"config file {path}: {len(text):,} bytes, more than an option file needs "
+                       f"({_MAX_BYTES:,} at most)", "give a file of `option-name: value` lines")
     try:
+        # aliases (*name) refused: a few hundred bytes of nested aliases expand to gigabytes
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                mark = event.start_mark
+                raise BadInput(f"config file {path} line {mark.line + 1}: YAML aliases (*{event.anchor}) "
+                               "are not allowed", "write the values out")
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

@@ -10,7 +10,18 @@ from __future__ import annotations
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130   # Ctrl-C (SIGINT); SIGTERM gives 143 and SIGHUP 129 (128 + the signal)
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised where the program is, like Ctrl-C's KeyboardInterrupt, so the
+    same clean-up runs (atomic outputs removed, unfinished runs undone) before the exit. Not an
+    Exception (library code that catches those lets it through), nor a KeyboardInterrupt (which
+    Typer turns into a bare exit 130)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 class LmforgeError(Exception):

@@ -31,40 +31,144 @@ CHECKPOINTS = "checkpoints"
 
 
 def temp_sibling(path: Path) -> Path:
-    """The hidden name an atomic write goes through before it is renamed to PATH."""
+    """The hidden name an atomic write goes through before it is renamed to PATH. It carries the
+    writer's process id, so leftovers of a killed writer are known as such: they are removed
+    here, the next time anything is written in that directory."""
+    clean_stale(path.parent, ".*.tmp-*")
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def written_as(name: str) -> str:
-    """The final path behind a temporary sibling's name (for error messages); others unchanged."""
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True   # someone else's process
+    except OSError:
+        return True
+    return True
+
+
+def clean_stale(directory: Path, pattern: str) -> None:
+    """Remove entries of `directory` matching `pattern` whose name holds the id of a process that
+    no longer exists: the temporaries of writers killed before they could clean up (kill -9)."""
     import re
 
-    return re.sub(r"(^|/)\.([^/]+)\.tmp-\d+$", r"\1\2", name)
+    try:
+        entries = list(directory.glob(pattern))
+    except OSError:
+        return
+    for entry in entries:
+        found = re.search(r"(?:tmp-|stdin-)(\d+)", entry.name)
+        if not found or pid_alive(int(found.group(1))):
+            continue
+        try:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        except OSError:
+            pass
+
+
+def written_as(name: str) -> str:
+    """The final path behind a temporary sibling's or lock file's name (for error messages)."""
+    import re
+
+    return re.sub(r"(^|/)\.([^/]+)\.(tmp-\d+|lock)$", r"\1\2", name)
+
+
+LOCK = ".lmforge.lock"
+_held: dict[str, int] = {}   # lock files this process holds (path -> fd), for its lifetime
+
+
+def lock(path: Path, what: str) -> None:
+    """Hold an exclusive lock on `path` (created if needed) until this process ends or
+    `unlock(path)`: a second lmforge process writing the same output is refused, naming the first.
+    An flock is released by the kernel when its holder dies, so a killed run never leaves a lock
+    that blocks the next one."""
+    import fcntl
+
+    key = str(path.resolve())
+    if key in _held:
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise BadInput(f"{what}: another lmforge process (pid {holder}) is writing it",
+                       "wait for it to finish (or stop it), or choose another output") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[key] = fd
+
+
+def unlock(path: Path) -> None:
+    """Release a lock taken by `lock` and remove its file."""
+    fd = _held.pop(str(path.resolve()), None)
+    if fd is not None:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+BEGUN = ".lmforge-run"   # written first into a run directory: "lmforge started a run here"
 
 
 def prepare(out: Path, *, overwrite: bool, resume: bool) -> Path | None:
-    """Make OUT ready; returns the checkpoint to resume from (None for a fresh start)."""
+    """Make OUT ready and lock it for this run; returns the checkpoint to resume from (None for a
+    fresh start). A directory left by a run that died before its first checkpoint (lmforge's
+    mark, no checkpoint, no record) starts afresh, with a note, with or without --resume."""
+    from lmforge.shared.core import log
+
     if out.exists() and not out.is_dir():
         raise BadInput(f"{out}: exists and is not a directory", "give a directory to -o")
-    busy = out.exists() and any(out.iterdir())
+    out.mkdir(parents=True, exist_ok=True)
+    if _is_main_rank():   # before anything in OUT is touched: --overwrite of a running run is refused
+        lock(out / LOCK, str(out))
+    contents = [c for c in out.iterdir() if c.name != LOCK]
+    last = last_checkpoint(out)
+    finished = (out / RECORD).exists()
+    if contents and last is None and not finished and (out / BEGUN).exists():
+        log.info(f"{out}: an earlier run stopped before its first checkpoint; starting afresh")
+        if _is_main_rank():
+            _empty(out)
+        return None
     if resume:
-        if not busy:
+        if not contents:
             return None  # nothing to resume: a fresh start
-        last = last_checkpoint(out)
-        if last is None and not (out / RECORD).exists():
+        if last is None and not finished:
             raise BadInput(f"{out}: has no checkpoint to resume from", "use --overwrite to start again")
         return last
-    if busy:
+    if contents:
         if not overwrite:
             raise BadInput(f"{out}: exists and is not empty",
                            "pass --overwrite to replace it, or --resume to continue an interrupted run")
-        _empty(out)
-    out.mkdir(parents=True, exist_ok=True)
+        if _is_main_rank():
+            _empty(out)
     return None
+
+
+def begin(out: Path) -> None:
+    """Mark OUT as a run lmforge has started (see `prepare`); removed when the run finishes."""
+    if _is_main_rank():
+        (out / BEGUN).write_text(f"{os.getpid()}\n")
+
+
+def finish(out: Path) -> None:
+    """The run is complete: drop the start mark and the lock."""
+    if _is_main_rank():
+        (out / BEGUN).unlink(missing_ok=True)
+        unlock(out / LOCK)
 
 
 def _empty(directory: Path) -> None:
     for child in directory.iterdir():
+        if child.name == LOCK:
+            continue
         shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 
@@ -82,20 +186,36 @@ def removed_on_failure(out: Path, *, fresh: bool, created: bool):
         raise
 
 
+def output_lock_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextmanager
+def output_lock(path: Path):
+    """One writer per output file or directory: a second lmforge process writing PATH is refused."""
+    lockfile = output_lock_path(path)
+    lock(lockfile, str(path))
+    try:
+        yield
+    finally:
+        unlock(lockfile)
+
+
 @contextmanager
 def staged(out: Path):
     """Build a directory beside OUT and move it into place only once the block completes: a failed
     or interrupted run leaves OUT as it was (or absent), never half-written."""
-    tmp = temp_sibling(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
+    with output_lock(out):
+        tmp = temp_sibling(out)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        try:
+            yield tmp
+            if out.exists():
+                shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def last_checkpoint(out: Path) -> Path | None:

@@ -26,10 +26,12 @@ class PackedCollator:
         self.neat = neat
         self.pad_id = pad_id
         self.tokens = 0          # real (unpadded) tokens seen, for tokens/s
+        self.counts: list[int] = []   # per batch: the loader reads ahead, so what trained is a prefix
 
     def __call__(self, rows: list[dict]) -> dict:
         import torch
 
+        self.counts.append(sum(len(r["input_ids"]) for r in rows))
         longest = max(len(r["input_ids"]) for r in rows)
         ids, labels, positions = [], [], []
         for row in rows:
@@ -60,11 +62,13 @@ class PairCollator:
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
         self.tokens = 0
+        self.counts: list[int] = []
 
     def __call__(self, rows: list[dict]) -> dict:
         sequences = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [r["prompt_ids"] + r["rejected_ids"] for r in rows]
         longest = max(len(s) for s in sequences)
         self.tokens += sum(len(s) for s in sequences)
+        self.counts.append(sum(len(s) for s in sequences))
         import torch
 
         return {"input_ids": torch.tensor([s + [self.pad_id] * (longest - len(s)) for s in sequences]),

@@ -92,11 +92,17 @@ class FastBPE:
             return None
         if len(ranks) != len(vocab):
             return None
+        if any(bytes([b]) not in ranks for b in range(256)):
+            return None   # tiktoken needs every single byte as a token (it panics on text it cannot cover)
         specials = {a["content"]: a["id"] for a in cfg.get("added_tokens", [])}
         try:
             encoding = tiktoken.Encoding(f"lmforge-{id(tokenizer)}", pat_str=pattern, mergeable_ranks=ranks,
                                          special_tokens=specials)
-        except Exception:  # a pattern tiktoken's regex engine does not take
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # a pattern its regex engine does not take; a Rust panic (BaseException)
+            if type(exc).__name__ == "Terminated":
+                raise
             return None
         return cls(encoding, pattern, normalizer is not None, list(specials))
 

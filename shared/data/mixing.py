@@ -38,6 +38,13 @@ def check_compatible(inputs: list[ArrowSource]) -> dict:
                                    f"{base.get(key)!r}, {other.name} has {meta.get(key)!r}",
                                    "pack them with the same settings")
         if other.schema.remove_metadata() != first.schema.remove_metadata():
+            if base.get("kind") == "aligned":
+                from lmforge.shared.data.aligned import version_of
+
+                versions = version_of(base, first.schema), version_of(meta, other.schema)
+                if versions[0] != versions[1]:
+                    raise BadInput(f"cannot merge {first.name} (aligned schema v{versions[0]}) with {other.name} "
+                                   f"(v{versions[1]})", "re-run `lmforge data align` on the older one")
             raise BadInput(f"cannot merge {first.name} and {other.name}: their columns differ",
                            "merge datasets made by the same lmforge commands")
     return {k: v for k, v in base.items() if k not in ("provenance", "stats")}
@@ -56,6 +63,9 @@ def parse_probs(text: str | None, n: int) -> list[float] | None:
         raise BadInput(f"--probs {text!r}: probabilities must be >= 0 and not all 0")
     total = sum(probs)
     return [p / total for p in probs]
+
+
+_DRAWS = 1000
 
 
 class _Cursor:
@@ -90,6 +100,11 @@ class _Cursor:
 
 
 def merge(inputs: list[ArrowSource], mix: str, probs: list[float] | None, seed: int) -> Iterator[pa.RecordBatch]:
+    """Rows in the order `datasets.interleave_datasets` gives (stopping_strategy first_exhausted
+    for interleave-under, all_exhausted for interleave-over; the same draws for the same seed):
+    round robin stops at the end of a round (the shortest input's length in rounds, or the
+    longest's when oversampling); with probabilities, at the draw that exhausts the first input
+    (or, oversampling, the last)."""
     if mix == "concat":
         for source in inputs:
             yield from source.batches()
@@ -106,9 +121,9 @@ def merge(inputs: list[ArrowSource], mix: str, probs: list[float] | None, seed: 
         if probs is None:
             index = step % len(cursors)
         else:
-            if step % BATCH_ROWS == 0:
-                draws = rng.choice(len(cursors), size=BATCH_ROWS, p=probs)
-            index = int(draws[step % BATCH_ROWS])
+            if step % _DRAWS == 0:   # datasets draws its sources in blocks of 1000
+                draws = rng.choice(len(cursors), size=_DRAWS, p=probs)
+            index = int(draws[step % _DRAWS])
         step += 1
         cursor = cursors[index]
         batch, row = cursor.take()
@@ -116,7 +131,11 @@ def merge(inputs: list[ArrowSource], mix: str, probs: list[float] | None, seed: 
         if len(pending) >= BATCH_ROWS:
             yield from _combine(pending)
             pending = []
-        if cursor.done and (not over or all(c.exhausted_once for c in cursors)):
+        if probs is None:
+            if step % len(cursors) == 0 and (all(c.exhausted_once for c in cursors) if over
+                                             else any(c.exhausted_once for c in cursors)):
+                break
+        elif cursor.done and (not over or all(c.exhausted_once for c in cursors)):
             break
     if pending:
         yield from _combine(pending)
@@ -133,6 +152,8 @@ def count_rows(source: ArrowSource) -> int:
 
 def split_masks(n: int, val_size: float, seed: int) -> np.ndarray:
     """A boolean array, True for the rows that go to validation."""
+    if not np.isfinite(val_size):
+        raise BadInput(f"--val-size {val_size}: not a number", "give a fraction (0.1) or a row count (500)")
     if val_size <= 0:
         raise BadInput(f"--val-size {val_size}: must be > 0", "give a fraction (0.1) or a row count (500)")
     k = int(round(n * val_size)) if val_size < 1 else int(val_size)

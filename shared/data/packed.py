@@ -24,6 +24,7 @@ def open_packed(source: str, stages: tuple[str, ...], what: str = "--data") -> P
     opened = spool_stdin(open_arrow(source))
     require(opened.meta, opened.name, kind="packed", stages=stages,
             hint=f"pack it with `lmforge data pack --stage {stages[0]}`")
+    opened.check_complete()   # a cut file must not pass for whole (datasets would read it as it is)
     import datasets
 
     datasets.disable_progress_bars()

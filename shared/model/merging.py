@@ -26,15 +26,17 @@ def _adapter_dir(path: str | Path) -> Path:
     return p
 
 
-def load_with_adapters(base: str, adapters: list[str], dtype, device: str = "cpu", merge_all: bool = False):
+def load_with_adapters(base: str, adapters: list[str], dtype, device: str = "cpu", merge_all: bool = False,
+                       attn: str = "auto"):
     """Base model + adapters; returns (model, tokenizer, records). All adapters but the last are
     merged in; the last stays a PEFT adapter (it can be switched off) unless merge_all."""
-    from lmforge.shared.model.models import _config, load_tokenizer_for, resize_to
+    from lmforge.shared.model.models import _config, attention_for, load_tokenizer_for, resize_to
     from transformers import AutoModelForCausalLM
 
     dirs = [_adapter_dir(a) for a in adapters]
     records = [rundir.read_record(d) for d in dirs]
-    _config(base)
+    half = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(dtype), "fp32")
+    kernel = attention_for(_config(base), attn, device, half)
     added = []
     for record in records:
         for token in record.get("added_tokens", []):
@@ -51,7 +53,7 @@ def load_with_adapters(base: str, adapters: list[str], dtype, device: str = "cpu
                 raise BadInput(f"adapter {d} was trained with tokenizer {want}, but base {base} gives {have}",
                                "merge it into the base model it was trained on")
     # a causal LM, PEFT-wrapped while an adapter is applied (PEFT forwards merge_and_unload dynamically)
-    model: Any = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, attn_implementation=kernel)
     resize_to(model, tokenizer)
     from peft import PeftModel
 
@@ -67,11 +69,23 @@ def load_with_adapters(base: str, adapters: list[str], dtype, device: str = "cpu
     return model.to(device), tokenizer, records
 
 
+def _check_shard_size(size: str) -> None:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        ok = convert_file_size_to_int(size) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise BadInput(f"--max-shard-size {size}: not a size", "a whole number and a unit, e.g. 2GB or 500MB")
+
+
 def merge(base: str, adapters: list[str], out: Path, dtype_name: str = "auto",
           max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
     import torch
     from lmforge.shared.model.models import is_quantized_dir, write_generation_config
 
+    _check_shard_size(max_shard_size)   # before minutes of loading
     if is_quantized_dir(base):
         raise BadInput(f"{base}: holds quantized weights, which adapters cannot be merged into",
                        "merge into the original model, then quantize the result with `lmforge model quantize`")

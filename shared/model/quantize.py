@@ -19,9 +19,10 @@ from pathlib import Path
 
 from lmforge.shared.core import catalog
 from lmforge.shared.core import log, rundir
-from lmforge.shared.core.errors import BadInput, RunFailure
+from lmforge.shared.core.errors import BadInput, LmforgeError, RunFailure
 
 METHODS = catalog.QUANT_METHODS
+_GPTQ_MIN_TOKENS = 10   # GPTQModel removes calibration rows of this many tokens or fewer
 BITS = {"bnb-nf4": (4,), "bnb-int8": (8,), "gptq": (4, 8, 3, 2), "awq": (4,)}  # the first is the default
 
 
@@ -47,10 +48,9 @@ def quantize(model: str, out: Path, method: str, bits: int | None, group_size: i
     bits = bits or BITS[method][0]
     if bits not in BITS[method]:
         raise BadInput(f"--bits {bits} does not go with --method {method}", f"use {' or '.join(map(str, BITS[method]))}")
+    _config(model)   # a missing or unusable model is named first
     if method in ("gptq", "awq") and not calib:
         raise BadInput(f"--method {method} needs calibration data", "pass --calib an aligned or packed dataset")
-    if not calib and not eval_data:
-        raise BadInput("no text to measure perplexity on", "pass --eval-data (or --calib, whose last rows are held out)")
     busy = (out.is_dir() and any(out.iterdir())) or (out.exists() and not out.is_dir())
     if busy and not overwrite:
         raise BadInput(f"{out}: exists", "pass --overwrite to replace it")
@@ -58,34 +58,50 @@ def quantize(model: str, out: Path, method: str, bits: int | None, group_size: i
     if method == "awq" and device.kind != "cuda":
         raise BadInput("--method awq quantizes on a CUDA GPU only (GPTQModel's AWQ quantizer)",
                        "use gptq, bnb-int8 or bnb-nf4 on a CPU; AWQ checkpoints made elsewhere still load here")
-    _config(model)
     tokenizer = load_tokenizer(model)
     torch.manual_seed(seed)
-    calib_rows = _texts_and_ids(calib, tokenizer, calib_samples + (0 if eval_data else eval_samples), max_length)
+    measured = bool(calib or eval_data)   # bitsandbytes needs no data: perplexity only when some is given
+    calib_rows = _texts_and_ids(calib, tokenizer, calib_samples + (0 if eval_data else eval_samples), max_length) \
+        if calib else []
     if eval_data:
         held_out = _texts_and_ids(eval_data, tokenizer, eval_samples, max_length)
     else:  # the last rows of the calibration data, not used to calibrate
         held_out, calib_rows = calib_rows[-eval_samples:], calib_rows[:-eval_samples] or calib_rows
-    if not held_out:
+    if measured and not held_out:
         raise BadInput("no usable rows to measure perplexity on", "check --eval-data/--calib")
     from transformers import AutoModelForCausalLM
 
-    reference = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
-    before = perplexity(reference, held_out)
-    del reference
-    log.info(f"quantize: perplexity before {before['perplexity']:.4f} on {before['tokens']:,} held-out tokens")
+    if method in ("gptq", "awq") and not any(len(ids) > _GPTQ_MIN_TOKENS for ids, _ in calib_rows):
+        raise BadInput(f"--calib {calib}: no calibration row is longer than {_GPTQ_MIN_TOKENS} tokens "
+                       "(GPTQModel drops shorter ones)", "give longer texts (pre-training text works well)")
+    before = None
+    if measured:
+        reference = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+        before = perplexity(reference, held_out)
+        del reference
+        log.info(f"quantize: perplexity before {before['perplexity']:.4f} on {before['tokens']:,} held-out tokens")
+    else:
+        log.info("quantize: no --eval-data or --calib: quantizing without measuring perplexity")
     started = time.monotonic()
     with rundir.staged(out) as tmp:
         with log.captured("quantize"):  # GPTQModel draws progress bars on stdout
             if method.startswith("bnb"):
                 _bitsandbytes(model, tmp, bits, device)
             else:
-                _gptqmodel(model, tmp, method, bits, group_size, [ids for ids, _ in calib_rows], device)
+                try:
+                    _gptqmodel(model, tmp, method, bits, group_size, [ids for ids, _ in calib_rows], device)
+                except (LmforgeError, KeyboardInterrupt):
+                    raise
+                except Exception as exc:   # GPTQModel's own failures can carry no message at all
+                    raise RunFailure(f"GPTQModel could not quantize to {bits} bits ({type(exc).__name__}: "
+                                     f"{str(exc).strip() or 'no message'})",
+                                     ("try --bits 4 or 8, or " if bits not in (4, 8) else "")
+                                     + "run with --debug to see where it failed") from exc
         tokenizer.save_pretrained(str(tmp))
         with log.captured("quantize"):
             quantized = AutoModelForCausalLM.from_pretrained(str(tmp), device_map="cpu" if device.kind == "cpu" else "auto")
         try:
-            after = perplexity(quantized, held_out)
+            after = perplexity(quantized, held_out) if measured else None
         except AssertionError as exc:  # bitsandbytes' CPU 4-bit kernels want widths divisible by their block size
             raise RunFailure(f"the {method} model does not run here ({exc})",
                              "the model's layer widths do not suit this kernel; try bnb-int8 or gptq") from None
@@ -93,14 +109,16 @@ def quantize(model: str, out: Path, method: str, bits: int | None, group_size: i
             "model", method=f"quantize-{method}", bits=bits,
             group_size=group_size if method in ("gptq", "awq") else None, base_model=rundir.model_ref(model),
             calibration={"data": calib, "rows": len(calib_rows)} if method in ("gptq", "awq") else None,
-            perplexity={"before": before["perplexity"], "after": after["perplexity"],
-                        "change": after["perplexity"] / before["perplexity"] - 1.0,
-                        "tokens": after["tokens"], "data": eval_data or calib},
+            perplexity=None if before is None or after is None else {
+                "before": before["perplexity"], "after": after["perplexity"],
+                "change": after["perplexity"] / before["perplexity"] - 1.0,
+                "tokens": after["tokens"], "data": eval_data or calib},
             seconds=round(time.monotonic() - started, 1),
             size_bytes=sum(f.stat().st_size for f in tmp.rglob("*.safetensors")))
         rundir.write_record(tmp, report)
-    log.info(f"quantize: perplexity after {after['perplexity']:.4f} ({report['perplexity']['change']:+.2%}); "
-             f"{report['size_bytes'] / 2**20:.1f} MiB of weights")
+    change = (f"perplexity after {after['perplexity']:.4f} ({report['perplexity']['change']:+.2%}); "
+              if after is not None else "")
+    log.info(f"quantize: {change}{report['size_bytes'] / 2**20:.1f} MiB of weights")
     return report
 
 
