@@ -39,6 +39,9 @@ def _table(title: str, columns: list[str], rows: list[list[str]], footer: list[s
 def _benchmark(which: str, opts: dict) -> None:
     from lmforge.shared.core import log
     from lmforge.shared.infer import evaluate
+    from lmforge.shared.model.models import prefer_attention
+
+    prefer_attention(opts.pop("attn"))
 
     log.quiet_libraries()
     json_out = opts.pop("json_out")
@@ -74,6 +77,9 @@ def generate(**opts) -> None:
     from lmforge.shared.core import log
     from lmforge.shared.infer import evaluate
     from lmforge.shared.model.generation import Sampling
+    from lmforge.shared.model.models import prefer_attention
+
+    prefer_attention(opts.pop("attn"))
 
     log.quiet_libraries()
     sampling = Sampling(max_new_tokens=opts["max_new_tokens"], temperature=opts["temperature"], top_p=opts["top_p"],
@@ -90,6 +96,9 @@ def generate(**opts) -> None:
 def perplexity(**opts) -> None:
     from lmforge.shared.core import log
     from lmforge.shared.infer import evaluate
+    from lmforge.shared.model.models import prefer_attention
+
+    prefer_attention(opts.pop("attn"))
 
     log.quiet_libraries()
     report = evaluate.perplexity_eval(opts["model"], opts["adapter"], opts["data"], opts["batch_size"])
@@ -103,6 +112,9 @@ def perplexity(**opts) -> None:
 def rm(**opts) -> None:
     from lmforge.shared.core import log
     from lmforge.shared.infer import evaluate
+    from lmforge.shared.model.models import prefer_attention
+
+    prefer_attention(opts.pop("attn"))
 
     log.quiet_libraries()
     report = evaluate.reward_eval(opts["model"], opts["reward"], opts["data"], opts["batch_size"])

@@ -61,10 +61,24 @@ def backend_json(tokenizer) -> str:
 
 
 def fingerprint(tokenizer) -> str:
-    digest = hashlib.sha256(backend_json(tokenizer).encode("utf-8"))
-    for name in ("bos_token", "eos_token"):  # (not pad: training sets one when missing)
-        digest.update(f"{name}={getattr(tokenizer, name, None)}".encode())
-    return digest.hexdigest()[:16]
+    """What tokenizes, not which Python class holds it: the model (vocabulary, merges), the
+    normaliser and pre-tokeniser, the added and special tokens, whether BOS/EOS are added to plain
+    text, and the chat template. Byte-identical tokenizer files loaded for different model types
+    give the same fingerprint whenever they give the same ids."""
+    import json
+
+    backend = json.loads(backend_json(tokenizer))
+    added = sorted((t["id"], t["content"], bool(t.get("special"))) for t in backend.get("added_tokens") or [])
+    probe = tokenizer("a b").input_ids  # what the post-processor adds around plain text
+    content = {
+        "model": backend.get("model"), "normalizer": backend.get("normalizer"),
+        "pre_tokenizer": backend.get("pre_tokenizer"), "added": added,
+        "around_text": [probe[0] if probe and probe[0] in (tokenizer.bos_token_id,) else None,
+                        probe[-1] if probe and probe[-1] in (tokenizer.eos_token_id,) else None],
+        "bos": tokenizer.bos_token, "eos": tokenizer.eos_token,   # (not pad: training sets one when missing)
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
 
 
 def describe(tokenizer, name: str | Path, added: list[str]) -> dict:

@@ -2,7 +2,9 @@
 
 - dtype per device: bf16 on GPUs of compute capability >= 8, fp16 on older GPUs, fp32 on CPU
   (unless asked otherwise);
-- attention: flash_attention_2 when installed on CUDA, else sdpa;
+- attention: per architecture, what transformers supports for the model's class
+  (`attention_for`): flash_attention_2 when installed on CUDA, else sdpa, else eager;
+  an explicit `--attn` the class does not support is refused, naming the ones it does;
 - RoPE scaling when the training cutoff exceeds the model's context;
 - tokens added by `data pack` (template markers) are added again and the embeddings resized,
   new rows drawn around the mean of the old ones (transformers' `mean_resizing`);
@@ -32,31 +34,78 @@ class Device:
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.dtype_name]
 
 
+def dtype_for(kind: str, capability: tuple[int, int] | None = None) -> str:
+    """The precision `--precision auto` picks: bf16 on CUDA GPUs of compute capability >= 8.0
+    (A100, L4, H100/H200: bf16 tensor cores), fp16 on older ones (V100 7.0, T4 7.5: no bf16
+    tensor cores), fp16 on Apple's MPS, fp32 on CPUs."""
+    if kind == "cuda":
+        return "bf16" if capability is not None and capability[0] >= 8 else "fp16"
+    return "fp16" if kind == "mps" else "fp32"
+
+
 def choose_device(precision: str = "auto", attn: str = "auto") -> Device:
     import torch
 
     if torch.cuda.is_available():
         kind = "cuda"
-        major, _ = torch.cuda.get_device_capability()
-        auto = "bf16" if major >= 8 else "fp16"
+        auto = dtype_for(kind, torch.cuda.get_device_capability())
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        kind, auto = "mps", "fp16"
+        kind, auto = "mps", dtype_for("mps")
     else:
-        kind, auto = "cpu", "fp32"
+        kind, auto = "cpu", dtype_for("cpu")
     dtype = auto if precision == "auto" else precision
     if kind == "cpu" and dtype == "fp16":
         raise BadInput("--precision fp16 needs a GPU", "use bf16 or fp32 on a CPU")
-    if attn == "auto":
-        attn = "sdpa"
-        if kind == "cuda":
+    return Device(kind, dtype, attn)   # attn "auto" is resolved per model by load_model
+
+
+_preferred_attention = "auto"
+
+
+def prefer_attention(attn: str) -> None:
+    """The `--attn` of a command that loads models for inference (eval, serve, chat)."""
+    global _preferred_attention
+    _preferred_attention = attn
+
+
+def attention_for(config, requested: str, device_kind: str, dtype_name: str) -> str:
+    """The attention kernel for this model: what its transformers class supports.
+
+    auto: flash_attention_2 on CUDA in half precision when installed, else sdpa, else eager
+    (gemma2's soft-capped scores and gpt_oss's attention sinks have only eager on a CPU: see
+    archrules). An explicit choice the class lacks is refused with the choices it has."""
+    from lmforge.shared.model import archrules
+
+    supported = archrules.attention_kernels(config)
+    if requested in ("auto", "", None):
+        if "flash_attention_2" in supported and flash_attention_fits(device_kind, dtype_name, _cuda_capability()):
             try:
                 import flash_attn  # noqa: F401
 
-                if dtype in ("bf16", "fp16"):
-                    attn = "flash_attention_2"
+                return "flash_attention_2"
             except ImportError:
                 pass
-    return Device(kind, dtype, attn)
+        return "sdpa" if "sdpa" in supported else "eager"
+    if requested not in supported:
+        why = archrules.attention_reason(config)
+        raise BadInput(f"--attn {requested}: transformers has no {requested} attention for "
+                       f"{getattr(config, 'model_type', '?')} models" + (f" ({why})" if why else ""),
+                       f"use --attn {' or '.join(k for k in ('eager', 'sdpa', 'flash_attention_2') if k in supported)}"
+                       " (or auto)")
+    return requested
+
+
+def flash_attention_fits(device_kind: str, dtype_name: str, capability: tuple[int, int] | None) -> bool:
+    """Whether flash-attention 2 can run here (when installed): CUDA, half precision, and an
+    Ampere or newer GPU (compute capability >= 8.0; a V100 or T4 has no kernel for it)."""
+    return (device_kind == "cuda" and dtype_name in ("bf16", "fp16") and capability is not None
+            and capability[0] >= 8)
+
+
+def _cuda_capability() -> tuple[int, int] | None:
+    import torch
+
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
 
 
 def _config(name: str | Path):
@@ -95,6 +144,7 @@ def load_model(name: str | Path, device: Device, *, cutoff: int | None = None, r
 
     config = _config(name)
     scaling = rope_scaling_for(config, cutoff, rope)
+    device.attn = attention_for(config, device.attn, device.kind, device.dtype_name)
     kwargs = {"dtype": device.dtype, "attn_implementation": device.attn}
     if scaling:
         config.rope_parameters = scaling
@@ -192,15 +242,15 @@ def write_generation_config(base: str | Path, out: Path, tokenizer, stop_words: 
     config.save_pretrained(str(out))
 
 
-def load_for_inference(model_dir: str, adapter: str | None, precision: str = "auto"):
-    """(model, tokenizer) ready for inference."""
+def load_for_inference(model_dir: str, adapter: str | None, precision: str = "auto", attn: str | None = None):
+    """(model, tokenizer) ready for inference (attention: `attn`, else the command's --attn)."""
     from lmforge.shared.core import rundir
 
-    device = choose_device(precision)
+    device = choose_device(precision, attn or _preferred_attention)
     if adapter:
         from lmforge.shared.model.merging import load_with_adapters
 
-        model, tokenizer, _ = load_with_adapters(model_dir, [adapter], device.dtype, device.kind)
+        model, tokenizer, _ = load_with_adapters(model_dir, [adapter], device.dtype, device.kind, attn=device.attn)
     else:
         rundir.require_finished(model_dir)
         record = rundir.read_record(model_dir)

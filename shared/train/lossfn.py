@@ -98,7 +98,9 @@ def install(model) -> Callable[[], None] | None:
     head = causal.get_output_embeddings() if hasattr(causal, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear) or type(head) is not torch.nn.Linear:
         return None  # quantized or adapted output layers keep the standard loss
-    if getattr(causal.config, "final_logit_softcapping", None):
+    from lmforge.shared.model import archrules
+
+    if not archrules.chunked_loss_exact(causal.config):  # soft-capped logits (archrules)
         return None
     stand_in = HiddenHead(head)
     causal.set_output_embeddings(stand_in)

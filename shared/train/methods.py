@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 from lmforge.shared.core import catalog
 from lmforge.shared.core import log
-from lmforge.shared.core.errors import BadInput
+from lmforge.shared.core.errors import BadInput, RunFailure
+from lmforge.shared.model import archrules
 
 METHODS = catalog.METHODS
 ADAPTERS = ("lora", "dora", "pissa")
@@ -52,6 +53,25 @@ class MethodOptions:
     @property
     def is_adapter(self) -> bool:
         return self.method in ADAPTERS
+
+
+# Options that only mean something for some methods: setting one for another method is refused
+# (it would be silently ignored). `given` is what the user set, defaults aside.
+_ONLY_FOR = {
+    ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "rslora", "loraplus_ratio"): ADAPTERS,
+    ("freeze_layers", "freeze_modules", "freeze_extra"): ("freeze",),
+    ("galore_rank", "galore_scale", "galore_update_interval", "galore_target"): ("galore",),
+    ("badam_mode", "badam_switch_interval"): ("badam",),
+}
+
+
+def refuse_unused(method: str, given: set[str]) -> None:
+    for names, methods in _ONLY_FOR.items():
+        for name in names:
+            if name in given and method not in methods:
+                flag = "--" + name.replace("_", "-")
+                raise BadInput(f"{flag} applies to --method {' / '.join(methods)}, not {method}",
+                               f"drop {flag}, or choose --method {methods[0]}")
 
 
 def validate(o: MethodOptions) -> None:
@@ -102,6 +122,16 @@ def _names(text: str) -> list[str]:
 
 def apply(model, o: MethodOptions):
     """Set up `model` for method `o.method`; returns the model to train (PEFT-wrapped for adapters)."""
+    chosen = _apply(model, o)
+    if archrules.wants_router_loss(chosen):  # a trainable MoE router: add the load-balancing loss
+        base = chosen.get_base_model() if hasattr(chosen, "get_base_model") else chosen
+        base.config.output_router_logits = True
+        log.info(f"{base.config.model_type}: router trains; load-balancing loss on "
+                 f"(x{base.config.router_aux_loss_coef:g})")
+    return chosen
+
+
+def _apply(model, o: MethodOptions):
     if o.is_adapter:
         return _lora(model, o)
     if o.method in ("full", "galore", "badam"):
@@ -118,9 +148,11 @@ def apply(model, o: MethodOptions):
 def _lora(model, o: MethodOptions):
     from peft import LoraConfig, get_peft_model
 
-    target = ("all-linear" if not _quantized_linears(model) else _quantized_linears(model)) \
-        if o.lora_target == "all" else _names(o.lora_target)
-    if target != "all-linear":
+    quantized = _quantized_linears(model)
+    if o.lora_target == "all":
+        target: str | list[str] = quantized or "all-linear"
+    else:
+        target = _names(o.lora_target)
         present = {n.split(".")[-1] for n, _ in model.named_modules()}
         unknown = [t for t in target if t not in present]
         if unknown:
@@ -133,7 +165,48 @@ def _lora(model, o: MethodOptions):
         lora_dropout=o.lora_dropout, target_modules=target, use_dora=o.method == "dora",
         use_rslora=o.rslora, init_lora_weights="pissa_niter_16" if o.method == "pissa" else True,  # type: ignore[arg-type]
         trainable_token_indices=o.added_token_ids or None)
-    return get_peft_model(model, config)
+    linears = linear_layers(model)
+    try:
+        wrapped = get_peft_model(model, config)
+    except ValueError as exc:
+        if o.method != "dora" or "dora" not in str(exc).lower():
+            raise
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        fused = archrules.fused_expert_modules(model)
+        raise BadInput(f"--method dora: {kind} keeps its experts as fused tensors"
+                       + (f" ({fused[0]})" if fused else "") + ", which PEFT's DoRA cannot adapt",
+                       "use --method lora, or --method dora with --lora-target naming linear layers "
+                       "(e.g. q_proj,v_proj)") from None
+    if target == "all-linear":
+        # PEFT's "all-linear" matches by last name and, on MoE models, trades names such as down_proj
+        # for the fused experts' tensors, leaving dense MLPs and shared experts out: those are then
+        # adapted through their weights (target_parameters), and the coverage checked
+        missing = sorted(set(linears) - adapted_modules(wrapped))
+        if missing:
+            config.target_parameters = sorted(set(config.target_parameters or []) | {f"{n}.weight" for n in missing})
+            wrapped = get_peft_model(wrapped.unload(), config)
+            missing = sorted(set(linears) - adapted_modules(wrapped))
+        if missing:
+            raise RunFailure(f"--lora-target all left {len(missing)} linear layer(s) without an adapter "
+                             f"({', '.join(missing[:4])})", "name the layers with --lora-target")
+    return wrapped
+
+
+def linear_layers(model) -> list[str]:
+    """Full names of every linear layer (torch Linear, GPT-2's Conv1D) but the output head."""
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [n for n, m in model.named_modules()
+            if m is not head and (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
+            and "value_head" not in n]
+
+
+def adapted_modules(wrapped) -> set[str]:
+    """Names (relative to the base model) of the modules that carry a LoRA adapter."""
+    prefix = "base_model.model."
+    return {n[len(prefix):] if n.startswith(prefix) else n for n, m in wrapped.named_modules()
+            if hasattr(m, "lora_A") and not n.endswith(".base_layer")}
 
 
 def _quantized_linears(model) -> list[str]:
@@ -171,11 +244,13 @@ def _freeze(model, o: MethodOptions):
     return model
 
 
-_ZERO = ("o_proj", "down_proj", "out_proj", "dense_4h_to_h", "c_proj", "fc2")
-
-
 def _expand(model, o: MethodOptions):
-    """LLaMA-Pro: insert o.expand_layers identity-initialised copies of evenly spaced layers."""
+    """LLaMA-Pro: insert o.expand_layers identity-initialised copies of evenly spaced layers.
+
+    A copy starts as the identity because what it adds to the residual stream is zero: its output
+    projections (of attention, of the MLP or the experts) are zeroed. They are found by what the
+    block computes, not by name (see _output_projections), and the result is checked: the
+    expanded model's logits must equal the original's on a batch, or the run does not start."""
     import torch
 
     name, layers = decoder_layers(model)
@@ -183,20 +258,28 @@ def _expand(model, o: MethodOptions):
     if n % k:
         raise BadInput(f"--expand-layers {k} must divide the model's {n} layers")
     every = n // k
-    expanded, new = [], []
+    probe = _probe_batch(model)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        before = model(probe).logits.float()
+    kind = getattr(model.config, "model_type", type(model).__name__)
+    expanded, new, source = [], [], []
     for i, layer in enumerate(layers):
         expanded.append(layer)
+        source.append(i)
         if (i + 1) % every == 0:
+            zero = _output_projections(model, layer, probe)
+            if not zero:
+                raise BadInput(f"--method llama-pro: cannot find the output projections of {kind}'s "
+                               f"{type(layer).__name__}", "use --method freeze or lora for this architecture")
             twin = copy.deepcopy(layer)
-            zeroed = 0
-            for pname, p in twin.named_parameters():
-                if pname.split(".")[-2] in _ZERO:
-                    with torch.no_grad():
-                        p.zero_()
-                    zeroed += 1
-            if zeroed == 0:
-                raise BadInput(f"--method llama-pro does not know the output projections of {type(layer).__name__}")
+            params = dict(twin.named_parameters())
+            with torch.no_grad():
+                for pname in zero:
+                    params[pname].zero_()
             expanded.append(twin)
+            source.append(i)
             new.append(len(expanded) - 1)
     parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
     setattr(parent, name.rsplit(".", 1)[-1], torch.nn.ModuleList(expanded))
@@ -204,11 +287,15 @@ def _expand(model, o: MethodOptions):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = index
-    config = model.config
-    if getattr(config, "layer_types", None):
-        types = list(config.layer_types)
-        config.layer_types = [t for i, t in enumerate(types) for t in ([t, t] if (i + 1) % every == 0 else [t])]
-    config.num_hidden_layers = len(expanded)
+    _expand_config(model.config, n, source)
+    with torch.no_grad():
+        after = model(probe).logits.float()
+    model.train(was_training)
+    gap = (after - before).abs().max().item()
+    if not gap <= 1e-4 * max(1.0, before.abs().max().item()):
+        raise BadInput(f"--method llama-pro: the expanded {kind} model is not the original "
+                       f"(logits differ by {gap:.3g} on a test batch)", "use --method freeze or lora for this architecture")
+    _check_reloadable(model, kind)
     for p in model.parameters():
         p.requires_grad_(False)
     for i in new:
@@ -217,6 +304,99 @@ def _expand(model, o: MethodOptions):
     log.info(f"llama-pro: {n} -> {len(expanded)} layers; training the {k} new block(s) {new}")
     _upcast_trainable(model)
     return model
+
+
+def _probe_batch(model):
+    import torch
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    return torch.randint(0, vocab, (2, 16), generator=generator).to(device)
+
+
+def _output_projections(model, layer, probe) -> list[str]:
+    """Parameter names (in `layer`) of what writes the block's branches into the residual stream.
+
+    Traced on a forward pass: a linear map (torch Linear, GPT-2's Conv1D) whose output has the
+    hidden size and whose input is not read from the residual stream (the block's input or a norm
+    of it) is an output projection (o_proj, dense, c_proj, down_proj, fc2, w2, ...); fused experts
+    (3-D tensors) contribute their down projections."""
+    import torch
+
+    hidden = model.get_input_embeddings().weight.shape[1]
+    readers: list = []     # tensors read from the residual stream (kept alive: their addresses stay theirs)
+    calls: list[tuple[str, object]] = []
+    hooks = []
+
+    def grab_input(_module, args, kwargs):
+        x = args[0] if args else kwargs.get("hidden_states")
+        if torch.is_tensor(x):
+            readers.append(x)
+
+    hooks.append(layer.register_forward_pre_hook(grab_input, with_kwargs=True))
+    for mname, module in layer.named_modules():
+        if "Norm" in type(module).__name__:
+            hooks.append(module.register_forward_hook(lambda _m, _a, out: readers.append(out)))
+        elif isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+            hooks.append(module.register_forward_hook(
+                lambda _m, args, _out, mname=mname: calls.append((mname, args[0]))))
+    try:
+        with torch.no_grad():
+            model(probe)
+    finally:
+        for h in hooks:
+            h.remove()
+    ptrs = {t.data_ptr() for t in readers if torch.is_tensor(t)}
+    zero = []
+    modules = dict(layer.named_modules())
+    for mname, x in dict(calls).items():
+        module = modules[mname]
+        width = module.nf if type(module).__name__ == "Conv1D" else module.out_features
+        if width == hidden and torch.is_tensor(x) and x.data_ptr() not in ptrs:
+            zero += [f"{mname}.{p}" for p, _ in module.named_parameters(recurse=False)]
+    for mname, module in layer.named_modules():  # fused experts: [experts, out, in] tensors
+        fused = [p for p, t in module.named_parameters(recurse=False) if t.ndim == 3]
+        if fused:
+            down = [p for p, _ in module.named_parameters(recurse=False) if p.startswith("down")]
+            zero += [f"{mname}.{p}" if mname else p for p in down]
+    return zero
+
+
+def _expand_config(config, n: int, source: list[int]) -> None:
+    """Per-layer config entries follow the new layer order (source[i]: the original of layer i)."""
+    from lmforge.shared.model import archrules
+
+    for key in archrules.LAYER_LISTS:
+        values = getattr(config, key, None)
+        if isinstance(values, (list, tuple)) and len(values) == n:
+            setattr(config, key, [values[i] for i in source])
+    for key in archrules.LAYER_INDICES:
+        values = getattr(config, key, None)
+        if values:
+            setattr(config, key, [j for j, i in enumerate(source) if i in set(values)])
+    dense = getattr(config, "first_k_dense_replace", None)
+    if isinstance(dense, int) and dense > 0:
+        config.first_k_dense_replace = sum(1 for i in source if i < dense)
+    config.num_hidden_layers = len(source)
+
+
+def _check_reloadable(model, kind: str) -> None:
+    """The saved config must rebuild the expanded model: same tensors, same shapes."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            rebuilt = type(model)(copy.deepcopy(model.config))
+    except Exception as exc:  # noqa: BLE001 - any failure means the checkpoint would not load
+        raise BadInput(f"--method llama-pro: the expanded {kind} config does not build a model "
+                       f"({str(exc).splitlines()[0][:200]})", "use --method freeze or lora for this architecture") from None
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    if want != have:
+        diff = sorted(set(want.items()) ^ set(have.items()))[:2]
+        raise BadInput(f"--method llama-pro: a checkpoint of the expanded {kind} model would not load "
+                       f"(layers the config does not describe: {diff})", "use --method freeze or lora for this architecture")
 
 
 def _upcast_trainable(model) -> None:
