@@ -10,6 +10,11 @@ from conftest import bad, ok, read_meta, read_rows, shared_path, write_jsonl
 LF = "data/llamafactory"
 
 
+def _slim(messages: list[dict]) -> list[dict]:
+    """Aligned messages without their unset (None) fields, for comparing with literals."""
+    return [{k: v for k, v in m.items() if v is not None} for m in messages]
+
+
 @pytest.mark.parametrize("name, rows, stage", [
     ("alpaca_en_demo.json", 999, "sft"),
     ("identity.json", 91, "sft"),
@@ -49,14 +54,14 @@ def test_glaive_tool_calls_and_observations(tmp_path):
     with_tools = [r for r in data if r["tools"]]
     assert len(with_tools) == 191  # the others have "tools": "[]"
     roles = {m["role"] for r in data for m in r["prompt"] + r["response"]}
-    assert {"function_call", "observation"} <= roles
+    assert roles == {"user", "assistant", "tool"}
     for r in data:
         for i, m in enumerate(r["prompt"]):
-            if m["role"] == "function_call":
-                call = json.loads(m["content"])
-                assert isinstance(call, (dict, list))
-            if m["role"] == "observation":
-                assert r["prompt"][i - 1]["role"] == "function_call"
+            for call in m["tool_calls"] or []:
+                assert m["role"] == "assistant" and m["content"] is None and call["name"]
+                assert isinstance(json.loads(call["arguments"]), dict)
+            if m["role"] == "tool":
+                assert r["prompt"][i - 1]["tool_calls"]
         for tool in json.loads(r["tools"] or "[]"):
             assert tool["type"] == "function" and "name" in tool["function"]
 
@@ -93,11 +98,11 @@ def test_alpaca_semantics(tmp_path):
         {"instruction": "Just this", "input": "", "output": "ok"},
     ])
     rows = read_rows(ok(["data", "align", src]).stdout)
-    assert rows[0]["prompt"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                                 {"role": "user", "content": "Add\n1 2"}]
+    assert _slim(rows[0]["prompt"]) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                                        {"role": "user", "content": "Add\n1 2"}]
     assert rows[0]["system"] == "be brief"
-    assert rows[1]["prompt"] == [{"role": "user", "content": "Just this"}]
-    assert rows[1]["response"] == [{"role": "assistant", "content": "ok"}]
+    assert _slim(rows[1]["prompt"]) == [{"role": "user", "content": "Just this"}]
+    assert _slim(rows[1]["response"]) == [{"role": "assistant", "content": "ok"}]
 
 
 def test_openai_messages_with_tool_calls(tmp_path):
@@ -113,8 +118,9 @@ def test_openai_messages_with_tool_calls(tmp_path):
     assert b"detected openai" in result.stderr
     row = read_rows(result.stdout)[0]
     assert row["system"] == "sys"
-    assert [m["role"] for m in row["prompt"]] == ["user", "function_call", "observation"]
-    assert json.loads(row["prompt"][1]["content"]) == {"name": "weather", "arguments": {"city": "Paris"}}
+    assert [m["role"] for m in row["prompt"]] == ["user", "assistant", "tool"]
+    assert row["prompt"][1]["content"] is None
+    assert row["prompt"][1]["tool_calls"] == [{"id": None, "name": "weather", "arguments": '{"city": "Paris"}'}]
     assert json.loads(row["tools"])[0]["function"]["name"] == "weather"
 
 
@@ -132,7 +138,7 @@ def test_pairwise_shapes(tmp_path):
         out = ok(["data", "align", src, "--format", "pairwise"]).stdout
         row = read_rows(out)[0]
         assert [m["content"] for m in row["response"]] == ["good", "bad"], name
-        assert row["prompt"] == [{"role": "user", "content": "q"}], name
+        assert _slim(row["prompt"]) == [{"role": "user", "content": "q"}], name
         assert read_meta(out)["stage"] == "pairwise"
 
 
@@ -144,8 +150,8 @@ def test_columns_and_tags_remapping(tmp_path):
                                                          {"speaker": "bot", "text": "hello"}]}])
     row = read_rows(ok(["data", "align", chat, "--format", "sharegpt", "--columns", "messages=dialog",
                         "--tags", "role=speaker,content=text,user=me,assistant=bot"]).stdout)[0]
-    assert row["prompt"] == [{"role": "user", "content": "hi"}]
-    assert row["response"] == [{"role": "assistant", "content": "hello"}]
+    assert _slim(row["prompt"]) == [{"role": "user", "content": "hi"}]
+    assert _slim(row["response"]) == [{"role": "assistant", "content": "hello"}]
 
 
 def test_csv_parquet_arrow_and_directory_inputs(tmp_path):

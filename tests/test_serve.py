@@ -236,6 +236,34 @@ def test_error_shapes_and_codes(server):
         ask(server.client(), max_tokens=100000)
 
 
+def test_hostile_requests_get_json_errors_and_health_stays_fast(server):
+    user = [{"role": "user", "content": "Hi"}]
+    # non-finite numbers: Python's json takes them, JSON does not
+    for text in (b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}',
+                 b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": Infinity}',
+                 b'{"messages": [{"role": "user", "content": "Hi"}], "top_p": 1e999}'):
+        assert error_of(post(server, text), 400)["type"] == "invalid_request_error"
+    # nesting: a 400 JSON error, never a 500 page
+    deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert "nested" in error_of(post(server, deep), 400)["message"]
+    # size: 413 before the body is read whole
+    huge = b'{"messages": [{"role": "user", "content": "' + b"x" * (9 << 20) + b'"}]}'
+    assert error_of(post(server, huge), 413)
+    # a large request (under the limit) is parsed and tokenized off the event loop: /health answers meanwhile
+    big = {"messages": [{"role": "user", "content": "word " * 1_500_000}]}
+    import threading
+
+    slow = threading.Thread(target=lambda: post(server, big))
+    slow.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+    waited = time.monotonic() - started
+    slow.join(timeout=120)
+    assert waited < 2.0, f"/health waited {waited:.1f}s behind a large request"
+    assert error_of(post(server, {"messages": user, "max_tokens": "x"}), 400)
+
+
 def test_cli_refuses_bad_setups(server, tmp_path):
     port = server.port  # taken by the running server
     err = bad(["serve", "-m", shared_path("models/stories260K"), "--port", str(port)])
@@ -310,6 +338,7 @@ def test_chat_command_multi_turn_reset_exit():
 
 # ----------------------------------------------------------------------------- vLLM (GPU)
 
+@pytest.mark.gpu
 def test_vllm_backend_on_gpu():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():

@@ -31,7 +31,9 @@ def align(
         how = "detected" if format == "auto" and dataset_info is None else "reading"
         log.info(f"align: {item.source.name}: {how} {item.spec.describe()}")
     cmd, opts = invocation()
-    metadata = {"kind": "aligned", "stage": stage, "provenance": [meta.step(
+    from lmforge.shared.data.aligned import VERSION
+
+    metadata = {"kind": "aligned", "stage": stage, "schema_version": VERSION, "provenance": [meta.step(
         cmd, opts, inputs=[{"source": p.source.name, "format": p.spec.describe()} for p in planned])]}
     report = aligning.Report()
     from lmforge.shared.data.aligned import schema
@@ -81,6 +83,7 @@ def split(input, output, val_size, seed) -> None:
         raise BadInput(f"{source.name}: has no lmforge metadata", "make it with `lmforge data align` first")
     n = mixing.count_rows(source)
     mask = mixing.split_masks(n, val_size, seed)
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     cmd, opts = invocation()
     base = {k: v for k, v in source.meta.items() if k != "provenance"}
@@ -90,13 +93,20 @@ def split(input, output, val_size, seed) -> None:
         outputs[part] = arrowio.ArrowOutput(output / f"{part}.arrow", source.schema, metadata)
     import pyarrow as pa
 
-    with outputs["train"] as train, outputs["val"] as val:
-        start = 0
-        for batch in arrowio.open_arrow(source.path).batches():
-            chosen = pa.array(mask[start:start + batch.num_rows])
-            start += batch.num_rows
-            val.write(batch.filter(chosen))
-            train.write(batch.filter(pa.compute.invert(chosen)))
+    try:
+        with outputs["train"] as train, outputs["val"] as val:
+            start = 0
+            for batch in arrowio.open_arrow(source.path).batches():
+                chosen = pa.array(mask[start:start + batch.num_rows])
+                start += batch.num_rows
+                val.write(batch.filter(chosen))
+                train.write(batch.filter(pa.compute.invert(chosen)))
+    except BaseException:
+        if created:   # a failed split (full disk, a cut input) leaves no empty directory behind
+            import shutil
+
+            shutil.rmtree(output, ignore_errors=True)
+        raise
     log.info(f"split: {train.rows} train rows, {val.rows} validation rows")
     print_path(output)
 
@@ -125,18 +135,27 @@ def show(input, rows, schema, stats, json_out) -> None:
     for batch in source.batches():
         take = batch if rows == 0 else batch.slice(0, rows - printed)
         for row in take.to_pylist():
-            write(json.dumps(row, ensure_ascii=False) + "\n")
+            write(json.dumps(row, ensure_ascii=False, default=_json_bytes) + "\n")
         printed += take.num_rows
         if rows and printed >= rows:
             break
     sys.stdout.flush()
 
 
+def _json_bytes(value: object) -> object:
+    """Images stored in rows (bytes) print as base64, as JSON has no bytes."""
+    if isinstance(value, (bytes, bytearray)):
+        import base64
+
+        return base64.b64encode(value).decode("ascii")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 @command(app, "pack")
 @declared("data pack")
 def pack(
     model, input, output, template, stage, cutoff, packing, neat_packing, train_on_prompt, mask_history,
-    num_proc, seed,
+    reasoning, thinking, mask_empty_think, num_proc, seed,
 ) -> None:
     """Tokenize aligned data with a chat template: ids, loss labels, truncation, packing."""
     from lmforge.shared.core import arrowio, meta
@@ -146,6 +165,7 @@ def pack(
     options = packing_.PackOptions(model=model, template=template, stage=stage, cutoff=cutoff,
                                    packing=packing or neat_packing, neat_packing=neat_packing,
                                    train_on_prompt=train_on_prompt, mask_history=mask_history,
+                                   reasoning=reasoning, thinking=thinking, mask_empty_think=mask_empty_think,
                                    num_proc=num_proc, seed=seed)
     packing_.validate(options)
     if template != "auto":
@@ -165,7 +185,10 @@ def pack(
     metadata = packing_.metadata(encoder, options, source.meta, meta.step(cmd, opts))
     stats = packing_.Stats()
     with arrowio.ArrowOutput(output, packing_.SCHEMAS[stage], metadata) as out:
-        for batch in packing_.run(encoder, source.batches(), options, stats):
+        from lmforge.shared.data import aligned
+
+        batches = aligned.batches(source) if stage != "pt" else source.batches()  # version 1 upgraded
+        for batch in packing_.run(encoder, batches, options, stats):
             out.write(batch)
         summary = stats.as_dict(options)
         out.set_summary(summary)

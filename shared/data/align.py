@@ -86,6 +86,7 @@ def plan(options: AlignOptions) -> list[Planned]:
         meta_stage = source.meta.get("stage") if source.meta.get("kind") == "aligned" else None
         names = list(first[0].keys()) if isinstance(first[0], dict) else []
         spec = formats.detect(options.format, names, first[0], columns, tags, source.name, meta_stage)
+        spec.media_dir = _media_dir(source)
         planned.append(Planned(source, spec, itertools.chain([first], rows)))
     return planned
 
@@ -118,7 +119,16 @@ def _plan_dataset_info(options: AlignOptions, columns: dict, tags: dict) -> list
             found = [sources.RawSource(name, "hub", hub_options=location["hub"])]
         for source in found:
             planned.append(Planned(source, spec, source.rows()))
+        spec.media_dir = str(info_path.parent)  # LLaMA-Factory's media_dir: the dataset folder
     return planned
+
+
+def _media_dir(source: sources.RawSource) -> str | None:
+    """Relative image paths in a file are looked up next to the file (stdin: the working directory)."""
+    if source.path is None:
+        return None
+    path = Path(source.path)
+    return str(path if path.is_dir() else path.parent)
 
 
 def stage_of(planned: list[Planned]) -> str:

@@ -23,13 +23,16 @@ from __future__ import annotations
 import os
 from array import array
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 import pyarrow as pa
 from lmforge.shared.core import catalog
 from lmforge.shared.core import columns, log
 from lmforge.shared.core.errors import BadInput
 from lmforge.shared.data.aligned import ASSISTANT, turns_of
+
+if TYPE_CHECKING:
+    from lmforge.shared.data.templates import Rendered
 
 STAGES = catalog.STAGES
 NEEDS = {"pt": ("pt",), "sft": ("sft",), "rm": ("pairwise",), "dpo": ("pairwise",), "kto": ("kto",),
@@ -44,6 +47,7 @@ SCHEMAS = {
     "ppo": pa.schema([("prompt_ids", IDS), ("response_ids", IDS)]),
 }
 IGNORE = -100
+T = TypeVar("T")
 
 
 _DEFAULTS = catalog.defaults("data pack")   # the options' declared defaults
@@ -59,6 +63,9 @@ class PackOptions:
     neat_packing: bool = _DEFAULTS["neat_packing"]
     train_on_prompt: bool = _DEFAULTS["train_on_prompt"]
     mask_history: bool = _DEFAULTS["mask_history"]
+    reasoning: str = _DEFAULTS["reasoning"]
+    thinking: str = _DEFAULTS["thinking"]
+    mask_empty_think: bool = _DEFAULTS["mask_empty_think"]
     num_proc: int = _DEFAULTS["num_proc"]
     seed: int = _DEFAULTS["seed"]
 
@@ -178,7 +185,7 @@ class Encoder:
     """Everything needed to encode aligned rows for a stage; built once per process."""
 
     def __init__(self, options: PackOptions, tokenizer=None):
-        from lmforge.shared.data.templates import renderer
+        from lmforge.shared.data.templates import Reasoning, renderer
         from lmforge.shared.data.tokenizing import (
             add_special_tokens,
             adds_bos,
@@ -188,7 +195,8 @@ class Encoder:
         self.o = options
         self.tokenizer = tokenizer or load_tokenizer(options.model)
         # pre-training text is not chat-rendered: no template
-        self.render = renderer(options.template, self.tokenizer) if options.stage != "pt" else None
+        self.reasoning = Reasoning(options.reasoning, options.thinking, options.mask_empty_think)
+        self.render = renderer(options.template, self.tokenizer, self.reasoning) if options.stage != "pt" else None
         self.added = add_special_tokens(self.tokenizer, self.render.special_tokens) if self.render else []
         self.backend = self.tokenizer.backend_tokenizer
         self.bos_id = self.tokenizer.bos_token_id if adds_bos(self.tokenizer) else None
@@ -279,10 +287,21 @@ class Encoder:
     def encode(self, item: tuple[int, pa.RecordBatch]) -> tuple[Columns, Counts]:
         first_row, batch = item
         rows = batch.to_pylist()
+        self._first_row, self._at = first_row, -1
         try:
             return {"pt": self._pt, "sft": self._sft}.get(self.o.stage, self._split)(rows)
-        except BadInput as exc:  # say which rows (rendering fails per row, but reports per batch)
-            raise BadInput(f"rows {first_row + 1}-{first_row + len(rows)}: {exc.message}", exc.hint) from None
+        except BadInput as exc:  # _split renders row by row: name the row it was at
+            if self._at < 0 or exc.message.startswith("row "):
+                raise
+            raise BadInput(f"row {first_row + self._at + 1}: {exc.message}", exc.hint) from None
+
+    def _row(self, i: int, render: Callable[[], T]) -> T:
+        """Render row i of the batch; a row the template cannot render is named (row numbers
+        count from 1 over the whole input)."""
+        try:
+            return render()
+        except BadInput as exc:
+            raise BadInput(f"row {self._first_row + i + 1}: {exc.message}", exc.hint) from None
 
     def _pt(self, rows: list[dict]) -> tuple[Columns, Counts]:
         out = Columns(("input_ids",))
@@ -296,8 +315,12 @@ class Encoder:
         counts = Counts(examples=len(rows))
         cutoff = self.o.cutoff
         assert self.render is not None  # sft renders through a template
-        rendered = [self.render.conversation(turns_of(r["prompt"]) + turns_of(r["response"]),
-                                             r["system"], r["tools"]) for r in rows]
+        render = self.render
+
+        def conversation(r: dict) -> Callable[[], Rendered]:
+            return lambda: render.conversation(turns_of(r["prompt"]) + turns_of(r["response"]), r["system"], r["tools"])
+
+        rendered = [self._row(i, conversation(r)) for i, r in enumerate(rows)]
         ignore = array("i", [IGNORE])
         for ids, ranges, head in self._encode_spans(rendered):
             if not ranges or ranges[-1][0] == ranges[-1][1]:
@@ -352,11 +375,14 @@ class Encoder:
         out = Columns(names)
         counts = Counts(examples=len(rows))
         heads, bodies = [], []
+        self._at = -1
         assert self.render is not None  # rm/dpo/kto/ppo render through a template
-        for r in rows:
+        for self._at, r in enumerate(rows):
             prompt, responses = turns_of(r["prompt"]), turns_of(r["response"])
             if stage == "ppo":  # the prompt, and a reference answer when there is a plain one
-                responses = responses[:1] if responses and responses[0][0] == ASSISTANT else []
+                first = responses[0] if responses else None   # a message dict (a (role, content) pair before)
+                role = first.get("role") if isinstance(first, dict) else (first[0] if first else None)
+                responses = responses[:1] if role == ASSISTANT else []
                 heads.append(self.render.generation_prompt(prompt, r["system"], r["tools"]))
                 bodies.append([self.render.prompt_response(prompt, x, r["system"], r["tools"])[1]
                                for x in responses] or [""])
@@ -364,6 +390,7 @@ class Encoder:
             pairs = [self.render.prompt_response(prompt, x, r["system"], r["tools"]) for x in responses]
             heads.append(pairs[0][0])
             bodies.append([body for _, body in pairs])
+        self._at = -1
         head_ids = self._encode_ids(heads)
         body_ids = iter(self._encode_ids([t for texts in bodies for t in texts]))
         head = self.header_tokens
@@ -565,12 +592,19 @@ def validate(options: PackOptions) -> None:
                        "drop --packing/--neat-packing for this stage")
     if options.num_proc < 1:
         raise BadInput("--num-proc must be at least 1")
+    if options.train_on_prompt and options.mask_history:
+        raise BadInput("--train-on-prompt and --mask-history contradict each other (loss on every prompt token, "
+                       "or on the last answer only)", "choose one")
 
 
 def metadata(encoder: Encoder, options: PackOptions, source_meta: dict, step: dict) -> dict:
     from lmforge.shared.data.tokenizing import describe
 
-    tpl = {"name": encoder.render.name} if encoder.render else None
+    tpl: dict | None = {"name": encoder.render.name} if encoder.render else None
+    if tpl is not None and (options.reasoning, options.thinking, options.mask_empty_think) != ("auto", "auto", False):
+        # eval and serve render the way the model was trained (templates.renderer_for reads it back)
+        tpl["reasoning"] = {"keep": options.reasoning, "thinking": options.thinking,
+                            "mask_empty_think": options.mask_empty_think}
     if tpl is not None and options.template == "auto":
         import hashlib
 

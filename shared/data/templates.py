@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmforge.shared.core.errors import BadInput, close_names
-from lmforge.shared.data.aligned import ASSISTANT, FUNCTION, OBSERVATION, USER
+from lmforge.shared.data.aligned import ASSISTANT, FUNCTION, OBSERVATION, USER  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class Template:
     prefix: str = ""                # text before everything ({bos} for most base-model formats)
     system: str = "{content}"       # a system turn, or (with system_in_user) how it prefixes the user turn
     system_in_user: bool = False    # no system role: fold it into the first user turn
+    system_in_last_user: bool = False   # ... into the last one instead (Mistral's encoder)
     user: str = "{content}"
     assistant_prefix: str = ""      # the assistant header: also the generation prompt
     assistant_suffix: str = ""      # end of an assistant turn, trained (e.g. "<|im_end|>", "{eos}")
@@ -41,6 +42,7 @@ class Template:
     special_tokens: tuple[str, ...] = ()   # markers that must be single tokens
     stop_words: tuple[str, ...] = ("{eos}",)
     trim: bool = False              # content is stripped of surrounding whitespace (Llama-3, Gemma)
+    trim_system: bool = True        # ... and the system prompt too (Gemma keeps it as it is)
     thinking: bool = False          # Qwen3's <think> rules
     generation_suffix: str = ""     # appended to the generation prompt (qwen3-nothink)
 
@@ -86,14 +88,16 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in [
              special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
              stop_words=("<|eot_id|>", "<|eom_id|>"), trim=True),
     Template("mistral", "Mistral instruct (v3 tokenizer): [INST] ... [/INST], [TOOL_CALLS]",
-             prefix="{bos}", system="{content}\n\n", system_in_user=True, user="[INST] {content}[/INST]",
+             prefix="{bos}", system="{content}\n\n", system_in_user=True, system_in_last_user=True,
+             user="[INST] {content}[/INST]",
              assistant_prefix=" ", assistant_suffix="{eos}",
              observation="[TOOL_RESULTS] {content}[/TOOL_RESULTS]", tool_style="mistral"),
     Template("gemma", "Gemma: <start_of_turn>user/model, system folded into the first turn",
              prefix="{bos}", system="{content}\n\n", system_in_user=True,
              user="<start_of_turn>user\n{content}<end_of_turn>\n", assistant_prefix="<start_of_turn>model\n",
              assistant_suffix="<end_of_turn>", after="\n",
-             special_tokens=("<start_of_turn>", "<end_of_turn>"), stop_words=("<end_of_turn>",), trim=True),
+             special_tokens=("<start_of_turn>", "<end_of_turn>"), stop_words=("<end_of_turn>",), trim=True,
+             trim_system=False),
     Template("phi", "Phi-3: <|user|> / <|assistant|> ... <|end|>",
              system="<|system|>\n{content}<|end|>\n", user="<|user|>\n{content}<|end|>\n",
              assistant_prefix="<|assistant|>\n", assistant_suffix="<|end|>", after="\n",
@@ -164,7 +168,8 @@ def _calls_text(style: str | None, calls: list[dict], content_before: str = "") 
     if style == "llama3":
         return "".join(tojson({"name": c["name"], "parameters": c["arguments"]}) for c in calls)
     if style == "mistral":
-        return "[TOOL_CALLS] " + tojson([{"name": c["name"], "arguments": c["arguments"]} for c in calls])
+        return "[TOOL_CALLS] " + tojson([{"name": c["name"], "arguments": c["arguments"],
+                                          **({"id": c["id"]} if c.get("id") else {})} for c in calls])
     return "\n".join(tojson({"name": c["name"], "arguments": c["arguments"]}) for c in calls)
 
 
@@ -242,7 +247,28 @@ def _as_call(value: object) -> dict | None:
 class Rendered:
     text: str
     spans: list[tuple[int, int]] = field(default_factory=list)  # trainable (start, end) per assistant turn
-    turn_of_span: list[int] = field(default_factory=list)        # index of the turn each span belongs to
+    turn_of_span: list[int] = field(default_factory=list)        # index of the message each span belongs to
+
+
+def messages_of(turns) -> list[dict]:
+    """Aligned messages (version-2 dicts) or version-1 (role, content) pairs -> version-2 dicts."""
+    from lmforge.shared.data.aligned import from_v1, full
+
+    if not turns:
+        return []
+    if isinstance(turns[0], dict):
+        if any(m.get("role") in (FUNCTION, OBSERVATION) for m in turns):  # version-1 rows read raw
+            return from_v1([(m["role"], m["content"]) for m in turns])
+        return [full(m) for m in turns]
+    return from_v1([tuple(t) for t in turns])
+
+
+def refuse_images(messages: list[dict], what: str) -> None:
+    from lmforge.shared.data.aligned import has_images
+
+    if any(has_images(m) for m in messages):
+        raise BadInput(f"the conversation has images and {what} renders text only",
+                       "use a vision-language model's template, or align text-only data")
 
 
 def _split_think(content: str) -> tuple[str, str]:
@@ -254,14 +280,39 @@ def _split_think(content: str) -> tuple[str, str]:
     return reasoning, answer
 
 
-def render(tpl: Template, turns: list[tuple[str, str]], system: str = "", tools: str = "", *,
-           bos: str = "", eos: str = "", add_generation_prompt: bool = False) -> Rendered:
-    """Write a conversation (aligned (role, content) turns) as text, with its trainable spans."""
+def _calls(m: dict) -> list[dict]:
+    return [{"name": c["name"], "arguments": json.loads(c["arguments"]) if c["arguments"] else {},
+             **({"id": c["id"]} if c.get("id") else {})} for c in m.get("tool_calls") or []]
+
+
+def _mistral_result(content: str, call_id: str | None) -> str:
+    """A tool result as mistral-common writes it: {"content": JSON value or text, "call_id"}."""
+    try:
+        value: object = json.loads(content)
+    except ValueError:
+        value = content
+    return tojson({"content": value, **({"call_id": call_id} if call_id else {})})
+
+
+def render(tpl: Template, turns, system: str = "", tools: str = "", *,
+           bos: str = "", eos: str = "", add_generation_prompt: bool = False,
+           reasoning: "Reasoning | None" = None) -> Rendered:
+    """Write a conversation (aligned messages) as text, with its trainable spans."""
+    from lmforge.shared.data.aligned import ASSISTANT as A, TOOL
+
+    reasoning = reasoning or Reasoning()
+    messages = messages_of(turns)
+    refuse_images(messages, f"template '{tpl.name}'")
     sub = lambda s: s.replace("{bos}", bos or "").replace("{eos}", eos or "")  # noqa: E731
     tool_list = json.loads(tools) if tools else []
-    if (tool_list or any(r in (FUNCTION, OBSERVATION) for r, _ in turns)) and not tpl.supports_tools:
+    if (tool_list or any(m["role"] == TOOL or m.get("tool_calls") for m in messages)) and not tpl.supports_tools:
         raise BadInput(f"template '{tpl.name}' cannot express tool definitions, calls or results",
                        "pick a template with tools (qwen, qwen3, chatml, llama3, mistral, default)")
+    if not tpl.thinking and any((m.get("reasoning") or "").strip() for m in messages if m["role"] == A) \
+            and reasoning.keep != "drop":
+        raise BadInput(f"template '{tpl.name}' cannot express reasoning (thinking) in assistant messages",
+                       "use a thinking template (qwen3, or auto for the model's own), or pack with "
+                       "--reasoning drop")
     clean = (lambda s: s.strip()) if tpl.trim else (lambda s: s)
     system = system or tpl.default_system
     out: list[str] = [sub(tpl.prefix)]
@@ -282,50 +333,99 @@ def render(tpl: Template, turns: list[tuple[str, str]], system: str = "", tools:
         block = _tools_block(tpl.tool_style, tool_list)
         system = f"{system}\n\n{block}" if system else block
     if system:
+        system_text = clean(system) if tpl.trim_system else system
         if tpl.system_in_user:
-            folded = tpl.system.replace("{content}", clean(system))
+            folded = tpl.system.replace("{content}", system_text)
         else:
-            emit(sub(tpl.system.replace("{content}", clean(system))))
+            emit(sub(tpl.system.replace("{content}", system_text)))
 
-    last_user = max((i for i, (r, _) in enumerate(turns) if r == USER), default=len(turns) - 1)
-    first_user = next((i for i, (r, _) in enumerate(turns) if r == USER), -1)
-    for i, (role, content) in enumerate(turns):
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == USER), default=len(messages) - 1)
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == USER), -1)
+    results: list[str] = []
+    for i, m in enumerate(messages):
+        role, content = m["role"], m.get("content") or ""
         if role == USER:
             text = clean(content)
-            if i == first_user and folded:
+            if i == (last_user if tpl.system_in_last_user else first_user) and folded:
                 text = folded + text
             if tpl.tool_style == "mistral" and tool_list and i == last_user:
                 emit(_tools_block("mistral", tool_list))
             emit(sub(tpl.user.replace("{content}", text)))
-        elif role == OBSERVATION:
-            assert tpl.observation is not None  # every template with a tool style has one
-            emit(sub(tpl.observation.replace("{content}", _results_text(tpl.tool_style, results_of(content)))))
-        else:  # assistant or function call: header, trained output, glue
-            emit(sub(tpl.assistant_prefix))
-            if role == FUNCTION:
-                body, answer = "", ""
-            else:
-                body = answer = clean(content)
+        elif role == TOOL and tpl.tool_style == "mistral":  # one block per result, tied to its call
+            assert tpl.observation is not None
+            emit(sub(tpl.observation.replace("{content}", _mistral_result(content, m.get("tool_call_id")))))
+        elif role == TOOL:
+            results.append(content)
+            if i + 1 == len(messages) or messages[i + 1]["role"] != TOOL:
+                assert tpl.observation is not None  # every template with a tool style has one
+                emit(sub(tpl.observation.replace("{content}", _results_text(tpl.tool_style, results))))
+                results = []
+        else:  # assistant: header, trained output, glue
+            calls_only = bool(m.get("tool_calls")) and not content.strip()
+            # Mistral: [TOOL_CALLS] follows [/INST] directly (no answer space)
+            emit("" if calls_only and tpl.tool_style == "mistral" else sub(tpl.assistant_prefix))
+            answer = clean(content)
             if tpl.thinking:
-                reasoning, answer = _split_think(body)
-                if i > last_user and (i == len(turns) - 1 or reasoning):
-                    answer = f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{answer.lstrip(chr(10))}"
-            if role == FUNCTION:
-                answer += _calls_text(tpl.tool_style, calls_of(content), content_before=body)
+                thought = m.get("reasoning")
+                if thought is None:
+                    thought, answer = _split_think(answer)
+                if reasoning.keep == "drop" or reasoning.thinking == "off":
+                    thought = ""
+                keep_history = reasoning.keep == "keep"
+                final = i == len(messages) - 1
+                if (i > last_user or keep_history) and (final or thought):
+                    answer = f"<think>\n{thought.strip(chr(10))}\n</think>\n\n{answer.lstrip(chr(10))}"
+            calls = _calls(m)
+            if calls:
+                answer += _calls_text(tpl.tool_style, calls, content_before=clean(content))
             emit(answer + sub(tpl.assistant_suffix), trained=True, turn=i)
             emit(sub(tpl.after))
     if add_generation_prompt:
-        emit(sub(tpl.assistant_prefix) + tpl.generation_suffix)
+        suffix = tpl.generation_suffix
+        if tpl.thinking and reasoning.thinking == "off":
+            suffix = "<think>\n\n</think>\n\n"
+        emit(sub(tpl.assistant_prefix) + suffix)
     return Rendered("".join(out), spans, span_turns)
 
 
-def prompt_and_response(tpl: Template, prompt: list[tuple[str, str]], response: tuple[str, str],
-                        system: str = "", tools: str = "", *, bos: str = "", eos: str = "") -> tuple[str, str]:
+@dataclass(frozen=True)
+class Reasoning:
+    """How reasoning is rendered (data pack --reasoning / --thinking, eval, serve).
+
+    keep: `auto` = the template's own rule for earlier turns (Qwen3 drops the reasoning of turns
+    before the last user message); `keep` = every turn keeps its reasoning; `drop` = no turn does.
+    thinking: `auto` = the template's default; `on` / `off` = the enable_thinking switch.
+    mask_empty_think: an empty think block (`<think>\\n\\n</think>\\n\\n`) gets no loss."""
+    keep: str = "auto"
+    thinking: str = "auto"
+    mask_empty_think: bool = False
+
+    def template_kwargs(self) -> dict:
+        return {} if self.thinking == "auto" else {"enable_thinking": self.thinking == "on"}
+
+
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+
+
+def _mask_empty_think(r: Rendered, header: str = "") -> Rendered:
+    """Start each span after an empty think block that opens it."""
+    spans = []
+    for a, b in r.spans:
+        if r.text.startswith(EMPTY_THINK, a):
+            a = min(a + len(EMPTY_THINK), b)
+        spans.append((a, b))
+    return Rendered(r.text, spans, r.turn_of_span)
+
+
+def prompt_and_response(tpl: Template, prompt, response, system: str = "", tools: str = "", *,
+                        bos: str = "", eos: str = "", reasoning: "Reasoning | None" = None) -> tuple[str, str]:
     """(generation prompt, final assistant output) as two strings that concatenate to the rendering
     of the whole conversation (minus the glue after the last turn). Used for pairwise, KTO and PPO
     data, whose prompt and responses are tokenized separately."""
-    head = render(tpl, prompt, system, tools, bos=bos, eos=eos, add_generation_prompt=True).text
-    full = render(tpl, prompt + [response], system, tools, bos=bos, eos=eos)
+    prompt = messages_of(prompt)
+    head = render(tpl, prompt, system, tools, bos=bos, eos=eos, add_generation_prompt=True,
+                  reasoning=reasoning).text
+    full = render(tpl, prompt + messages_of([response]), system, tools, bos=bos, eos=eos, reasoning=reasoning)
     start, end = full.spans[-1]
     if not full.text.startswith(head) or start < len(head) - len(tpl.generation_suffix):
         raise BadInput(f"template '{tpl.name}' renders the prompt differently with and without the answer",
@@ -340,18 +440,41 @@ def stop_words(tpl: Template, eos: str | None) -> list[str]:
 
 # ----------------------------------------------------------------------------- HF message form
 
-def to_messages(turns: list[tuple[str, str]], system: str = "") -> list[dict]:
-    """Aligned turns -> OpenAI/Hugging Face chat messages (tool_calls, tool role)."""
+def to_messages(turns, system: str = "", null_content: str | None = None,
+                reasoning: "Reasoning | None" = None, args_as_text: bool = False) -> list[dict]:
+    """Aligned messages -> OpenAI / Hugging Face chat messages, as chat templates read them:
+    reasoning as `reasoning_content`, tool calls as {id, type, function: {name, arguments}} with
+    arguments as objects, tool results as `tool` messages with their `tool_call_id`. A message
+    without content keeps content None (`null_content` replaces it for templates that need text)."""
+    from lmforge.shared.data.aligned import TOOL
+
+    keep = (reasoning or Reasoning()).keep
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
-    for role, content in turns:
-        if role == FUNCTION:
-            calls = [{"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
-                     for c in calls_of(content)]
-            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
-        elif role == OBSERVATION:
-            messages += [{"role": "tool", "content": r} for r in results_of(content)]
-        else:
-            messages.append({"role": role, "content": content})
+    for m in messages_of(turns):
+        content = m.get("content")
+        out: dict = {"role": m["role"], "content": null_content if content is None else content}
+        if m.get("parts"):
+            out["content"] = [{"type": "text", "text": p["text"]} if p["type"] == "text" else {"type": "image"}
+                              for p in m["parts"]]
+        if m["role"] == ASSISTANT:
+            if m.get("reasoning") is not None and keep != "drop" and (reasoning or Reasoning()).thinking != "off":
+                out["reasoning_content"] = m["reasoning"]
+            if m.get("tool_calls"):
+                out["tool_calls"] = []
+                for c in m["tool_calls"]:
+                    args = c["arguments"] or "{}"
+                    entry: dict = {"type": "function",
+                                   "function": {"name": c["name"],
+                                                "arguments": args if args_as_text else json.loads(args)}}
+                    if c.get("id"):
+                        entry["id"] = c["id"]
+                    out["tool_calls"].append(entry)
+        elif m["role"] == TOOL:
+            if m.get("tool_call_id"):
+                out["tool_call_id"] = m["tool_call_id"]
+            if m.get("name"):
+                out["name"] = m["name"]
+        messages.append(out)
     return messages
 
 
@@ -360,118 +483,285 @@ def to_messages(turns: list[tuple[str, str]], system: str = "") -> list[dict]:
 class Renderer:
     """A named template bound to a tokenizer's BOS/EOS: what pack, eval and serve call."""
 
-    def __init__(self, tpl: Template, bos: str = "", eos: str = ""):
+    def __init__(self, tpl: Template, bos: str = "", eos: str = "", reasoning: Reasoning | None = None):
         self.tpl, self.bos, self.eos = tpl, bos or "", eos or ""
+        self.reasoning = reasoning or Reasoning()
         self.name = tpl.name
         self.special_tokens = tpl.special_tokens
         self.supports_tools = tpl.supports_tools
+        self.thinking = tpl.thinking
+        suffix = EMPTY_THINK if tpl.thinking and self.reasoning.thinking == "off" else tpl.generation_suffix
         # the assistant header that opens the answer (kept when a long prompt is cut)
-        self.header = tpl.assistant_prefix.replace("{bos}", self.bos).replace("{eos}", self.eos) + tpl.generation_suffix
+        self.header = tpl.assistant_prefix.replace("{bos}", self.bos).replace("{eos}", self.eos) + suffix
+
+    def with_reasoning(self, reasoning: Reasoning) -> "Renderer":
+        return Renderer(self.tpl, self.bos, self.eos, reasoning)
 
     def conversation(self, turns, system: str = "", tools: str = "") -> Rendered:
-        return render(self.tpl, turns, system, tools, bos=self.bos, eos=self.eos)
+        r = render(self.tpl, turns, system, tools, bos=self.bos, eos=self.eos, reasoning=self.reasoning)
+        return _mask_empty_think(r) if self.reasoning.mask_empty_think else r
 
     def prompt_response(self, prompt, response, system: str = "", tools: str = "") -> tuple[str, str]:
-        return prompt_and_response(self.tpl, prompt, response, system, tools, bos=self.bos, eos=self.eos)
+        return prompt_and_response(self.tpl, prompt, response, system, tools, bos=self.bos, eos=self.eos,
+                                   reasoning=self.reasoning)
 
     def generation_prompt(self, turns, system: str = "", tools: str = "") -> str:
-        return render(self.tpl, turns, system, tools, bos=self.bos, eos=self.eos, add_generation_prompt=True).text
+        return render(self.tpl, turns, system, tools, bos=self.bos, eos=self.eos, add_generation_prompt=True,
+                      reasoning=self.reasoning).text
 
     def stop_words(self) -> list[str]:
         return stop_words(self.tpl, self.eos)
+
+    def split_reasoning(self, text: str) -> tuple[str | None, str]:
+        """Generated text -> (reasoning, answer) for thinking templates."""
+        return split_generated(text) if self.thinking else (None, text)
+
+
+def split_generated(text: str) -> tuple[str | None, str]:
+    """A generated answer that may open with a think block -> (reasoning, answer)."""
+    if "</think>" not in text:
+        return None, text
+    head, _, answer = text.partition("</think>")
+    return head.split("<think>", 1)[-1].strip("\n"), answer.lstrip("\n")
+
+
+_PROBE_CALL = {"id": "call_lmforge_probe", "name": "lmforge_probe_fn", "arguments": '{"lmforge_probe_arg": 1}'}
+_PROBE_TOOLS = json.dumps([{"type": "function", "function": {
+    "name": "lmforge_probe_tool", "description": "probe", "parameters": {"type": "object", "properties": {}}}}])
 
 
 class JinjaRenderer:
     """`--template auto`: the tokenizer's own Jinja chat template.
 
-    Trainable spans are found by rendering each conversation prefix with the generation prompt:
-    an assistant output starts where `render(messages[:i], add_generation_prompt=True)` ends
-    (checked to be a prefix of the whole rendering) and runs to the first end-of-turn marker."""
+    Messages are given in the shape chat templates read (`to_messages`). Trainable spans are
+    exact: an assistant output starts where the rendering of the conversation before it with the
+    generation prompt ends (checked to be a prefix of the whole rendering), and runs to the last
+    end-of-turn marker (`<|im_end|>`, `<|eot_id|>`, `<|call|>`, EOS, ...) before the next message
+    begins. Where the next message begins is found by rendering the conversation again with that
+    message's content changed: the first character that differs. So the loss covers the
+    reasoning, text, tool calls and end-of-turn marker of each assistant turn, and never a tool's
+    output, a header or a generation prompt. What the template cannot render (tool definitions,
+    tool calls, reasoning of a trained turn, images) is refused, never silently dropped."""
 
     name = "auto"
     special_tokens: tuple[str, ...] = ()
-    supports_tools = True
-    _MARKERS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+    _MARKERS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>",
+                "<|call|>", "<|return|>", "<｜end▁of▁sentence｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁end｜>",
+                "</s>", "<|end_of_text|>", "<turn|>")
+    _SENTINEL = "\u2063lmforge\u2063"
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, reasoning: Reasoning | None = None):
         if not getattr(tokenizer, "chat_template", None):
             raise BadInput("--template auto: this tokenizer has no chat template",
                            f"pass a named template: {', '.join(TEMPLATES)}")
         self.tokenizer = tokenizer
+        self.reasoning = reasoning or Reasoning()
+        if self.reasoning.keep == "keep":
+            raise BadInput("--reasoning keep: the model's own template decides which turns keep their "
+                           "reasoning (auto) or none do (drop)", "use --reasoning auto or drop, or a named template")
         vocab = tokenizer.get_vocab()
         self.markers = [m for m in dict.fromkeys([tokenizer.eos_token, *self._MARKERS]) if m and m in vocab]
         probe = [{"role": "user", "content": "x"}]
         with_header, without = self._apply(probe, "", True), self._apply(probe, "", False)
         self.header = with_header[len(without):] if with_header.startswith(without) else ""
+        # the header of an assistant turn in the rendering (without the thinking switch's additions)
+        bare = [tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=g) for g in (True, False)]
+        self.turn_header = bare[0][len(bare[1]):] if bare[0].startswith(bare[1]) else ""
+        self._probe()
+
+    # -- what the template can render, found once by rendering probes
+    def _try(self, messages: list[dict], tools: str = "") -> str | None:
+        try:
+            return self._apply(messages, tools, False)
+        except BadInput:
+            return None
+
+    def _probe(self) -> None:
+        user = {"role": "user", "content": "x"}
+        plain = self._try([user]) or ""
+        listed = self._try([user], _PROBE_TOOLS)
+        self.supports_tools = listed is not None and "lmforge_probe_tool" in listed and listed != plain
+        self.null_content: str | None = None
+        self.args_as_text = False
+        self.supports_calls = False
+        # content None or "" beside tool calls, arguments as an object or JSON text: the first
+        # shape the template renders the calls of (DeepSeek-V3 needs None and text, Qwen3 "")
+        for null, as_text in ((None, False), ("", False), (None, True), ("", True)):
+            m = to_messages([{"role": "user", "content": "x"},
+                             {"role": "assistant", "content": None, "tool_calls": [_PROBE_CALL]},
+                             {"role": "tool", "content": "y", "tool_call_id": _PROBE_CALL["id"]},
+                             {"role": "assistant", "content": "z"}], null_content=null, args_as_text=as_text)
+            text = self._try(m, _PROBE_TOOLS if self.supports_tools else "")
+            if text and "lmforge_probe_fn" in text and "lmforge_probe_arg" in text:
+                self.null_content, self.args_as_text, self.supports_calls = null, as_text, True
+                break
+        m = to_messages([{"role": "user", "content": "x"},
+                         {"role": "assistant", "content": "z", "reasoning": "lmforge_probe_thought"}])
+        self.thinking = "lmforge_probe_thought" in (self._try(m) or "")
+
+    def with_reasoning(self, reasoning: Reasoning) -> "JinjaRenderer":
+        return JinjaRenderer(self.tokenizer, reasoning)
 
     def _apply(self, messages, tools, generation: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tools=json.loads(tools) if tools else None,
-                                                  tokenize=False, add_generation_prompt=generation)
+        try:
+            return render_chat_template(self.tokenizer, messages, json.loads(tools) if tools else None,
+                                        generation, **self.reasoning.template_kwargs())
+        except Exception as exc:  # jinja's TemplateError, raise_exception(), a TypeError inside
+            raise BadInput(f"the model's chat template cannot render this conversation "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no message'})",
+                           "fix or skip the row, or use a named template (--template NAME)") from None
 
-    def _end_of_turn(self, text: str, start: int) -> int:
-        found = [(text.find(m, start), m) for m in self.markers]
-        found = [(i, m) for i, m in found if i >= 0]
-        if not found:
-            return len(text)
-        i, m = min(found)
-        return i + len(m)
+    def _check(self, messages: list[dict], tools: str) -> None:
+        from lmforge.shared.data.aligned import TOOL
+
+        refuse_images(messages, "the model's chat template")
+        if tools and not self.supports_tools:
+            raise BadInput("the model's chat template does not render tool definitions",
+                           "drop the tools column, or use a named template with tools")
+        if any(m.get("tool_calls") or m["role"] == TOOL for m in messages) and not self.supports_calls:
+            raise BadInput("the model's chat template does not render tool calls",
+                           "use a named template with tools (e.g. qwen3, llama3)")
+
+    def _messages(self, turns, system: str) -> list[dict]:
+        return to_messages(turns, system, self.null_content, self.reasoning, self.args_as_text)
+
+    def _end_of_turn(self, text: str, start: int, limit: int) -> int:
+        """The end of the last end-of-turn marker in text[start:limit]."""
+        best = -1
+        for m in self.markers:
+            i = text.rfind(m, start, limit)
+            if i >= 0:
+                best = max(best, i + len(m))
+        return best
+
+    def _start_by_diff(self, messages: list[dict], k: int, tools: str, text: str, i: int) -> int:
+        """Where assistant message k's output starts when the rendering of the conversation before
+        it is not a prefix of the whole (Qwen3 drops the reasoning of turns before the last user
+        message): after the last assistant header between the previous message and this one."""
+        at = self._next_start(messages, k, tools, text)
+        low = self._next_start(messages, k - 1, tools, text) if k > 0 else 0
+        h = text.rfind(self.turn_header, low, at) if self.turn_header else -1
+        if h < 0:
+            raise BadInput("the model's chat template renders a conversation differently from its "
+                           f"prefixes (at message {i + 1})", "use a named template (--template NAME)")
+        return h + len(self.turn_header)
+
+    def _next_start(self, messages: list[dict], k: int, tools: str, text: str) -> int:
+        """Where message k begins to show in the rendering (the first character that changes with it)."""
+        changed = [dict(m) for m in messages]
+        content = changed[k].get("content")
+        changed[k]["content"] = self._SENTINEL + (content if isinstance(content, str) else "")
+        other = self._apply(changed, tools, False)
+        n = min(len(text), len(other))
+        i = next((j for j in range(n) if text[j] != other[j]), n)
+        return i
 
     def conversation(self, turns, system: str = "", tools: str = "") -> Rendered:
-        messages = to_messages(turns, system)
+        aligned = messages_of(turns)
+        self._check(aligned, tools)
+        messages = self._messages(aligned, system)
         text = self._apply(messages, tools, False)
         offset = 1 if system else 0
-        spans, span_turns, m = [], [], offset
-        for i, (role, _) in enumerate(turns):
-            if role in (ASSISTANT, FUNCTION):
-                head = self._apply(messages[:m], tools, True)
-                if not text.startswith(head):
-                    raise BadInput("--template auto: the tokenizer's chat template renders a conversation "
-                                   "differently from its prefixes", "use a named template (--template NAME)")
-                spans.append((len(head), self._end_of_turn(text, len(head))))
-                span_turns.append(i)
-            m += len(results_of(turns[i][1])) if role == OBSERVATION else 1
-        return Rendered(text, spans, span_turns)
+        spans, span_turns = [], []
+        last_user = max((i for i, m in enumerate(aligned) if m["role"] == USER), default=-1)
+        for i, m in enumerate(aligned):
+            if m["role"] != ASSISTANT:
+                continue
+            k = i + offset
+            head = self._apply(messages[:k], tools, True)
+            start = len(head) if text.startswith(head) else self._start_by_diff(messages, k, tools, text, i)
+            limit = self._next_start(messages, k + 1, tools, text) if k + 1 < len(messages) else len(text)
+            end = self._end_of_turn(text, start, limit)
+            if end < 0:
+                raise BadInput(f"cannot find where assistant message {i + 1} ends in the model's chat template "
+                               "(no end-of-turn marker)", "use a named template (--template NAME)")
+            body = text[start:end]
+            for c in m.get("tool_calls") or []:
+                if c["name"] not in body:
+                    raise BadInput(f"the model's chat template drops the tool call '{c['name']}' of message {i + 1}",
+                                   "use a named template with tools (e.g. qwen3, llama3)")
+            thought = (m.get("reasoning") or "").strip()
+            if (thought and i > last_user and self.reasoning.keep != "drop" and self.reasoning.thinking != "off"
+                    and thought not in body):
+                raise BadInput(f"the model's chat template drops the reasoning of message {i + 1}",
+                               "pack with --reasoning drop, or use a thinking model's template")
+            spans.append((start, end))
+            span_turns.append(i)
+        r = Rendered(text, spans, span_turns)
+        return _mask_empty_think(r) if self.reasoning.mask_empty_think else r
 
     def prompt_response(self, prompt, response, system: str = "", tools: str = "") -> tuple[str, str]:
+        prompt = messages_of(prompt)
+        r = self.conversation(prompt + messages_of([response]), system, tools)
         head = self.generation_prompt(prompt, system, tools)
-        full = self._apply(to_messages(prompt + [response], system), tools, False)
-        if not full.startswith(head):
+        start, end = r.spans[-1]
+        if not r.text.startswith(head) or start < len(head):
             raise BadInput("--template auto: the chat template renders the prompt differently with the answer",
                            "use a named template (--template NAME)")
-        return head, full[len(head):self._end_of_turn(full, len(head))]
+        return head, r.text[len(head):end]
 
     def generation_prompt(self, turns, system: str = "", tools: str = "") -> str:
-        return self._apply(to_messages(turns, system), tools, True)
+        aligned = messages_of(turns)
+        self._check(aligned, tools)
+        return self._apply(self._messages(aligned, system), tools, True)
 
     def stop_words(self) -> list[str]:
         return list(self.markers[:1]) + [m for m in self.markers[1:] if m != self.tokenizer.eos_token]
 
+    def split_reasoning(self, text: str) -> tuple[str | None, str]:
+        return split_generated(text) if self.thinking else (None, text)
 
-def renderer(name: str, tokenizer):
+
+def render_chat_template(tokenizer, messages: list[dict], tools: list | None, generation: bool, **kwargs) -> str:
+    """The tokenizer's chat template applied to messages as given. `apply_chat_template` (transformers
+    5) drops keys whose value is None first, so a template that tests `content is none` (DeepSeek-V3
+    renders tool calls only then) never sees it; this renders through the same function
+    `apply_chat_template` uses, without that step."""
+    try:
+        from transformers.utils.chat_template_utils import render_jinja_template
+    except ImportError:  # another transformers: its own entry point
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=generation, **kwargs)
+    result: Any = render_jinja_template(conversations=[messages], tools=tools,
+                                        chat_template=tokenizer.get_chat_template(None, tools),
+                                        add_generation_prompt=generation,
+                                        **{**tokenizer.special_tokens_map, **kwargs})
+    return result[0][0]   # (rendered conversations, generation indices)
+
+
+def renderer(name: str, tokenizer, reasoning: Reasoning | None = None):
     """The renderer for `--template NAME|auto` and a loaded tokenizer."""
     if name == "auto":
-        return JinjaRenderer(tokenizer)
-    return Renderer(get(name), tokenizer.bos_token or "", tokenizer.eos_token or "")
+        return JinjaRenderer(tokenizer, reasoning)
+    return Renderer(get(name), tokenizer.bos_token or "", tokenizer.eos_token or "", reasoning)
 
 
-def renderer_for(name: str, tokenizer, model_dir: str, adapter: str | None, allow_plain: bool = False):
+def renderer_for(name: str, tokenizer, model_dir: str, adapter: str | None, allow_plain: bool = False,
+                 reasoning: Reasoning | None = None):
     """The template: --template NAME, or `auto` = what the model was trained with (its lmforge.json),
-    else the tokenizer's own chat template, else (where allowed) plain text."""
+    else the tokenizer's own chat template, else (where allowed) plain text. The reasoning settings
+    the model was trained with (recorded by `data pack`) apply unless `reasoning` is given."""
     from lmforge.shared.core import rundir
 
     if name == "none":
         if not allow_plain:
             raise BadInput("--template none: this evaluation needs a chat template")
         return None
-    if name != "auto":
-        return renderer(name, tokenizer)
+    recorded: dict = {}
     for source in (adapter, model_dir):
         if source:
-            recorded = (rundir.read_record(source).get("template") or {}).get("name")
-            if recorded in TEMPLATES:
-                return renderer(recorded, tokenizer)
+            recorded = rundir.read_record(source).get("template") or {}
+            if recorded:
+                break
+    if reasoning is None and isinstance(recorded.get("reasoning"), dict):
+        known = {k: v for k, v in recorded["reasoning"].items() if k in ("keep", "thinking", "mask_empty_think")}
+        reasoning = Reasoning(**known)
+    if name != "auto":
+        return renderer(name, tokenizer, reasoning)
+    if recorded.get("name") in TEMPLATES:
+        return renderer(recorded["name"], tokenizer, reasoning)
     if getattr(tokenizer, "chat_template", None):
-        return renderer("auto", tokenizer)
+        return renderer("auto", tokenizer, reasoning)
     if allow_plain:
         return None
     raise BadInput("the model has no chat template and no recorded lmforge template",

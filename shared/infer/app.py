@@ -33,6 +33,25 @@ class Served:
     api_key: str | None
     max_concurrency: int
     created: int = field(default_factory=lambda: int(time.time()))
+    max_request_bytes: int = 8 << 20   # a larger body is refused with 413 before it is read whole
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed `limit` bytes: from its
+    Content-Length when given, else while it streams in."""
+    from lmforge.shared.infer.protocol import APIError
+
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {int(declared):,} bytes; this server takes at most {limit:,} "
+                            "(lmforge serve --max-request-bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body exceeds {limit:,} bytes (lmforge serve --max-request-bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def create_app(served: Served):
@@ -42,8 +61,19 @@ def create_app(served: Served):
     from lmforge.shared.infer import protocol as api
     from lmforge.shared.infer.protocol import APIError
 
+    from starlette.concurrency import run_in_threadpool
+
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None)
     slots = asyncio.Semaphore(served.max_concurrency)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, exc: Exception):
+        # never an HTML/plain 500 page: an OpenAI-shaped error (the details go to the server's log)
+        import logging
+
+        logging.getLogger("lmforge.serve").exception("request failed")
+        return JSONResponse(APIError(500, f"the server failed on this request ({type(exc).__name__})",
+                                     code="server_error").body(), status_code=500)
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
@@ -69,6 +99,24 @@ def create_app(served: Served):
                   top_p=settings.top_p, seed=settings.seed, n=settings.n, stop=settings.stop)
         return job, settings
 
+    by_thinking: dict[str, object] = {}
+
+    def renderer_for_request(body: dict):
+        """The served renderer, or (when the request sets enable_thinking) the same template with
+        that thinking switch."""
+        thinking = api.thinking_of(body)
+        base = served.renderer
+        if thinking == "auto" or not hasattr(base, "with_reasoning"):
+            return base
+        if thinking not in by_thinking:
+            from dataclasses import replace
+
+            try:
+                by_thinking[thinking] = base.with_reasoning(replace(base.reasoning, thinking=thinking))
+            except BadInput as exc:
+                raise APIError(400, exc.message, param="enable_thinking") from None
+        return by_thinking[thinking]
+
     @app.get("/health")
     async def health():
         stats = served.engine.stats() if hasattr(served.engine, "stats") else {}
@@ -82,11 +130,17 @@ def create_app(served: Served):
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         authorise(request)
-        body = api.parse_body(await request.body())
-        asked = api.ChatRequest.check(body, served_name=served.name, renderer=served.renderer)
+        # parsing, checking and tokenizing a large request take CPU time: off the event loop, so
+        # health checks and streams of other requests go on meanwhile
+        body = await run_in_threadpool(api.parse_body, await read_body(request, served.max_request_bytes))
+        renderer = renderer_for_request(body)
+        asked = api.ChatRequest.check(body, served_name=served.name, renderer=renderer)
         tools = asked.tools is not None
-        prompt = served.renderer.generation_prompt(asked.turns, asked.system, asked.tools or "")
-        ids, lead = encode_chat_prompt(served.tokenizer, prompt)
+        try:
+            prompt = await run_in_threadpool(renderer.generation_prompt, asked.turns, asked.system, asked.tools or "")
+        except BadInput as exc:
+            raise APIError(400, exc.message, param="messages") from None
+        ids, lead = await run_in_threadpool(encode_chat_prompt, served.tokenizer, prompt)
         job, settings = job_for(body, ids)
         job.lead = lead
         style = getattr(getattr(served.renderer, "tpl", None), "tool_style", None) or ("qwen" if tools else None)
@@ -99,12 +153,16 @@ def create_app(served: Served):
             final = await _collect(served, request, job)
         choices = []
         for c in sorted(final["choices"], key=lambda c: c["index"]):
-            message = api.Message(content=c["text"])
+            # thinking models: the reasoning apart from the answer, as reasoning_content
+            reasoning, text = renderer.split_reasoning(c["text"]) if hasattr(renderer, "split_reasoning") \
+                else (None, c["text"])
+            message = api.Message(content=text, reasoning_content=reasoning)
             reason = c["finish_reason"]
             if tools:
-                content, calls = parse_calls(style, c["text"])
+                content, calls = parse_calls(style, text)
                 if calls:
-                    message = api.Message(content=content or None, tool_calls=_tool_calls(calls))
+                    message = api.Message(content=content or None, reasoning_content=reasoning,
+                                          tool_calls=_tool_calls(calls))
                     reason = "tool_calls"
             choices.append(api.ChatChoice(index=c["index"], message=message, finish_reason=reason))
         completion = sum(c["completion_tokens"] for c in final["choices"])
@@ -114,9 +172,9 @@ def create_app(served: Served):
     @app.post("/v1/completions")
     async def completions(request: Request):
         authorise(request)
-        body = api.parse_body(await request.body())
+        body = await run_in_threadpool(api.parse_body, await read_body(request, served.max_request_bytes))
         asked = api.CompletionRequest.check(body, served_name=served.name)
-        ids = served.tokenizer(asked.prompt, add_special_tokens=True).input_ids
+        ids = (await run_in_threadpool(served.tokenizer, asked.prompt, add_special_tokens=True)).input_ids
         job, settings = job_for(body, ids)
         cmpl_id = f"cmpl-{uuid.uuid4().hex[:24]}"
         if settings.stream:

@@ -198,7 +198,9 @@ def generate_eval(model_dir: str, adapter: str | None, data: str, template: str,
     render = renderer_for(template, tokenizer, model_dir, adapter)
     stops = stop_token_ids(tokenizer, render.stop_words())
     rows = []
-    for batch in source.batches():
+    from lmforge.shared.data.aligned import batches as aligned_batches
+
+    for batch in aligned_batches(source):   # version-1 data upgraded
         rows += batch.to_pylist()
         if max_samples and len(rows) >= max_samples:
             rows = rows[:max_samples]
@@ -213,11 +215,14 @@ def generate_eval(model_dir: str, adapter: str | None, data: str, template: str,
             prompts = [render.generation_prompt(turns_of(r["prompt"]), r["system"], r["tools"]) for r in part]
             ids = [encode_chat_prompt(tokenizer, p)[0] for p in prompts]  # as serve and pack
             for r, prompt, result in zip(part, prompts, generate(model, tokenizer, ids, sampling, stops)):
-                reference = r["response"][0]["content"]
-                predictions.append(result.text.strip())
+                reference = r["response"][0]["content"] or ""
+                # a thinking model's reasoning is not part of its answer (scored, saved apart)
+                reasoning, answer = render.split_reasoning(result.text)
+                predictions.append(answer.strip())
                 references.append(reference)
-                out_rows.append({"prompt": r["prompt"][-1]["content"], "prediction": result.text.strip(),
-                                 "reference": reference, "finish_reason": result.finish_reason})
+                out_rows.append({"prompt": r["prompt"][-1]["content"], "prediction": answer.strip(),
+                                 "reference": reference, "finish_reason": result.finish_reason,
+                                 **({"reasoning": reasoning} if render.thinking else {})})
             progress.advance(len(part))
     metrics = all_metrics(predictions, references)
     metrics["seconds"] = round(time.monotonic() - started, 2)

@@ -53,15 +53,56 @@ def _api_error(exc: ValidationError) -> APIError:
     return APIError(400, error["msg"], param=str(loc[0]) if loc else None)
 
 
+MAX_NESTING = 64   # a chat request is a few levels deep; thousands of levels only attack the parser
+
+
+def _no_constant(name: str):
+    raise APIError(400, f"the request body holds {name}, which is not a JSON number", code="invalid_value")
+
+
 def parse_body(raw: bytes) -> dict:
-    """A request body: a JSON object, else an APIError."""
+    """A request body: a JSON object, else an APIError (400): invalid JSON, NaN or Infinity
+    (Python's json accepts them; JSON does not), or nesting deeper than MAX_NESTING."""
+    if _depth_exceeds(raw, MAX_NESTING):
+        raise APIError(400, f"the request body is nested more than {MAX_NESTING} levels deep")
     try:
-        body = json.loads(raw)
-    except ValueError:
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    except (ValueError, RecursionError):
         raise APIError(400, "the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     return body
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        _no_constant(text)
+    return value
+
+
+def _depth_exceeds(raw: bytes, limit: int) -> bool:
+    """Whether brackets outside strings nest deeper than `limit` (a linear scan, before parsing)."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False   # the usual case: too few brackets to nest that deep
+    depth, in_string, escaped = 0, False, False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:   # backslash
+                escaped = True
+            elif byte == 0x22:   # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):   # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return False
 
 
 class _Checked(BaseModel):
@@ -142,7 +183,7 @@ class ChatRequest(_Request):
         return self.messages[0]
 
     @property
-    def turns(self) -> list[tuple[str, str]]:
+    def turns(self) -> list[dict]:
         return self.messages[1]
 
 
@@ -241,59 +282,63 @@ class Settings(_Checked):
         return bool((self.stream_options or {}).get("include_usage"))
 
 
-def messages_to_turns(messages: object) -> tuple[str, list[tuple[str, str]]]:
-    """OpenAI chat messages -> (system, aligned turns); a validation error on a malformed list."""
-    from lmforge.shared.data.aligned import (
-        ASSISTANT,
-        FUNCTION,
-        OBSERVATION,
-        USER,
-        RowError,
-        check_turns,
-    )
-    from lmforge.shared.data.formats import normalize_call
+def messages_to_turns(messages: object) -> tuple[str, list[dict]]:
+    """OpenAI chat messages -> (system, aligned messages), read as `data align` reads OpenAI data
+    (reasoning_content, tool_calls with ids, tool_call_id); a validation error on a malformed list.
+    Images are refused (a client must not make the server read its files; text models only)."""
+    from lmforge.shared.data.aligned import RowError, check_turns, message
+    from lmforge.shared.data.formats import converter, make_spec
 
     if not isinstance(messages, list) or not messages:
         raise _invalid("'messages' must be a non-empty list", "messages")
     system_parts: list[str] = []
-    turns: list[tuple[str, str]] = []
+    rest: list = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise _invalid(f"messages[{i}] must be an object", "messages")
-        role, content = m.get("role"), m.get("content")
-        if isinstance(content, list):  # content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        if content is not None and not isinstance(content, str):
-            raise _invalid(f"messages[{i}].content must be a string", "messages")
-        if role in ("system", "developer"):
-            if turns:
+        content = m.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") not in (None, "text"):
+                    raise _invalid(f"messages[{i}]: only text content parts are served", "messages")
+        if m.get("role") in ("system", "developer"):
+            if rest:
                 raise _invalid(f"messages[{i}]: a system message must come first", "messages")
+            if isinstance(content, list):
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            if content is not None and not isinstance(content, str):
+                raise _invalid(f"messages[{i}].content must be a string", "messages")
             system_parts.append(content or "")
-        elif role == "user":
-            turns.append((USER, content or ""))
-        elif role == "assistant":
-            if m.get("tool_calls"):
-                calls = [c.get("function", c) if isinstance(c, dict) else c for c in m["tool_calls"]]
-                try:
-                    turns.append((FUNCTION, normalize_call(calls if len(calls) > 1 else calls[0])))
-                except RowError as exc:
-                    raise _invalid(f"messages[{i}].tool_calls: {exc}", "messages") from None
-            else:
-                turns.append((ASSISTANT, content or ""))
-        elif role in ("tool", "function"):
-            if turns and turns[-1][0] == OBSERVATION:  # parallel results stay together
-                prev = turns[-1][1]
-                merged = json.loads(prev) if prev.startswith("[") else [prev]
-                turns[-1] = (OBSERVATION, json.dumps(merged + [content or ""], ensure_ascii=False))
-            else:
-                turns.append((OBSERVATION, content or ""))
-        else:
-            raise _invalid(f"messages[{i}]: unknown role {role!r}", "messages")
+            continue
+        if m.get("role") not in ("user", "assistant", "tool", "function"):
+            raise _invalid(f"messages[{i}]: unknown role {m.get('role')!r}", "messages")
+        if content is not None and not isinstance(content, (str, list)):
+            raise _invalid(f"messages[{i}].content must be a string", "messages")
+        rest.append(m)
+    convert = converter(make_spec("openai", "sft"))
     try:
-        check_turns(turns, [(ASSISTANT, "x")], "sft")
+        turns, _, _, _, _ = convert({"messages": rest + [{"role": "assistant", "content": "x"}]})
+    except RowError as exc:
+        raise _invalid(f"invalid messages: {exc}", "messages") from None
+    try:
+        check_turns(turns, [message("assistant", "x")], "sft")
     except RowError as exc:
         raise _invalid(f"invalid messages: {exc}", "messages") from None
     return "\n".join(system_parts), turns
+
+
+def thinking_of(body: dict) -> str:
+    """The request's thinking switch: `chat_template_kwargs.enable_thinking` (as vLLM and SGLang
+    take it) or a top-level `enable_thinking` -> "on" | "off" | "auto"."""
+    kwargs = body.get("chat_template_kwargs")
+    value = kwargs.get("enable_thinking") if isinstance(kwargs, dict) else None
+    if value is None:
+        value = body.get("enable_thinking")
+    if value is None:
+        return "auto"
+    if not isinstance(value, bool):
+        raise APIError(400, "'enable_thinking' must be true or false", param="enable_thinking")
+    return "on" if value else "off"
 
 
 # ----------------------------------------------------------------------------- responses
@@ -338,10 +383,11 @@ class ToolCall(_Body):
 
 
 class Message(_Body):
-    OPTIONAL = ("tool_calls",)
+    OPTIONAL = ("tool_calls", "reasoning_content")
 
     role: str = "assistant"
     content: str | None
+    reasoning_content: str | None = None   # thinking models: the reasoning, apart from the answer
     tool_calls: list[ToolCall] | None = None
 
 
