@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ._cli import command, declared, group, print_path
 
-app = group("Make and transform model directories (quantize, init).")
+app = group("Make and transform model directories (quantize, init, export).")
 
 
 @command(app, "quantize")
@@ -40,4 +40,17 @@ def init(
     with log.stdout_guard():
         modelinit.init_model(output, arch, layers, hidden, heads, kv_heads, intermediate, vocab_size, max_position,
                              tokenizer, train_tokenizer, seed, overwrite)
+    print_path(output)
+
+
+@command(app, "export")
+@declared("model export")
+def export(model, adapter, output, format, quant, template, system, ollama, overwrite) -> None:
+    """A model (plus an adapter) as one GGUF file for llama.cpp / Ollama / LM Studio; prints its path."""
+    from lmforge.shared.core import log
+    from lmforge.shared.model import export as exporting
+
+    log.quiet_libraries()
+    with log.stdout_guard():
+        exporting.export(model, adapter, output, format, quant, template, system, ollama, overwrite)
     print_path(output)
