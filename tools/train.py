@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from ._cli import command, declared, group, print_path
+from ._cli import command, declared, given, group, print_path
 
-app = group("Train a model (pt, sft, rm, dpo, ppo) on packed data. Prints the output directory.")
+app = group("Train a model (pt, sft, rm, dpo, ppo, grpo) on packed data. Prints the output directory.")
 
 def options_from(stage: str, opts: dict, **extra):
     """Command-line values -> TrainOptions."""
     from lmforge.shared.train.methods import MethodOptions
     from lmforge.shared.train.training import TrainOptions
 
+    from lmforge.shared.train.methods import refuse_unused
+
+    refuse_unused(opts["method"], given())
     method_fields = set(MethodOptions.__dataclass_fields__) - {"added_token_ids"}
     method = MethodOptions(**{k: v for k, v in opts.items() if k in method_fields})
     general = {k: v for k, v in opts.items() if k in TrainOptions.__dataclass_fields__ and k not in ("stage", "method")}
@@ -91,3 +94,21 @@ def ppo(**opts) -> None:
         out = ppo_.run(options)
     if int(os.environ.get("RANK", "0")) == 0:
         print_path(out)
+
+
+@command(app, "grpo", help="Online RL with verifiable rewards (GRPO, TRL): prompts packed with `data pack --stage ppo`.")
+@declared("train grpo")
+def grpo(**opts) -> None:
+    from lmforge.shared.core import log
+
+    log.quiet_libraries()
+    from lmforge.shared.train.grpo import build_grpo_trainer, validate
+
+    _refuse_pt_sft_only_options("grpo", opts)
+    names = ("reward_weights", "num_generations", "max_new_tokens", "temperature", "top_p", "top_k", "kl_coef",
+             "loss_type", "clip_range", "clip_range_high", "num_iterations", "scale_rewards", "mask_truncated", "vllm")
+    extra = {"rewards": list(opts.pop("reward") or []), **{k: opts.pop(k) for k in names},
+             "data_stages": ("ppo",)}
+    options = options_from("grpo", opts, **extra)
+    validate(options)
+    run_and_print(options, build_grpo_trainer)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-ALL = ["bench_help", "bench_align", "bench_pack", "bench_train", "bench_memory", "bench_ppo", "bench_mmlu", "bench_serve", "bench_gpu"]
+ALL = ["bench_help", "bench_align", "bench_pack", "bench_train", "bench_memory", "bench_ppo", "bench_grpo", "bench_mmlu", "bench_serve", "bench_gpu"]
 
 
 def main() -> None:

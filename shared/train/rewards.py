@@ -1,0 +1,322 @@
+"""Rewards for `train grpo`: what a program can check, from four sources.
+
+A spec names one reward:
+- built-ins, needing no code: `exact` (the answer equals the reference answer), `numeric` (the last
+  number in the answer equals the reference's), `format` (a `<think>...</think>` block, then an
+  answer), `regex:PATTERN` (the whole completion matches), `length:N` (-(tokens beyond N) / N);
+- `cmd:COMMAND`: a program in any language; it reads JSON lines {"prompt", "completion",
+  "reference"} on stdin and writes one number per line;
+- `module:function` or `file.py:function`: a Python function
+  f(prompts, completions, references, **kwargs) -> list of numbers;
+- a reward model directory from `train rm` (its adapter and value head), scored at the last token.
+
+Each is a callable in TRL's reward-function form: f(prompts=..., completions=..., completion_ids=...,
+reference=[...], **kwargs) -> list[float], with a `__name__` that names it in the logs. "The answer"
+is what follows the last `</think>` when there is one, stripped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+from pathlib import Path
+from typing import Any, Callable
+
+from lmforge.shared.core.errors import BadInput, RunFailure
+
+BUILTINS = ("exact", "numeric", "format", "regex", "length")
+FORMAT = re.compile(r"\s*<think>.*?</think>\s*\S.*", re.DOTALL)
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+SPEC_FORMS = ("exact, numeric, format, regex:PATTERN, length:N, cmd:COMMAND, module:function, file.py:function, "
+              "or a reward model directory")
+
+
+def answer_of(completion: str) -> str:
+    """The answer part of a completion: after the last </think>, whitespace collapsed."""
+    if "</think>" in completion:
+        completion = completion.rsplit("</think>", 1)[1]
+    return " ".join(completion.split())
+
+
+def number_in(text: str) -> float | None:
+    found = NUMBER.findall(text.replace(",", ""))
+    return float(found[-1]) if found else None
+
+
+class Reward:
+    """A named reward function in TRL's calling convention."""
+
+    __name__ = "reward"
+
+    def __call__(self, prompts: list, completions: list, completion_ids: list | None = None,
+                 reference: list | None = None, **kwargs: Any) -> list[float]:
+        references = reference if reference is not None else [None] * len(completions)
+        return self.score(list(prompts), list(completions), list(completion_ids or [[]] * len(completions)),
+                          list(references))
+
+    def score(self, prompts: list[str], completions: list[str], completion_ids: list[list[int]],
+              references: list[str | None]) -> list[float]:
+        raise NotImplementedError
+
+
+class Exact(Reward):
+    __name__ = "exact"
+
+    def score(self, prompts, completions, completion_ids, references):
+        return [float(ref is not None and answer_of(c) == answer_of(ref)) for c, ref in zip(completions, references)]
+
+
+class Numeric(Reward):
+    __name__ = "numeric"
+
+    def score(self, prompts, completions, completion_ids, references):
+        out = []
+        for c, ref in zip(completions, references):
+            want, got = number_in(ref or ""), number_in(answer_of(c))
+            out.append(float(want is not None and got is not None and math.isclose(want, got, rel_tol=1e-6, abs_tol=1e-9)))
+        return out
+
+
+class Pattern(Reward):
+    def __init__(self, pattern: re.Pattern, name: str):
+        self.pattern, self.__name__ = pattern, name
+
+    def score(self, prompts, completions, completion_ids, references):
+        return [float(self.pattern.fullmatch(c) is not None) for c in completions]
+
+
+class Length(Reward):
+    def __init__(self, limit: int):
+        self.limit, self.__name__ = limit, "length"
+
+    def score(self, prompts, completions, completion_ids, references):
+        return [-max(0, len(ids) - self.limit) / self.limit for ids in completion_ids]
+
+
+class Command(Reward):
+    """A program: JSON lines {"prompt", "completion", "reference"} on stdin, one number per line out."""
+
+    __name__ = "cmd"
+
+    def __init__(self, command: str, timeout: float = 600.0):
+        self.command, self.timeout = command, timeout
+
+    def score(self, prompts, completions, completion_ids, references):
+        lines = "".join(json.dumps({"prompt": p, "completion": c, "reference": r}, ensure_ascii=False) + "\n"
+                        for p, c, r in zip(prompts, completions, references))
+        where = f"reward command `{self.command}`"
+        try:
+            done = subprocess.run(self.command, shell=True, input=lines, capture_output=True, text=True,
+                                  timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            raise RunFailure(f"{where}: no answer within {self.timeout:.0f}s") from None
+        if done.returncode != 0:
+            said = (done.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1][:200]
+            raise RunFailure(f"{where} failed (exit {done.returncode}): {said}", "run it by hand on a few JSON lines")
+        got = done.stdout.split("\n")
+        if got and got[-1] == "":
+            got.pop()
+        if len(got) != len(completions):
+            raise BadInput(f"{where} wrote {len(got)} lines for {len(completions)} completions",
+                           "write exactly one number per input line")
+        out = []
+        for n, line in enumerate(got, 1):
+            try:
+                out.append(float(line))
+            except ValueError:
+                raise BadInput(f"{where}, output line {n}: {line[:60]!r} is not a number",
+                               "write one number per line") from None
+        return out
+
+
+class Function(Reward):
+    """A Python function f(prompts, completions, references, **kwargs) -> list of numbers."""
+
+    def __init__(self, spec: str, function: Callable):
+        self.spec, self.function = spec, function
+        self.__name__ = getattr(function, "__name__", "function")
+
+    def score(self, prompts, completions, completion_ids, references):
+        try:
+            values = list(self.function(prompts=prompts, completions=completions, references=references,
+                                        completion_ids=completion_ids))
+        except (BadInput, RunFailure):
+            raise
+        except Exception as exc:  # the user's code: say where it failed, on one line
+            raise RunFailure(f"reward function {self.spec} raised {type(exc).__name__}: {str(exc)[:200]}") from None
+        if len(values) != len(completions):
+            raise BadInput(f"reward function {self.spec} returned {len(values)} values for {len(completions)} completions",
+                           "return one number per completion")
+        try:
+            return [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise BadInput(f"reward function {self.spec} returned something that is not a number",
+                           "return a list of numbers") from None
+
+
+def load_function(spec: str) -> Callable:
+    """`module:function` or `file.py:function`."""
+    import importlib
+    import importlib.util
+    import sys
+
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise BadInput(f"--reward {spec}: not one of {SPEC_FORMS}")
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise BadInput(f"--reward {spec}: no file {where}")
+        module_spec = importlib.util.spec_from_file_location(f"lmforge_reward_{path.stem}", path)
+        if module_spec is None or module_spec.loader is None:
+            raise BadInput(f"--reward {spec}: cannot load {where}")
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise BadInput(f"--reward {spec}: {where} failed to import ({type(exc).__name__}: {str(exc)[:160]})") from None
+    else:
+        if "." not in sys.path and "" not in sys.path:
+            sys.path.insert(0, "")
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise BadInput(f"--reward {spec}: cannot import {where} ({exc})",
+                           "give module:function importable from here, or file.py:function") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise BadInput(f"--reward {spec}: {where} has no function {name}")
+    return function
+
+
+def parse(spec: str) -> Reward | Path:
+    """One --reward spec -> a reward callable, or the Path of a reward model directory (loaded later,
+    when the policy model is known)."""
+    head, _, rest = spec.partition(":")
+    if spec == "exact":
+        return Exact()
+    if spec == "numeric":
+        return Numeric()
+    if spec == "format":
+        return Pattern(FORMAT, "format")
+    if head == "regex":
+        try:
+            return Pattern(re.compile(rest, re.DOTALL), "regex")
+        except re.error as exc:
+            raise BadInput(f"--reward {spec}: not a regular expression ({exc})") from None
+    if head == "length":
+        try:
+            limit = int(rest)
+        except ValueError:
+            limit = 0
+        if limit < 1:
+            raise BadInput(f"--reward {spec}: give length:N with N >= 1 tokens", "e.g. length:32")
+        return Length(limit)
+    if head == "cmd":
+        if not rest.strip():
+            raise BadInput(f"--reward {spec}: no command after cmd:")
+        return Command(rest)
+    if Path(spec).is_dir():
+        return Path(spec)
+    if head in BUILTINS:
+        raise BadInput(f"--reward {spec}: {head} takes no argument" if rest else f"--reward {spec}: malformed")
+    if ":" in spec:
+        return Function(spec, load_function(spec))
+    raise BadInput(f"--reward {spec}: not one of {SPEC_FORMS}")
+
+
+def weights(text: str | None, count: int) -> list[float]:
+    if not text:
+        return [1.0] * count
+    try:
+        values = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise BadInput(f"--reward-weights {text}: give comma-separated numbers") from None
+    if len(values) != count:
+        raise BadInput(f"--reward-weights {text}: {len(values)} weights for {count} --reward terms",
+                       "give one weight per --reward, in order")
+    return values
+
+
+def unique_names(rewards: list) -> None:
+    """Each reward's log name once: exact, cmd, cmd_2, ..."""
+    seen: dict[str, int] = {}
+    for r in rewards:
+        n = seen.get(r.__name__, 0) + 1
+        seen[r.__name__] = n
+        if n > 1:
+            r.__name__ = f"{r.__name__}_{n}"
+
+
+class RewardModel(Reward):
+    """A `train rm` directory: its adapter (on the same base) and value head, scored at the last token.
+
+    With a LoRA policy the adapter loads beside the policy's ("reward", frozen) and is switched in for
+    scoring, as `train ppo` does: one copy of the base weights. Otherwise (full tuning, or a full reward
+    model) the reward model is loaded as its own copy."""
+
+    def __init__(self, directory: Path, policy, model_path: str, tokenizer, device):
+        import torch
+        from lmforge.shared.core import rundir
+        from lmforge.shared.model.value import HEAD_FILE, load_head
+        from peft import PeftModel
+
+        rundir.require_finished(directory)
+        if not (directory / HEAD_FILE).exists():
+            raise BadInput(f"--reward {directory}: not a reward model (no {HEAD_FILE})", "train one with `lmforge train rm`")
+        self.__name__ = "rm"
+        self.tokenizer = tokenizer
+        is_adapter = (directory / "adapter_config.json").exists()
+        self.shared = is_adapter and isinstance(policy, PeftModel)
+        if self.shared:
+            try:
+                policy.load_adapter(str(directory), adapter_name="reward", is_trainable=False)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise BadInput(f"--reward {directory}: does not fit the model ({str(exc).splitlines()[0][:200]})",
+                               "train the reward model on the same model as --model") from None
+            policy.set_adapter("default")
+            self.model = policy
+        else:
+            from lmforge.shared.model.models import load_model
+
+            if is_adapter:
+                self.model = PeftModel.from_pretrained(load_model(model_path, device, tokenizer=tokenizer), str(directory))
+            else:
+                self.model = load_model(str(directory), device, tokenizer=tokenizer)
+            self.model.eval()
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        hidden = self.model.config.get_text_config().hidden_size
+        self.head = load_head(directory, hidden).to(next(self.model.parameters()).device)
+        for p in self.head.parameters():
+            p.requires_grad_(False)
+        self.prompt_ids: dict[str, list[int]] = {}
+        self._torch = torch
+
+    def score(self, prompts, completions, completion_ids, references):
+        torch = self._torch
+        from contextlib import nullcontext
+
+        from lmforge.shared.train.ppo import adapter, positions
+
+        rows = [self.prompt_ids[p] + list(c) for p, c in zip(prompts, completion_ids)]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+        last = torch.tensor([len(r) - 1 for r in rows], device=device)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), (adapter(model, "reward") if self.shared else nullcontext()):
+                base = model.get_base_model() if hasattr(model, "get_base_model") else model
+                hidden = base.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                                            use_cache=False).last_hidden_state
+        finally:
+            model.train(was_training)
+        picked = hidden[torch.arange(len(rows), device=device), last]
+        return self.head(picked.to(self.head.weight.dtype)).squeeze(-1).float().tolist()
