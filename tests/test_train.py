@@ -172,7 +172,7 @@ def test_resume_after_kill_ends_with_the_same_weights(task, tmp_path):
     cmd = LMFORGE + ["train", "sft", "-m", str(task["base"]), "-d", str(task["train"]), "-o", str(cut), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (cut / "checkpoints" / "checkpoint-16" / "trainer_state.json").exists():
+    while not (cut / "checkpoints" / "checkpoint-16" / "lmforge_progress.json").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
@@ -185,6 +185,16 @@ def test_resume_after_kill_ends_with_the_same_weights(task, tmp_path):
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-6 for k in a)
     steps = [json.loads(line)["step"] for line in (cut / "trainer_log.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicate log lines after resume
+    # the resumed run reports the whole run: the same loss history and totals as the uninterrupted one
+    def history(run):
+        return [(e["step"], e["loss"]) for e in map(json.loads, (run / "trainer_log.jsonl").read_text().splitlines())
+                if "loss" in e]
+
+    assert [s for s, _ in history(cut)] == [s for s, _ in history(whole)]
+    assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(history(cut), history(whole)))
+    mw, mc = (json.loads((run / "lmforge.json").read_text())["metrics"] for run in (whole, cut))
+    assert mc["steps"] == mw["steps"] == 24 and mc["tokens"] == mw["tokens"]
+    assert abs(mc["train_loss"] - mw["train_loss"]) < 1e-5, (mc["train_loss"], mw["train_loss"])
     # a finished run resumed is a no-op that prints its path
     assert ok(["train", "sft", "-m", task["base"], "-d", task["train"], "-o", cut, *args, "--resume"]).stdout.decode() == f"{cut}\n"
 

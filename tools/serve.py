@@ -7,15 +7,20 @@ from ._cli import declared
 
 
 @declared("serve")
-def serve(model, adapter, template, name, host, port, api_key, backend, max_concurrency, max_batch) -> None:
+def serve(model, adapter, template, name, host, port, api_key, backend, max_concurrency, max_batch, attn,
+          max_request_bytes) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming, tools)."""
     from lmforge.shared.core import log
     from lmforge.shared.infer import app
+    from lmforge.shared.model.models import prefer_attention
+
+    prefer_attention(attn)
 
     app.check_port(host, port)
     log.quiet_libraries()
     with log.stdout_guard():
         served = app.prepare(model, adapter, template, backend, max_concurrency, max_batch, api_key, name)
+    served.max_request_bytes = max_request_bytes
     import uvicorn
 
     log.info(f"serve: {served.name} ({served.renderer.name} template, {backend} backend) at http://{host}:{port}/v1"
@@ -25,13 +30,16 @@ def serve(model, adapter, template, name, host, port, api_key, backend, max_conc
 
 
 @declared("chat")
-def chat(model, adapter, template, system, max_tokens, temperature) -> None:
+def chat(model, adapter, template, system, max_tokens, temperature, attn) -> None:
     """Talk to a model in the terminal: answers stream as they are written; /reset, /exit."""
     import sys
 
     from lmforge.shared.core import log
     from lmforge.shared.infer.app import prepare
     from lmforge.shared.infer.chat import chat_loop
+    from lmforge.shared.model.models import prefer_attention
+
+    prefer_attention(attn)
 
     log.quiet_libraries()
     with log.stdout_guard():

@@ -114,6 +114,13 @@ DATA_PACK = (
         help="Pack, keeping each example's own positions so attention never crosses examples."),
     Opt("train_on_prompt", type="bool", default=False, help="Compute the loss on prompt tokens too."),
     Opt("mask_history", type="bool", default=False, help="Loss on the last assistant turn only."),
+    # issue 16: reasoning (thinking) controls
+    Opt("reasoning", choices=("auto", "keep", "drop"), default="auto",
+        help="Reasoning of assistant turns: auto (the template's own rule for earlier turns), "
+             "keep (every turn, named templates), drop (none)."),
+    Opt("thinking", choices=("auto", "on", "off"), default="auto",
+        help="The enable_thinking switch of hybrid thinking models (off: no reasoning, empty think blocks)."),
+    Opt("mask_empty_think", type="bool", default=False, help="No loss on empty think blocks."),
     Opt("num_proc", type="int", default=1, help="Worker processes for tokenization."),
     DATA_SEED,
 )
@@ -158,6 +165,24 @@ MODEL_INIT = (
     OVERWRITE,
 )
 
+# ----------------------------------------------------------------------------- model export (issue 24)
+
+EXPORT_QUANTS = ("f16", "bf16", "f32", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1", "q4_k_m", "q4_k_s",
+                 "q4_0", "q4_1", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k")
+MODEL_EXPORT = (
+    MODEL.but(flags=(), argument=True, help="Model directory (a base model, a merged or fully trained one)."),
+    ADAPTER.but(help="A PEFT adapter trained on MODEL: merged in on the way."),
+    OUTPUT.but(help="The GGUF file to write, e.g. model.gguf (printed on stdout)."),
+    Opt("format", choices=("gguf",), default="gguf", help="Output format: gguf (llama.cpp, Ollama, LM Studio)."),
+    Opt("quant", choices=EXPORT_QUANTS, default="f16",
+        help="Weights: f16/bf16/f32 as converted, or quantized by llama.cpp's quantizer (q8_0, q4_k_m, ...)."),
+    TEMPLATE.but(help="Chat template written into the file: auto (what the model was trained with, else its own), "
+                      "a template name, or none."),
+    Opt("system", default=None, help="--ollama: the Modelfile's SYSTEM prompt (default: the template's own, if any)."),
+    Opt("ollama", type="bool", default=False, help="Also write an Ollama Modelfile beside the file (OUT.Modelfile)."),
+    OVERWRITE.but(help="Replace existing output files."),
+)
+
 # ----------------------------------------------------------------------------- adapter
 
 MERGE_DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -195,6 +220,10 @@ MAX_GRAD_NORM = Opt("max_grad_norm", type="float", default=1.0, help="Gradient c
 SAVE_STEPS = Opt("save_steps", type="int", default=500, help="Checkpoint every N steps (for --resume).", panel=R)
 KEEP_CHECKPOINTS = Opt("keep_checkpoints", type="bool", default=False, help="Keep checkpoints/ after a successful run.",
                        panel=R)
+REPORT = Opt("report", choices=("none", "tensorboard", "wandb", "mlflow", "trackio", "swanlab"), default=None,
+             many=True, panel=R,  # issue 24: through the Trainer's own integrations (shared/train/reporting.py)
+             help="Report the run to trackers (repeat for several): tensorboard (OUT/tensorboard), wandb, mlflow, "
+                  "trackio, swanlab; the run config holds the lmforge.json parameters.")
 LOGGING_STEPS = Opt("logging_steps", type="int", default=10, help="Log every N steps to trainer_log.jsonl.", panel=R)
 
 TRAIN_COMMON = (
@@ -263,8 +292,7 @@ TRAIN_COMMON = (
     KEEP_CHECKPOINTS,
     LOGGING_STEPS,
     Opt("eval_steps", type="int", default=None, help="Evaluate every N steps (default: --save-steps).", panel=R),
-    Opt("report", choices=("none", "tensorboard"), default="none",
-        help="Also write TensorBoard events (OUT/tensorboard).", panel=R),
+    REPORT,
     Opt("deepspeed", default=None, panel=D,
         help="DeepSpeed: z2, z3, z3-offload, or a config JSON (launch with torchrun/deepspeed)."),
     Opt("fsdp", type="bool", default=False, help="PyTorch FSDP (CUDA GPUs; launch with torchrun or accelerate).",
@@ -333,11 +361,61 @@ TRAIN_PPO = (
     SAVE_STEPS.but(default=50, help="Checkpoint every N steps."),
     KEEP_CHECKPOINTS.but(help="Keep checkpoints/ at the end."),
     LOGGING_STEPS.but(default=1, help="Log every N steps."),
+    REPORT,  # issue 24
+)
+
+# ----------------------------------------------------------------------------- train grpo (issue 19)
+
+GR = "GRPO"
+GRPO_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo")
+TRAIN_GRPO = (
+    *[o.but(help="Prompts (with reference answers where the data has them) packed with `data pack --stage ppo`.")
+      if o.name == "data" else o
+      for o in TRAIN_COMMON if o.name not in ("eval_data", "eval_steps", "neftune_alpha", "loraplus_ratio",
+                                              "batch_size", "grad_accum", "epochs", "max_steps", "save_steps",
+                                              "logging_steps")],
+    REWARD.but(many=True, panel=GR, flags=("--reward", "-r"),
+               help="A reward (repeat for several): exact, numeric, format, regex:PATTERN, length:N, "
+                    "cmd:COMMAND (JSON lines in, one number per line out), module:function or file.py:function, "
+                    "or a reward model directory (`train rm`)."),
+    Opt("reward_weights", default=None, panel=GR,
+        help="Weights of the --reward terms, comma-separated in their order (default: 1 each)."),
+    BATCH_SIZE.but(default=4, help="Prompts per device per micro-batch (each sampled --num-generations times).",
+                   panel=GR),
+    Opt("grad_accum", type="int", default=1, help="Gradient accumulation steps.", panel=GR),
+    Opt("num_generations", type="int", default=4, min=2, panel=GR,
+        help="Group size: completions sampled per prompt; advantages are relative to the group."),
+    EPOCHS.but(default=1.0, panel=GR),
+    MAX_STEPS.but(panel=GR),
+    MAX_NEW_TOKENS.but(default=64, help="Longest completion sampled.", panel=GR),
+    TEMPERATURE.but(default=1.0, panel=GR),
+    TOP_P.but(panel=GR),
+    Opt("top_k", type="int", default=0, help="Top-k sampling (0: off).", panel=GR),
+    Opt("kl_coef", type="float", default=0.0, min=0, panel=GR,
+        help="KL coefficient beta against the reference (the model without the adapter); 0: no reference pass."),
+    Opt("loss_type", choices=GRPO_LOSSES, default="dapo", panel=GR,
+        help="Loss aggregation (TRL): grpo (per sequence), dr_grpo (constant), dapo (per token), bnpo, cispo, sapo."),
+    Opt("clip_range", type="float", default=0.2, help="Ratio clipping epsilon.", panel=GR),
+    Opt("clip_range_high", type="float", default=None, help="Upper clipping epsilon (DAPO's clip-higher; default: --clip-range).",
+        panel=GR),
+    Opt("num_iterations", type="int", default=1, min=1, help="Updates per batch of completions (mu).", panel=GR),
+    Opt("scale_rewards", choices=("group", "batch", "none"), default="group", panel=GR,
+        help="Divide advantages by the reward std of the group, of the batch, or not at all (Dr. GRPO)."),
+    Opt("mask_truncated", type="bool", default=False, panel=GR,
+        help="Leave completions that hit --max-new-tokens out of the loss (DAPO)."),
+    Opt("vllm", type="bool", default=False, panel=GR,
+        help="Generate with vLLM colocated on the training GPU (CUDA with vllm installed)."),
+    SAVE_STEPS.but(default=50),
+    LOGGING_STEPS.but(default=1),
 )
 
 # ----------------------------------------------------------------------------- eval
 
-EVAL_MODEL = (MODEL, ADAPTER)
+# issue 22: every command that runs a model takes --attn, with train's choices
+ATTENTION = Opt("attn", choices=("auto", "sdpa", "eager", "flash_attention_2"), default="auto",
+                help="Attention kernel (auto: what transformers supports for the architecture: flash-attention on "
+                     "CUDA when installed, else sdpa, else eager).")
+EVAL_MODEL = (MODEL, ADAPTER, ATTENTION)
 EVAL_BENCHMARK = (
     *EVAL_MODEL,
     Opt("data", default=REQUIRED, flags=("--data", "-d"),
@@ -376,6 +454,7 @@ EVAL_RM = (
     REWARD,
     Opt("data", default=REQUIRED, flags=("--data", "-d"), help="Pairs packed with `data pack --stage rm`."),
     BATCH_SIZE.but(default=8, help="Pairs per forward pass.", min=1),
+    ATTENTION,
     JSON_OUT,
 )
 
@@ -394,6 +473,10 @@ SERVE = (
     Opt("backend", choices=("hf", "vllm"), default="hf", help="hf: transformers (CPU or GPU); vllm: vLLM (GPU)."),
     Opt("max_concurrency", type="int", default=32, min=1, help="Requests generated at once; more wait their turn."),
     Opt("max_batch", type="int", default=32, min=1, help="hf backend: most sequences in one generation batch."),
+    ATTENTION.but(help="hf backend: attention kernel (auto: what transformers supports for the architecture).",
+                  panel="Model"),
+    Opt("max_request_bytes", type="int", default=8 << 20, min=1024,
+        help="Largest request body accepted; a larger one gets HTTP 413."),
 )
 CHAT = (
     MODEL,
@@ -402,6 +485,7 @@ CHAT = (
     Opt("system", default="", help="A system prompt."),
     Opt("max_tokens", type="int", default=512, min=1, help="Longest answer."),
     TEMPERATURE,
+    ATTENTION,
 )
 
 COMMANDS: dict[str, tuple[Opt, ...]] = {
@@ -414,12 +498,14 @@ COMMANDS: dict[str, tuple[Opt, ...]] = {
     "data templates": DATA_TEMPLATES,
     "model quantize": MODEL_QUANTIZE,
     "model init": MODEL_INIT,
+    "model export": MODEL_EXPORT,  # issue 24
     "adapter merge": ADAPTER_MERGE,
     "train pt": TRAIN_COMMON,
     "train sft": TRAIN_COMMON,
     "train rm": TRAIN_COMMON,
     "train dpo": (*TRAIN_COMMON, *TRAIN_PREFERENCE),
     "train ppo": TRAIN_PPO,
+    "train grpo": TRAIN_GRPO,  # issue 19
     "eval mmlu": EVAL_BENCHMARK,
     "eval cmmlu": EVAL_BENCHMARK,
     "eval ceval": EVAL_BENCHMARK,

@@ -86,6 +86,7 @@ class PPOOptions:
     keep_checkpoints: bool = _DEFAULTS["keep_checkpoints"]
     logging_steps: int = _DEFAULTS["logging_steps"]
     precision: str = _DEFAULTS["precision"]
+    report: list[str] | None = _DEFAULTS["report"]   # trackers (shared/train/reporting.py)
 
 
 # ----------------------------------------------------------------------------- math
@@ -470,10 +471,15 @@ def run(o: PPOOptions) -> Path:
     out = Path(o.output)
     created = not out.exists()
     resume_from = rundir.prepare(out, overwrite=o.overwrite, resume=o.resume)
-    if o.resume and (out / rundir.RECORD).exists() and resume_from is None:
-        return out
-    with rundir.removed_on_failure(out, fresh=resume_from is None, created=created):
-        _train(o, out, resume_from)
+    try:
+        if o.resume and (out / rundir.RECORD).exists() and resume_from is None:
+            return out
+        rundir.begin(out)
+        with rundir.removed_on_failure(out, fresh=resume_from is None, created=created):
+            _train(o, out, resume_from)
+        rundir.finish(out)
+    finally:
+        rundir.unlock(out / rundir.LOCK)
     return out
 
 
@@ -511,6 +517,13 @@ def _train(o: PPOOptions, out: Path, resume_from: Path | None) -> None:
         journal.truncate_after(trainer.step)
         log.info(f"ppo: resumed at step {trainer.step}")
     started = time.monotonic()
+    from lmforge.shared.train.reporting import LoopReporter, names
+
+    hyperparameters = {k: v for k, v in asdict(o).items() if k not in ("output", "overwrite", "resume")}
+    trackers = LoopReporter(names(o.report), out, {"stage": "ppo", "method": "lora", "base_model": rundir.model_ref(
+        o.model), "hyperparameters": hyperparameters}, o.logging_steps) if names(o.report) else None
+    if trackers:
+        trackers.begin(steps, trainer.step)
     with log.Progress("ppo", total=steps, unit="steps") as progress:
         progress.done = trainer.step
         while trainer.step < steps:
@@ -518,9 +531,13 @@ def _train(o: PPOOptions, out: Path, resume_from: Path | None) -> None:
             entry["tokens_per_second"] = round(trainer.tokens / max(time.monotonic() - started, 1e-9), 1)
             if trainer.step % o.logging_steps == 0 or trainer.step == steps:
                 journal.write(entry)
+                if trackers:
+                    trackers.log(trainer.step, {k: v for k, v in entry.items() if k != "step"})
             progress.advance(1, reward=round(entry["reward"], 3), kl=round(entry["kl"], 3))
             if trainer.step % o.save_steps == 0 and trainer.step < steps:
                 trainer.save_checkpoint(out)
+    if trackers:
+        trackers.end()
     trainer.save(out)
     tokenizer.save_pretrained(str(out))
     write_generation_config(o.sft if o.sft and not (Path(o.sft) / "adapter_config.json").exists() else o.model,
@@ -539,7 +556,7 @@ def _train(o: PPOOptions, out: Path, resume_from: Path | None) -> None:
         data={"path": str(data.path), "rows": data.rows},
         template=data.meta.get("template"), stop_words=stop_words, added_tokens=added,
         tokenizer_fingerprint=(data.meta.get("tokenizer") or {}).get("fingerprint"),
-        hyperparameters={k: v for k, v in asdict(o).items() if k not in ("output", "overwrite", "resume")},
+        hyperparameters=hyperparameters,
         metrics={"steps": trainer.step, "first_reward": first.get("reward"), "final_reward": last.get("reward"),
                  "final_kl": last.get("kl"), "runtime_seconds": round(time.monotonic() - started, 2)})
     rundir.write_record(out, record)
@@ -547,6 +564,9 @@ def _train(o: PPOOptions, out: Path, resume_from: Path | None) -> None:
 
 
 def validate(o: PPOOptions) -> None:
+    from lmforge.shared.train.reporting import check as check_report
+
+    check_report(o.report)
     if o.layout not in ("shared", "separate"):
         raise BadInput(f"--layout {o.layout}: use shared or separate")
     if o.batch_size < 1 or o.mini_batch_size < 1 or o.mini_batch_size > o.batch_size:

@@ -124,11 +124,14 @@ class TokenCounter:
     def __init__(self, collate):
         self.collate = collate
         self.tokens = 0
+        self.counts: list[int] = []
 
     def __call__(self, rows):
         batch = self.collate(rows)
         mask = batch.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        n = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        self.tokens += n
+        self.counts.append(n)
         return batch
 
 

@@ -19,6 +19,7 @@ from lmforge.shared.core.errors import BadInput, RunFailure
 from lmforge.shared.core.meta import file_digest
 from lmforge.shared.data.packed import PackedData, check_tokenizer, open_packed
 from lmforge.shared.model.models import write_generation_config
+from lmforge.shared.train import reporting
 from lmforge.shared.train.methods import MethodOptions
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -57,7 +58,7 @@ class TrainOptions:
     keep_checkpoints: bool = _DEFAULTS["keep_checkpoints"]
     logging_steps: int = _DEFAULTS["logging_steps"]
     eval_steps: int | None = _DEFAULTS["eval_steps"]
-    report: str = _DEFAULTS["report"]
+    report: list[str] | None = _DEFAULTS["report"]   # trackers (shared/train/reporting.py)
     deepspeed: str | None = _DEFAULTS["deepspeed"]
     fsdp: bool = _DEFAULTS["fsdp"]
     optim: str = _DEFAULTS["optim"]
@@ -108,8 +109,21 @@ def validate(o: TrainOptions) -> None:
         raise BadInput(f"--neftune-alpha {o.neftune_alpha:g}: must be above 0", "the NEFTune paper uses 5 to 15")
     if o.warmup < 0:
         raise BadInput("--warmup must be >= 0 (a fraction below 1, or a step count)")
-    if o.report not in ("none", "tensorboard"):
-        raise BadInput(f"--report {o.report}: use none or tensorboard")
+    if o.max_steps != -1 and o.max_steps < 1:
+        raise BadInput(f"--max-steps {o.max_steps}: must be at least 1", "or leave it out to train by --epochs")
+    for name, value in (("--save-steps", o.save_steps), ("--logging-steps", o.logging_steps),
+                        ("--eval-steps", o.eval_steps)):
+        if value is not None and value < 1:
+            raise BadInput(f"{name} {value}: must be at least 1")
+    if not o.max_grad_norm >= 0:
+        raise BadInput(f"--max-grad-norm {o.max_grad_norm:g}: must be >= 0", "0 turns clipping off")
+    if not o.weight_decay >= 0:
+        raise BadInput(f"--weight-decay {o.weight_decay:g}: must be >= 0")
+    if not o.epochs >= 0 or o.epochs == float("inf"):
+        raise BadInput(f"--epochs {o.epochs:g}: must be a finite number >= 0")
+    from lmforge.shared.train.reporting import check as check_report
+
+    check_report(o.report)   # known trackers, their packages installed
     if o.deepspeed and o.fsdp:
         raise BadInput("--deepspeed and --fsdp exclude each other")
     if o.quant is not None and not o.method.is_adapter:
@@ -145,7 +159,8 @@ def _training_arguments(o: TrainOptions, device, out: Path, eval_data: PackedDat
         save_strategy="steps", save_steps=o.save_steps, save_total_limit=2,
         eval_strategy="steps" if eval_data is not None else "no", eval_steps=eval_steps if eval_data else None,
         bf16=device.dtype_name == "bf16" and device.kind != "cpu", fp16=device.dtype_name == "fp16",
-        seed=o.seed, data_seed=o.seed, report_to="none", gradient_checkpointing=o.gradient_checkpointing,
+        seed=o.seed, data_seed=o.seed, report_to=_trackers(o) or "none", run_name=out.name,
+        gradient_checkpointing=o.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if o.gradient_checkpointing else None,
         remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0, neftune_noise_alpha=o.neftune_alpha,
         use_cpu=device.kind == "cpu", save_only_model=False, ddp_find_unused_parameters=False,
@@ -171,19 +186,42 @@ def _training_arguments(o: TrainOptions, device, out: Path, eval_data: PackedDat
 
 # ----------------------------------------------------------------------------- callbacks
 
-def make_callbacks(collator, out: Path, total_hint: int, resumed_step: int):
+PROGRESS = "lmforge_progress.json"   # in each checkpoint: the run's totals so far (for --resume)
+
+
+def progress_of(checkpoint: Path | None) -> dict:
+    """What a run had done when `checkpoint` was saved: summed loss, tokens, seconds (zeros for a
+    fresh start), so that a resumed run reports the whole run, not only its last part."""
+    import json
+
+    empty = {"loss_sum": 0.0, "tokens": 0, "runtime_seconds": 0.0}
+    if checkpoint is None:
+        return empty
+    try:
+        return {**empty, **json.loads((checkpoint / PROGRESS).read_text())}
+    except (OSError, ValueError):
+        log.warn(f"train: {checkpoint} has no {PROGRESS}: the figures cover the resumed part only")
+        return empty
+
+
+def make_callbacks(collator, out: Path, total_hint: int, resumed_step: int, previous: dict | None = None):
     from transformers import TrainerCallback
 
     journal = rundir.JsonlLog(out / rundir.LOG)
+    before = previous or progress_of(None)
 
     class Reporter(TrainerCallback):
         """A progress bar (loss, tokens/s, ETA) on stderr and trainer_log.jsonl."""
 
         def __init__(self):
             self.bar = None
+            self.trainer = None      # set by the caller: the loss totals live on it
             self.start = time.monotonic()
             self.tokens_at_start = 0
+            self.batches_at_start = 0
+            self.consumed = 0
             self.last_loss = None
+            self.shown: dict = {}   # grpo: the mean reward and KL on the progress line too
 
         def on_train_begin(self, args, state, control, **kw):
             if state.is_world_process_zero:
@@ -194,16 +232,36 @@ def make_callbacks(collator, out: Path, total_hint: int, resumed_step: int):
                     self.bar.done = resumed_step
             self.start = time.monotonic()
             self.tokens_at_start = collator.tokens
+            self.batches_at_start = len(getattr(collator, "counts", []))
+            self.consumed = 0
+            trainer = self.trainer
+            if resumed_step and trainer is not None and "pending_loss" in before:
+                import torch
+
+                trainer._tr_loss = torch.tensor(before["pending_loss"], device=args.device)
+                trainer._globalstep_last_logged = before["last_logged_step"]
+
+        def trained_tokens(self) -> int:
+            """Tokens of the batches that trained in this part of the run (the data loader collates
+            one batch ahead, so the collator's own total runs ahead of training)."""
+            counts = getattr(collator, "counts", None)
+            if counts is None:
+                return collator.tokens - self.tokens_at_start
+            return sum(counts[self.batches_at_start:self.batches_at_start + self.consumed])
+
+        def on_substep_end(self, args, state, control, **kw):
+            self.consumed += 1   # a gradient-accumulation micro-batch
 
         def tokens_per_second(self) -> float:
             world = int(os.environ.get("WORLD_SIZE", "1"))
             return (collator.tokens - self.tokens_at_start) * world / max(time.monotonic() - self.start, 1e-9)
 
         def on_step_end(self, args, state, control, **kw):
+            self.consumed += 1
             if self.bar is not None:
                 fields = {"tok/s": round(self.tokens_per_second())}
                 if self.last_loss is not None:
-                    fields = {"loss": round(self.last_loss, 4), **fields}
+                    fields = {"loss": round(self.last_loss, 4), **self.shown, **fields}
                 self.bar.advance(1, **fields)
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -211,12 +269,34 @@ def make_callbacks(collator, out: Path, total_hint: int, resumed_step: int):
                 return
             if "loss" in logs:
                 self.last_loss = float(logs["loss"])
+            self.shown = {k: round(float(logs[k]), 3) for k in ("reward", "kl") if isinstance(logs.get(k), (int, float))}
             entry = {"step": state.global_step, "epoch": round(state.epoch or 0, 4),
-                     "elapsed_s": round(time.monotonic() - self.start, 2),
+                     "elapsed_s": round(before["runtime_seconds"] + time.monotonic() - self.start, 2),
                      "tokens_per_second": round(self.tokens_per_second(), 1), **logs}
             journal.write(entry)
             if "eval_loss" in logs:
                 log.info(f"train: step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+
+        def on_save(self, args, state, control, **kw):
+            """Beside the checkpoint: the totals a resumed run starts from."""
+            trainer = self.trainer
+            if not state.is_world_process_zero or trainer is None:
+                return
+            # the Trainer sums the loss of the steps since its last log line in _tr_loss, and moves it
+            # into _total_loss_scalar at each log line: both are kept, so that a resumed run logs
+            # the same windows (and the same mean loss) as an uninterrupted one
+            logged = float(getattr(trainer, "_total_loss_scalar", 0.0))
+            on_device = getattr(trainer, "_tr_loss", None)
+            pending = float(on_device.item()) if on_device is not None and hasattr(on_device, "item") \
+                else float(on_device or 0.0)
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if checkpoint.is_dir():
+                rundir.write_json(checkpoint / PROGRESS, {
+                    "step": state.global_step, "loss_sum": before["loss_sum"] + logged,
+                    "pending_loss": pending,
+                    "last_logged_step": int(getattr(trainer, "_globalstep_last_logged", state.global_step)),
+                    "tokens": before["tokens"] + self.trained_tokens(),
+                    "runtime_seconds": before["runtime_seconds"] + time.monotonic() - self.start})
 
         def on_train_end(self, args, state, control, **kw):
             if self.bar is not None:
@@ -246,11 +326,16 @@ def run(o: TrainOptions, build_trainer=None) -> Path:
     out = Path(o.output)
     created = not out.exists()
     resume_from = rundir.prepare(out, overwrite=o.overwrite, resume=o.resume)
-    if o.resume and (out / rundir.RECORD).exists() and resume_from is None:
-        log.info(f"train: {out} is already finished")
-        return out
-    with rundir.removed_on_failure(out, fresh=resume_from is None, created=created):
-        _train(o, out, resume_from, build_trainer)
+    try:
+        if o.resume and (out / rundir.RECORD).exists() and resume_from is None:
+            log.info(f"train: {out} is already finished")
+            return out
+        rundir.begin(out)
+        with rundir.removed_on_failure(out, fresh=resume_from is None, created=created):
+            _train(o, out, resume_from, build_trainer)
+        rundir.finish(out)
+    finally:
+        rundir.unlock(out / rundir.LOCK)
     return out
 
 
@@ -294,15 +379,19 @@ def _train(o: TrainOptions, out: Path, resume_from: Path | None, build_trainer) 
     args = _training_arguments(o, device, out, eval_data)
     builder = build_trainer or build_default_trainer
     trainer, collator = builder(o, model, tokenizer, args, data, eval_data)
-    reporter = make_callbacks(collator, out, total_hint=0, resumed_step=_step_of(resume_from))
+    previous = progress_of(resume_from)
+    reporter = make_callbacks(collator, out, total_hint=0, resumed_step=_step_of(resume_from), previous=previous)
+    reporter[0].trainer = trainer
     for callback in reporter:
         trainer.add_callback(callback)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    if o.report == "tensorboard":
+    if "tensorboard" in reporting.names(o.report):
         trainer.add_callback(_tensorboard(out))
+    if _trackers(o):
+        trainer.add_callback(reporting.run_config_callback(_trackers(o), run_parameters(o, device)))
     started = time.monotonic()
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -312,10 +401,16 @@ def _train(o: TrainOptions, out: Path, resume_from: Path | None, build_trainer) 
                              "lower --batch-size or --cutoff, add --gradient-checkpointing, or use --quant") from None
         raise
     runtime = time.monotonic() - started
-    metrics = {"train_loss": round(float(result.training_loss), 6), "steps": int(result.global_step),
-               "runtime_seconds": round(runtime, 2), "tokens": collator.tokens,
+    # the whole run, a resumed one included: what the checkpoint had done plus this part
+    steps_now = int(result.global_step) - _step_of(resume_from)
+    loss_sum = previous["loss_sum"] + float(result.training_loss) * max(steps_now, 0)
+    tokens = previous["tokens"] + reporter[0].trained_tokens()
+    runtime += previous["runtime_seconds"]
+    metrics = {"train_loss": round(loss_sum / max(int(result.global_step), 1), 6), "steps": int(result.global_step),
+               "runtime_seconds": round(runtime, 2), "tokens": tokens,
                "tokens_per_second": round(reporter[0].tokens_per_second(), 1),
-               "trainable_parameters": trainable, "total_parameters": total}
+               "trainable_parameters": trainable, "total_parameters": total,
+               **(trainer.lmforge_metrics() if hasattr(trainer, "lmforge_metrics") else {})}  # grpo: rewards
     if device.kind == "cuda":  # what the run held at most, as the seed's memory table counts it
         import torch
 
@@ -325,6 +420,26 @@ def _train(o: TrainOptions, out: Path, resume_from: Path | None, build_trainer) 
         metrics.update({k: round(float(v), 6) for k, v in evaluated.items() if k.startswith("eval_") and
                         isinstance(v, (int, float))})
     save_result(o, trainer, model, tokenizer, data, out, metrics, device, pissa_init)
+
+
+def _trackers(o: TrainOptions) -> list[str]:
+    """The trackers the Trainer's integrations report to (TensorBoard has its own callback: OUT/tensorboard)."""
+    return [n for n in reporting.names(o.report) if n != "tensorboard"]
+
+
+def run_parameters(o: TrainOptions, device) -> dict:
+    """The run's parameters as lmforge.json records them (also each tracker's run config)."""
+    return {"stage": o.stage, "base_model": rundir.model_ref(o.model), "method": o.method.method,
+            "method_options": {k: v for k, v in asdict(o.method).items() if k != "added_token_ids"},
+            "hyperparameters": {"learning_rate": o.lr(), "epochs": o.epochs, "max_steps": o.max_steps,
+                                "warmup": o.warmup, "weight_decay": o.weight_decay, "max_grad_norm": o.max_grad_norm,
+                                "batch_size": o.batch_size, "grad_accum": o.grad_accum, "scheduler": o.scheduler,
+                                "seed": o.seed, "precision": device.dtype_name, "optim": o.optim,
+                                "gradient_checkpointing": o.gradient_checkpointing, "quant": o.quant,
+                                "neftune_alpha": o.neftune_alpha,
+                                "deepspeed": o.deepspeed, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+                                **{k: v for k, v in o.extra.items()
+                                   if k not in ("training_arguments", "data_stages", "kind")}}}
 
 
 def _step_of(checkpoint: Path | None) -> int:
@@ -409,21 +524,13 @@ def save_result(o: TrainOptions, trainer, model, tokenizer, data: PackedData, ou
     rundir.plot_loss(out)
     record = rundir.record(
         o.extra.get("kind") or ("adapter" if o.method.is_adapter else "model"),
-        stage=o.stage, base_model=rundir.model_ref(o.model),
-        method=o.method.method, method_options={k: v for k, v in asdict(o.method).items() if k != "added_token_ids"},
+        **{k: v for k, v in run_parameters(o, device).items() if k != "hyperparameters"},
         data={"path": str(data.path), "fingerprint": file_digest(data.path), "rows": data.rows,
               "cutoff": data.meta.get("cutoff"), "packing": data.meta.get("packing")},
         eval_data=o.eval_data, template=data.meta.get("template"), stop_words=stops,
         added_tokens=(data.meta.get("tokenizer") or {}).get("added_tokens", []),
         tokenizer_fingerprint=(data.meta.get("tokenizer") or {}).get("fingerprint"),
-        hyperparameters={"learning_rate": o.lr(), "epochs": o.epochs, "max_steps": o.max_steps,
-                        "warmup": o.warmup, "weight_decay": o.weight_decay, "max_grad_norm": o.max_grad_norm,
-                        "batch_size": o.batch_size, "grad_accum": o.grad_accum, "scheduler": o.scheduler,
-                        "seed": o.seed, "precision": device.dtype_name, "optim": o.optim,
-                        "gradient_checkpointing": o.gradient_checkpointing, "quant": o.quant,
-                        "neftune_alpha": o.neftune_alpha,
-                        "deepspeed": o.deepspeed, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-                        **{k: v for k, v in o.extra.items() if k not in ("training_arguments", "data_stages", "kind")}},
+        hyperparameters=run_parameters(o, device)["hyperparameters"],
         device={"kind": device.kind, "attention": device.attn}, metrics=metrics,
     )
     rundir.write_record(out, record)
