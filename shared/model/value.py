@@ -57,3 +57,14 @@ def load_head(directory: str | Path, hidden: int) -> torch.nn.Linear:
     head = torch.nn.Linear(hidden, 1)
     head.load_state_dict(load_file(str(path)))
     return head
+
+
+def attach_reward_adapter(model, directory: str | Path, what: str, hint: str) -> None:
+    """Load a LoRA reward model as a second adapter ("reward") on `model`, a PEFT model whose
+    active adapter is the policy's, and make the policy's adapter active again: one base in
+    memory serves both (train ppo, train grpo)."""
+    try:
+        model.load_adapter(str(directory), adapter_name="reward", is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise BadInput(f"{what}: does not fit the model ({str(exc).splitlines()[0][:200]})", hint) from None
+    model.set_adapter("default")

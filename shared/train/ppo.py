@@ -244,7 +244,7 @@ def adapter(model, name: str):
 def build(o: PPOOptions, tokenizer, device):
     """The roles for the layout, from --model/--sft/--reward."""
     from lmforge.shared.model.models import load_model, resize_to
-    from lmforge.shared.model.value import load_head
+    from lmforge.shared.model.value import attach_reward_adapter, load_head
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -272,12 +272,7 @@ def build(o: PPOOptions, tokenizer, device):
             raise BadInput(f"--reward {o.reward}: a full reward model cannot share the policy's weights",
                            "use --layout separate, or train the reward model with --method lora")
         model = get_peft_model(sft_model(), lora)
-        try:
-            model.load_adapter(str(reward_dir), adapter_name="reward", is_trainable=False)
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise BadInput(f"--reward {o.reward}: does not fit the model ({str(exc).splitlines()[0][:200]})",
-                           "train the reward model on the same (SFT) model") from None
-        model.set_adapter("default")
+        attach_reward_adapter(model, reward_dir, f"--reward {o.reward}", "train the reward model on the same (SFT) model")
         hidden_size = model.config.get_text_config().hidden_size
         reward_head = load_head(reward_dir, hidden_size)
         roles = SharedRoles(model, torch.nn.Linear(hidden_size, 1), reward_head)

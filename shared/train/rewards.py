@@ -271,12 +271,10 @@ class RewardModel(Reward):
         is_adapter = (directory / "adapter_config.json").exists()
         self.shared = is_adapter and isinstance(policy, PeftModel)
         if self.shared:
-            try:
-                policy.load_adapter(str(directory), adapter_name="reward", is_trainable=False)
-            except (RuntimeError, ValueError, KeyError) as exc:
-                raise BadInput(f"--reward {directory}: does not fit the model ({str(exc).splitlines()[0][:200]})",
-                               "train the reward model on the same model as --model") from None
-            policy.set_adapter("default")
+            from lmforge.shared.model.value import attach_reward_adapter
+
+            attach_reward_adapter(policy, directory, f"--reward {directory}",
+                                  "train the reward model on the same model as --model")
             self.model = policy
         else:
             from lmforge.shared.model.models import load_model
