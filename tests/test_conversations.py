@@ -591,3 +591,84 @@ def test_mistral_template_follows_mistral_common(tmp_path):
         # sentencepiece's normalizer drops spaces that end a text piece (before </s>): not ours to write
         got = re.sub(r" +</s>", "</s>", got)
         assert got == want, f"row {i}:\n{got!r}\n{want!r}"
+
+
+# ----------------------------------------------------------------------------- streamed reasoning
+
+THINK_TEXTS = ["<think>\nplan\n</think>\n\nanswer", "<think>\n\n</think>\n\nanswer", "plain answer",
+               "  <think>a\n\nb\n</think>c\nd\n", "<think>cut off by max_tok", "<thi", "", "\n\n",
+               "<think>x</thinking> still</think>y", "a <think> b </think> c", "<think>\n</th</think>\n\n</think>z"]
+
+
+@pytest.mark.parametrize("opened", [False, True])
+def test_streamed_reasoning_splits_as_the_whole_answer_does(opened):
+    """ThinkStream (serve's streaming) gives, piece by piece, exactly what split_generated gives for
+    the whole text, however the text is cut into pieces."""
+    import random
+
+    from lmforge.shared.data.templates import ThinkStream, split_generated
+
+    rng = random.Random(7)
+    texts = THINK_TEXTS + ["\n" + t for t in THINK_TEXTS] + ["plan\n</think>\nanswer"]
+    for text in texts:
+        reasoning, answer = split_generated(text, opened)
+        for trial in range(40):
+            cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 6)))) \
+                if len(text) > 1 else []
+            if trial < len(text):   # also: one character at a time
+                cuts = list(range(1, len(text))) if trial == 0 else cuts
+            stream, got = ThinkStream(opened), []
+            for a, b in zip([0, *cuts], [*cuts, len(text)]):
+                got += stream.feed(text[a:b])
+            got += stream.finish()
+            assert all(piece for _, piece in got), (text, got)
+            said_r = "".join(p for kind, p in got if kind == "reasoning")
+            said_a = "".join(p for kind, p in got if kind == "content")
+            assert (said_r, said_a) == ((reasoning or ""), answer), (text, cuts, got)
+    assert split_generated("<think>\nplan\n</think>\n\nanswer") == ("plan", "answer")
+    assert split_generated("plan\n</think>\n\nanswer", opened=True) == ("plan", "answer")
+    assert split_generated("<think>cut", opened=False) == ("cut", "")
+    assert split_generated("no think") == (None, "no think")
+
+
+def test_serve_streams_reasoning_content_apart_from_the_answer():
+    """A thinking template served: streamed chunks carry reasoning_content, then content, and the
+    joined stream equals the non-streamed answer (engine scripted; the real app and protocol)."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    from transformers import AutoTokenizer
+
+    from lmforge.shared.data import templates as T
+    from lmforge.shared.infer.app import Served, create_app
+
+    tok_dir = shared_path("tokenizers/qwen3")
+    if not tok_dir.exists():
+        pytest.skip(f"{tok_dir} not found (set LMFORGE_SHARED)")
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    said = "<think>\nThe user greets.\nBe brief.\n</think>\n\nHello there!"
+
+    class Scripted:
+        async def generate(self, job):
+            for i in range(0, len(said), 3):
+                yield {"index": 0, "text": said[i:i + 3]}
+            yield {"done": True, "prompt_tokens": len(job.prompt_ids), "choices": [
+                {"index": 0, "text": said, "finish_reason": "stop", "completion_tokens": 12}]}
+
+    served = Served(engine=Scripted(), tokenizer=tokenizer, renderer=T.Renderer(T.get("qwen3"), "", "<|im_end|>"),
+                    name="m", context=4096, api_key=None, max_concurrency=2)
+    client = TestClient(create_app(served))
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    assert whole["reasoning_content"] == "The user greets.\nBe brief." and whole["content"] == "Hello there!"
+    reasoning, content = "", ""
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            for choice in json.loads(line[6:])["choices"]:
+                delta = choice["delta"]
+                assert not (delta.get("reasoning_content") and delta.get("content")), delta
+                reasoning += delta.get("reasoning_content") or ""
+                content += delta.get("content") or ""
+                assert not content or "<think>" not in content
+    assert (reasoning, content) == (whole["reasoning_content"], whole["content"])

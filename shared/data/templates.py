@@ -512,17 +512,97 @@ class Renderer:
     def stop_words(self) -> list[str]:
         return stop_words(self.tpl, self.eos)
 
-    def split_reasoning(self, text: str) -> tuple[str | None, str]:
-        """Generated text -> (reasoning, answer) for thinking templates."""
-        return split_generated(text) if self.thinking else (None, text)
+    def split_reasoning(self, text: str, opened: bool = False) -> tuple[str | None, str]:
+        """Generated text -> (reasoning, answer) for thinking templates; `opened`: the prompt
+        ended inside a think block (prompt_opens_think)."""
+        return split_generated(text, opened) if self.thinking else (None, text)
 
 
-def split_generated(text: str) -> tuple[str | None, str]:
-    """A generated answer that may open with a think block -> (reasoning, answer)."""
-    if "</think>" not in text:
-        return None, text
-    head, _, answer = text.partition("</think>")
-    return head.split("<think>", 1)[-1].strip("\n"), answer.lstrip("\n")
+def split_generated(text: str, opened: bool = False) -> tuple[str | None, str]:
+    """A generated answer that may open with a think block -> (reasoning, answer).
+
+    `opened`: the prompt itself ended with `<think>` (the model continues inside the block). A
+    block that never closes (the answer cut off by max_tokens) is all reasoning and no answer."""
+    if not opened:
+        head = text.lstrip()
+        if not head.startswith("<think>"):
+            return None, text
+        text = head[len("<think>"):]
+    reasoning, _, answer = text.partition("</think>")
+    return reasoning.strip("\n"), answer.lstrip("\n")
+
+
+def prompt_opens_think(prompt: str) -> bool:
+    """Does the generation prompt leave a think block open (the model's output starts inside it)?"""
+    return prompt.rstrip().endswith("<think>")
+
+
+class ThinkStream:
+    """`split_generated` for text that arrives in pieces (serve's streamed answers): `feed` returns
+    ("reasoning" | "content", text) pieces as soon as they are certain, so that joining each kind
+    gives exactly what `split_generated` gives for the whole text. Held back meanwhile: an opening
+    that may still become `<think>`, a tail that may still become `</think>`, and newlines at the
+    ends of the reasoning (split_generated strips them)."""
+
+    OPEN, CLOSE = "<think>", "</think>"
+
+    def __init__(self, opened: bool = False):
+        self.state = "reasoning" if opened else "start"
+        self.lead = opened        # newlines at the start of the reasoning are dropped
+        self.buf = ""
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        self.buf += text
+        out: list[tuple[str, str]] = []
+        while self.buf:
+            if self.state == "start":
+                head = self.buf.lstrip()
+                if self.OPEN.startswith(head):          # still undecided ("", "<", "<th", ...)
+                    break
+                if head.startswith(self.OPEN):
+                    self.buf, self.state, self.lead = head[len(self.OPEN):], "reasoning", True
+                else:
+                    self.state = "content"
+            elif self.state == "reasoning":
+                if self.lead:
+                    self.buf = self.buf.lstrip("\n")
+                    if not self.buf:
+                        break
+                    self.lead = False
+                end = self.buf.find(self.CLOSE)
+                if end >= 0:
+                    piece = self.buf[:end].rstrip("\n")
+                    if piece:
+                        out.append(("reasoning", piece))
+                    self.buf, self.state = self.buf[end + len(self.CLOSE):], "after"
+                    continue
+                # hold a tail that may begin `</think>`, and the newlines before it
+                keep = next((k for k in range(min(len(self.CLOSE) - 1, len(self.buf)), 0, -1)
+                             if self.buf.endswith(self.CLOSE[:k])), 0)
+                ready = self.buf[:len(self.buf) - keep]
+                sure = ready.rstrip("\n")
+                if sure:
+                    out.append(("reasoning", sure))
+                self.buf = self.buf[len(sure):]
+                break
+            elif self.state == "after":
+                self.buf = self.buf.lstrip("\n")
+                if self.buf:
+                    self.state = "content"
+            else:
+                out.append(("content", self.buf))
+                self.buf = ""
+        return out
+
+    def finish(self) -> list[tuple[str, str]]:
+        """What is still held when generation ends."""
+        held, self.buf = self.buf, ""
+        if self.state == "start":
+            return [("content", held)] if held else []
+        if self.state == "reasoning":
+            held = held.lstrip("\n") if self.lead else held
+            return [("reasoning", held.rstrip("\n"))] if held.strip("\n") else []
+        return [("content", held)] if held and self.state == "content" else []
 
 
 _PROBE_CALL = {"id": "call_lmforge_probe", "name": "lmforge_probe_fn", "arguments": '{"lmforge_probe_arg": 1}'}
@@ -708,8 +788,8 @@ class JinjaRenderer:
     def stop_words(self) -> list[str]:
         return list(self.markers[:1]) + [m for m in self.markers[1:] if m != self.tokenizer.eos_token]
 
-    def split_reasoning(self, text: str) -> tuple[str | None, str]:
-        return split_generated(text) if self.thinking else (None, text)
+    def split_reasoning(self, text: str, opened: bool = False) -> tuple[str | None, str]:
+        return split_generated(text, opened) if self.thinking else (None, text)
 
 
 def render_chat_template(tokenizer, messages: list[dict], tools: list | None, generation: bool, **kwargs) -> str:

@@ -57,7 +57,7 @@ async def read_body(request, limit: int) -> bytes:
 def create_app(served: Served):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
-    from lmforge.shared.data.templates import parse_calls
+    from lmforge.shared.data.templates import parse_calls, prompt_opens_think
     from lmforge.shared.infer import protocol as api
     from lmforge.shared.infer.protocol import APIError
 
@@ -145,17 +145,19 @@ def create_app(served: Served):
         job.lead = lead
         style = getattr(getattr(served.renderer, "tpl", None), "tool_style", None) or ("qwen" if tools else None)
         chat_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        # thinking models: is the answer's reasoning split off (and does the prompt open the block)?
+        thinks = bool(getattr(renderer, "thinking", False))
+        opened = thinks and prompt_opens_think(prompt)
         if settings.stream:
             return StreamingResponse(_stream_chat(served, slots, request, job, chat_id, tools, style,
-                                                  settings.include_usage),
+                                                  settings.include_usage, thinks, opened),
                                      media_type="text/event-stream")
         async with slots:
             final = await _collect(served, request, job)
         choices = []
         for c in sorted(final["choices"], key=lambda c: c["index"]):
             # thinking models: the reasoning apart from the answer, as reasoning_content
-            reasoning, text = renderer.split_reasoning(c["text"]) if hasattr(renderer, "split_reasoning") \
-                else (None, c["text"])
+            reasoning, text = renderer.split_reasoning(c["text"], opened) if thinks else (None, c["text"])
             message = api.Message(content=text, reasoning_content=reasoning)
             reason = c["finish_reason"]
             if tools:
@@ -242,20 +244,21 @@ async def _stream(served: Served, slots, request, job: Job, head: list[str], on_
 
 
 def _stream_chat(served: Served, slots, request, job: Job, chat_id: str, tools: bool, style: str | None,
-                 usage: bool):
-    from lmforge.shared.data.templates import parse_calls
+                 usage: bool, thinks: bool = False, opened: bool = False):
+    from lmforge.shared.data.templates import ThinkStream, parse_calls, split_generated
     from lmforge.shared.infer.protocol import ChatChunk, ChunkChoice, Delta, Usage
 
     created = int(time.time())
     held: dict[int, str] = {}  # with tools: text held back until it is clearly not a tool call
     released: set[int] = set()
+    # thinking models: each choice's text split into reasoning_content and content as it comes
+    splitters = {i: ThinkStream(opened) for i in range(job.n)} if thinks else {}
 
     def chunk(index: int, delta: Delta, reason=None) -> str:
         return _sse(ChatChunk(id=chat_id, created=created, model=served.name,
                               choices=[ChunkChoice(index=index, delta=delta, finish_reason=reason)]).model_dump())
 
-    def on_text(event: dict):
-        index, text = event["index"], event["text"]
+    def answer_piece(index: int, text: str):
         if tools and index not in released:
             held[index] = held.get(index, "") + text
             if _could_be_call(held[index], style):
@@ -264,11 +267,29 @@ def _stream_chat(served: Served, slots, request, job: Job, chat_id: str, tools: 
             text = held.pop(index)
         yield chunk(index, Delta(content=text))
 
+    def pieces(index: int, split: list[tuple[str, str]]):
+        for kind, text in split:
+            if kind == "reasoning":
+                yield chunk(index, Delta(reasoning_content=text))
+            else:
+                yield from answer_piece(index, text)
+
+    def on_text(event: dict):
+        index, text = event["index"], event["text"]
+        if thinks:
+            yield from pieces(index, splitters[index].feed(text))
+        else:
+            yield from answer_piece(index, text)
+
     def on_done(event: dict):
         for c in sorted(event["choices"], key=lambda c: c["index"]):
             reason = c["finish_reason"]
+            answer = c["text"]
+            if thinks:
+                yield from pieces(c["index"], splitters[c["index"]].finish())
+                answer = split_generated(answer, opened)[1]
             if tools and c["index"] not in released:
-                content, calls = parse_calls(style, c["text"])
+                content, calls = parse_calls(style, answer)
                 if calls:
                     for k, call in enumerate(_tool_calls(calls)):
                         yield chunk(c["index"], Delta(tool_calls=[call.model_copy(update={"index": k})]))

@@ -217,7 +217,7 @@ def generate_eval(model_dir: str, adapter: str | None, data: str, template: str,
             for r, prompt, result in zip(part, prompts, generate(model, tokenizer, ids, sampling, stops)):
                 reference = r["response"][0]["content"] or ""
                 # a thinking model's reasoning is not part of its answer (scored, saved apart)
-                reasoning, answer = render.split_reasoning(result.text)
+                reasoning, answer = render.split_reasoning(result.text, prompt_opens_think(prompt))
                 predictions.append(answer.strip())
                 references.append(reference)
                 out_rows.append({"prompt": r["prompt"][-1]["content"], "prediction": answer.strip(),

@@ -408,10 +408,11 @@ class ChatCompletion(_Body):
 
 
 class Delta(_Body):
-    OPTIONAL = ("role", "content", "tool_calls")
+    OPTIONAL = ("role", "content", "tool_calls", "reasoning_content")
 
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None   # thinking models: pieces of the reasoning, as they come
     tool_calls: list[ToolCall] | None = None
 
 
