@@ -166,7 +166,43 @@ def expected_labels(tokenizer, text: str, ids: list[int], spans: list[tuple[int,
     return labels
 
 
+# meta-llama/Llama-2-*-chat-hf's own chat template (tokenizer_config.json), verbatim
+LLAMA2_CHAT = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}")
+
+
+def llama2_tokenizer() -> Path:
+    """A Llama sentencepiece tokenizer (stories260K's) carrying Llama-2-chat's own template."""
+    import shutil
+
+    source = shared_path("models/stories260K")
+    if not source.exists():
+        pytest.skip(f"{source} not found (set LMFORGE_SHARED)")
+    path = TOKENIZERS / "llama2-chat"
+    if not (path / "tokenizer_config.json").exists():
+        tmp = path.with_name(f"llama2-chat.{os.getpid()}.tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name in ("tokenizer.json", "tokenizer.model"):
+            shutil.copy(source / name, tmp / name)
+        config = json.loads((source / "tokenizer_config.json").read_text())
+        (tmp / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": LLAMA2_CHAT}))
+        tmp.replace(path) if not path.exists() else shutil.rmtree(tmp)
+    return path
+
+
 FAMILIES = {
+    "llama2": (llama2_tokenizer,
+               Family("llama2", r" \[/INST\]", r"<s>\[INST\]", ("</s>",))),
     "qwen3": (lambda: shared_path("tokenizers/qwen3"),
               Family("qwen3", r"<\|im_start\|>assistant\n", r"<\|im_start\|>(?:user|system)", ("<|im_end|>",),
                      calls=True, reasoning=True, null_content="")),
@@ -443,7 +479,7 @@ def test_version_1_data_is_upgraded_on_read(tmp_path):
     assert "re-run `lmforge data align`" in bad(["data", "pack", newer, "-m", tokdir, "-t", "qwen3"])
 
 
-NAMED = [("qwen3", "qwen3"), ("llama3", "llama3"), ("smollm2", "smollm"), ("gemma3", "gemma")]
+NAMED = [("qwen3", "qwen3"), ("llama3", "llama3"), ("smollm2", "smollm"), ("gemma3", "gemma"), ("llama2", "llama2")]
 
 
 @pytest.mark.slow

@@ -43,6 +43,8 @@ class Template:
     stop_words: tuple[str, ...] = ("{eos}",)
     trim: bool = False              # content is stripped of surrounding whitespace (Llama-3, Gemma)
     trim_system: bool = True        # ... and the system prompt too (Gemma keeps it as it is)
+    trim_folded: bool = False       # a folded system prompt and its user turn are stripped as one
+                                    # text (Llama-2: `('<<SYS>>...' + content).strip()`)
     thinking: bool = False          # Qwen3's <think> rules
     generation_suffix: str = ""     # appended to the generation prompt (qwen3-nothink)
 
@@ -79,7 +81,7 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in [
     Template("llama2", "Llama-2-chat: [INST] ... [/INST] with <<SYS>> in the first turn",
              system="<<SYS>>\n{content}\n<</SYS>>\n\n", system_in_user=True,
              user="{bos}[INST] {content} [/INST]", assistant_prefix=" ", assistant_suffix=" {eos}",
-             trim=True),
+             trim=True, trim_system=False, trim_folded=True),
     Template("llama3", "Llama-3 instruct headers; JSON tool calls and ipython results (3.1 style)",
              prefix="{bos}", system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
              user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
@@ -347,7 +349,7 @@ def render(tpl: Template, turns, system: str = "", tools: str = "", *,
         if role == USER:
             text = clean(content)
             if i == (last_user if tpl.system_in_last_user else first_user) and folded:
-                text = folded + text
+                text = clean(folded + content) if tpl.trim_folded else folded + text
             if tpl.tool_style == "mistral" and tool_list and i == last_user:
                 emit(_tools_block("mistral", tool_list))
             emit(sub(tpl.user.replace("{content}", text)))
