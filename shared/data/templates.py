@@ -43,6 +43,7 @@ class Template:
     stop_words: tuple[str, ...] = ("{eos}",)
     trim: bool = False              # content is stripped of surrounding whitespace (Llama-3, Gemma)
     trim_system: bool = True        # ... and the system prompt too (Gemma keeps it as it is)
+    answer_rstrip: str = ""         # characters stripped from the end of an answer (Mistral: spaces)
     trim_folded: bool = False       # a folded system prompt and its user turn are stripped as one
                                     # text (Llama-2: `('<<SYS>>...' + content).strip()`)
     thinking: bool = False          # Qwen3's <think> rules
@@ -92,7 +93,7 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in [
     Template("mistral", "Mistral instruct (v3 tokenizer): [INST] ... [/INST], [TOOL_CALLS]",
              prefix="{bos}", system="{content}\n\n", system_in_user=True, system_in_last_user=True,
              user="[INST] {content}[/INST]",
-             assistant_prefix=" ", assistant_suffix="{eos}",
+             assistant_prefix=" ", assistant_suffix="{eos}", answer_rstrip=" ",
              observation="[TOOL_RESULTS] {content}[/TOOL_RESULTS]", tool_style="mistral"),
     Template("gemma", "Gemma: <start_of_turn>user/model, system folded into the first turn",
              prefix="{bos}", system="{content}\n\n", system_in_user=True,
@@ -366,7 +367,7 @@ def render(tpl: Template, turns, system: str = "", tools: str = "", *,
             calls_only = bool(m.get("tool_calls")) and not content.strip()
             # Mistral: [TOOL_CALLS] follows [/INST] directly (no answer space)
             emit("" if calls_only and tpl.tool_style == "mistral" else sub(tpl.assistant_prefix))
-            answer = clean(content)
+            answer = clean(content).rstrip(tpl.answer_rstrip) if tpl.answer_rstrip else clean(content)
             if tpl.thinking:
                 thought = m.get("reasoning")
                 if thought is None:
