@@ -81,6 +81,34 @@ def fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
 
 
+def save_tokenizer(tokenizer, out: str | Path) -> None:
+    """`tokenizer.save_pretrained(out)`, checked: the saved tokenizer must load back tokenizing as
+    this one does (the same fingerprint), or data packed for the base would be refused with the
+    result. transformers 5 leaves Llama's `legacy` out of the saved tokenizer_config.json although it
+    chooses the Metaspace pre-tokenizer's prepend scheme on load ("always" vs "first": how text after
+    a special token starts), so a sentencepiece model re-saved by a full fine-tune tokenized
+    differently; it is written back."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from lmforge.shared.core import log
+
+    tokenizer.save_pretrained(str(out))
+    want = fingerprint(tokenizer)
+    if fingerprint(AutoTokenizer.from_pretrained(str(out))) == want:
+        return
+    config_path = Path(out) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if getattr(tokenizer, "legacy", None) is not None:
+        config["legacy"] = tokenizer.legacy
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if fingerprint(AutoTokenizer.from_pretrained(str(out))) == want:
+            return
+    log.warn(f"the tokenizer saved in {out} loads back tokenizing differently from the one trained "
+             "(transformers changed it on saving); data packed for the base model may be refused with it")
+
+
 def describe(tokenizer, name: str | Path, added: list[str]) -> dict:
     """What packed data records about its tokenizer."""
     return {"name": str(name), "fingerprint": fingerprint(tokenizer), "vocab_size": len(tokenizer),

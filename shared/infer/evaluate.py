@@ -14,7 +14,7 @@ from typing import Any
 
 from lmforge.shared.core import log
 from lmforge.shared.core.errors import BadInput
-from lmforge.shared.data.templates import renderer_for
+from lmforge.shared.data.templates import prompt_opens_think, renderer_for
 from lmforge.shared.model.models import load_for_inference as load
 
 # ----------------------------------------------------------------------------- benchmarks

@@ -91,7 +91,9 @@ def init_model(out: Path, arch: str, layers: int, hidden: int, heads: int, kv_he
     model = AutoModelForCausalLM.from_config(config)
     with rundir.staged(out) as tmp:
         model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+        from lmforge.shared.data.tokenizing import save_tokenizer
+
+        save_tokenizer(tokenizer, str(tmp))  # checked to load back alike
         from lmforge.shared.model.models import write_generation_config
 
         stops = ["<|im_end|>"] if "<|im_end|>" in tokenizer.get_vocab() else [tokenizer.eos_token]

@@ -97,7 +97,9 @@ def quantize(model: str, out: Path, method: str, bits: int | None, group_size: i
                                      f"{str(exc).strip() or 'no message'})",
                                      ("try --bits 4 or 8, or " if bits not in (4, 8) else "")
                                      + "run with --debug to see where it failed") from exc
-        tokenizer.save_pretrained(str(tmp))
+        from lmforge.shared.data.tokenizing import save_tokenizer
+
+        save_tokenizer(tokenizer, str(tmp))  # checked to load back alike
         with log.captured("quantize"):
             quantized = AutoModelForCausalLM.from_pretrained(str(tmp), device_map="cpu" if device.kind == "cpu" else "auto")
         try:

@@ -534,7 +534,9 @@ def _train(o: PPOOptions, out: Path, resume_from: Path | None) -> None:
     if trackers:
         trackers.end()
     trainer.save(out)
-    tokenizer.save_pretrained(str(out))
+    from lmforge.shared.data.tokenizing import save_tokenizer
+
+    save_tokenizer(tokenizer, str(out))  # checked to load back alike
     write_generation_config(o.sft if o.sft and not (Path(o.sft) / "adapter_config.json").exists() else o.model,
                             out, tokenizer, stop_words)
     if not o.keep_checkpoints:
