@@ -7,6 +7,8 @@ from __future__ import annotations
 import shutil
 
 import archmatrix
+import json
+
 import pytest
 import torch
 from conftest import aligned, bad, ok, shared_path
@@ -42,10 +44,12 @@ IDS = torch.arange(4, archmatrix.VOCAB)[None, :20]
 def test_every_rule_has_a_test_here():
     names = {r.name for r in archrules.RULES}
     assert names == {"attention kernel", "soft-capped logits", "scaled logits", "scaled embeddings",
-                     "router auxiliary loss", "fused experts", "per-layer config lists"}
+                     "router auxiliary loss", "fused experts", "per-layer config lists", "no generation marker"}
     for rule in archrules.RULES:   # the model types a row names are ones it applies to
         from transformers import AutoConfig
 
+        if rule.on != "config":
+            continue
         for model_type in rule.examples:
             name = next(n for n, (t, _, _) in archmatrix.ARCHS.items() if t == model_type)
             _, keys, _ = archmatrix.ARCHS[name]
@@ -71,7 +75,8 @@ def test_attention_is_chosen_per_architecture(tiny):
 def test_attn_option_on_commands_that_run_models(tiny, tmp_path):
     from lmforge.shared.core import catalog
 
-    for command in ("eval mmlu", "eval generate", "eval perplexity", "eval rm", "serve", "chat", "train sft"):
+    for command in ("eval mmlu", "eval generate", "eval perplexity", "eval rm", "serve", "chat", "train sft",
+                    "model quantize"):
         assert any(o.name == "attn" for o in catalog.options(command)), command
     data = aligned(tmp_path, "d", archmatrix.sft_rows(4))
     packed = tmp_path / "p.arrow"
@@ -79,6 +84,11 @@ def test_attn_option_on_commands_that_run_models(tiny, tmp_path):
     line = bad(["eval", "perplexity", "-m", tiny("gemma2"), "-d", packed, "--attn", "sdpa"])
     assert "--attn eager" in line
     ok(["eval", "perplexity", "-m", tiny("gemma2"), "-d", packed, "--attn", "eager", "-q"])
+    # model quantize: refused before anything loads; eager quantizes and measures
+    assert "--attn eager" in bad(["model", "quantize", tiny("gemma2"), "-o", tmp_path / "q", "--attn", "sdpa"])
+    ok(["model", "quantize", tiny("gemma2"), "-o", tmp_path / "q", "--method", "bnb-int8", "--calib", data,
+        "--eval-samples", "2"])
+    assert json.loads((tmp_path / "q" / "lmforge.json").read_text())["perplexity"]["after"] > 0
 
 
 # --- soft-capped logits and scaled logits: the chunked loss
@@ -222,3 +232,38 @@ def test_saved_sentencepiece_tokenizer_loads_back_alike(tmp_path):
     assert fingerprint(load_tokenizer(str(checked))) == fingerprint(tokenizer)
     if fingerprint(load_tokenizer(str(plain))) == fingerprint(tokenizer):
         pytest.skip("this transformers keeps `legacy` on saving: nothing to repair")
+
+
+# --- no generation marker
+OLD_CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+
+
+def test_template_without_generation_marker_prompts_with_the_answer_header(tmp_path):
+    """A ChatML template that ignores add_generation_prompt: the assistant header is found by
+    rendering an answer, never trained, and ends every generation prompt; with the marker, nothing
+    changes (the rule does not apply)."""
+    from lmforge.shared.data import templates as T
+    from lmforge.shared.data.tokenizing import load_tokenizer
+
+    base = shared_path("tokenizers/qwen3")
+    if not base.exists():
+        pytest.skip(f"{base} not found (set LMFORGE_SHARED)")
+    tokenizer = load_tokenizer(str(base))
+    assert not archrules._no_generation_marker(tokenizer)      # Qwen3's template has the marker
+    with_marker = T.JinjaRenderer(load_tokenizer(str(base)))
+    tokenizer.chat_template = OLD_CHATML
+    assert archrules._no_generation_marker(tokenizer)
+    r = T.JinjaRenderer(tokenizer)
+    assert r.implied_header == "<|im_start|>assistant\n"
+    assert with_marker.implied_header == ""
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+             {"role": "user", "content": "again"}, {"role": "assistant", "content": "yes"}]
+    rendered = r.conversation(turns)
+    assert [rendered.text[a:b] for a, b in rendered.spans] == ["hello<|im_end|>", "yes<|im_end|>"]
+    assert r.generation_prompt(turns[:1]).endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    # the first answer's span as the template with the marker gives (Qwen3 adds think blocks later)
+    plain = with_marker.conversation(turns)
+    assert plain.text[plain.spans[0][0]:plain.spans[0][1]] == "hello<|im_end|>"
+    # without the rule, the header would be trained and missing from the prompt
+    r.implied_header = ""
+    assert r.conversation(turns).text[slice(*r.conversation(turns).spans[0])].startswith("<|im_start|>assistant")

@@ -13,7 +13,7 @@ app = group("Make and transform model directories (quantize, init, export).")
 @declared("model quantize")
 def quantize(
     model, output, method, bits, group_size, calib, calib_samples, eval_data, eval_samples, max_length,
-    overwrite, seed,
+    attn, overwrite, seed,
 ) -> None:
     """Quantize a model; prints perplexity before and after (stderr) and the directory (stdout)."""
     from lmforge.shared.core import log
@@ -22,7 +22,7 @@ def quantize(
     log.quiet_libraries()
     with log.stdout_guard():
         quantizing.quantize(model, output, method, bits, group_size, calib, calib_samples, eval_data, eval_samples,
-                            max_length, overwrite, seed)
+                            max_length, overwrite, seed, attn)
     print_path(output)
 
 

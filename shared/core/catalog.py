@@ -129,6 +129,10 @@ DATA_TEMPLATES = (JSON_OUT.but(help="As JSON."),)
 
 # ----------------------------------------------------------------------------- model
 
+# issue 22: every command that runs a model takes --attn, with train's choices
+ATTENTION = Opt("attn", choices=("auto", "sdpa", "eager", "flash_attention_2"), default="auto",
+                help="Attention kernel (auto: what transformers supports for the architecture: flash-attention on "
+                     "CUDA when installed, else sdpa, else eager).")
 QUANT_METHODS = ("bnb-nf4", "bnb-int8", "gptq", "awq")
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -145,6 +149,7 @@ MODEL_QUANTIZE = (
         help="Held-out data for perplexity (default: the last rows of --calib, kept out of calibration)."),
     Opt("eval_samples", type="int", default=32, help="Held-out rows for perplexity."),
     Opt("max_length", type="int", default=512, help="Tokens per calibration/evaluation row."),
+    ATTENTION,
     OVERWRITE,
     SEED,
 )
@@ -411,10 +416,6 @@ TRAIN_GRPO = (
 
 # ----------------------------------------------------------------------------- eval
 
-# issue 22: every command that runs a model takes --attn, with train's choices
-ATTENTION = Opt("attn", choices=("auto", "sdpa", "eager", "flash_attention_2"), default="auto",
-                help="Attention kernel (auto: what transformers supports for the architecture: flash-attention on "
-                     "CUDA when installed, else sdpa, else eager).")
 EVAL_MODEL = (MODEL, ADAPTER, ATTENTION)
 EVAL_BENCHMARK = (
     *EVAL_MODEL,

@@ -650,7 +650,23 @@ class JinjaRenderer:
         # the header of an assistant turn in the rendering (without the thinking switch's additions)
         bare = [tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=g) for g in (True, False)]
         self.turn_header = bare[0][len(bare[1]):] if bare[0].startswith(bare[1]) else ""
+        self.implied_header = self._implied_header(probe, without)
         self._probe()
+
+    def _implied_header(self, probe: list[dict], without: str) -> str:
+        """A template with no generation marker (it ignores add_generation_prompt) whose assistant
+        turns still open with a header (`<|im_start|>assistant\n` in some older ChatML templates):
+        the header found by rendering an answer. It is then added to every generation prompt, so it
+        is never trained and the model is prompted with it, as a template with the marker does.
+        (Whitespace alone, Llama-2's " " after [/INST], is left to the answer: see
+        generation.encode_chat_prompt.) archrules: the "no generation marker" row."""
+        if self.header:
+            return ""
+        answered = self._try([*probe, {"role": "assistant", "content": self._SENTINEL}])
+        if not answered or not answered.startswith(without) or self._SENTINEL not in answered:
+            return ""
+        between = answered[len(without):answered.index(self._SENTINEL)]
+        return between if between.strip() else ""
 
     # -- what the template can render, found once by rendering probes
     def _try(self, messages: list[dict], tools: str = "") -> str | None:
@@ -751,7 +767,7 @@ class JinjaRenderer:
             if m["role"] != ASSISTANT:
                 continue
             k = i + offset
-            head = self._apply(messages[:k], tools, True)
+            head = self._apply(messages[:k], tools, True) + self.implied_header
             start = len(head) if text.startswith(head) else self._start_by_diff(messages, k, tools, text, i)
             limit = self._next_start(messages, k + 1, tools, text) if k + 1 < len(messages) else len(text)
             end = self._end_of_turn(text, start, limit)
@@ -786,7 +802,7 @@ class JinjaRenderer:
     def generation_prompt(self, turns, system: str = "", tools: str = "") -> str:
         aligned = messages_of(turns)
         self._check(aligned, tools)
-        return self._apply(self._messages(aligned, system), tools, True)
+        return self._apply(self._messages(aligned, system), tools, True) + self.implied_header
 
     def stop_words(self) -> list[str]:
         return list(self.markers[:1]) + [m for m in self.markers[1:] if m != self.tokenizer.eos_token]

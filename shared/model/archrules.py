@@ -22,9 +22,17 @@ def _type_in(*types: str) -> Callable[[object], bool]:
 @dataclass(frozen=True)
 class Rule:
     name: str
-    applies: Callable[[object], bool]   # config -> does this row concern the model?
+    applies: Callable[[object], bool]   # config (or tokenizer, see `on`) -> does this row concern the model?
     examples: tuple[str, ...]           # model types it covers (those the matrix tests)
     need: str                           # what the architecture needs, and what lmforge does
+    on: str = "config"                  # what `applies` reads: the model's config or its tokenizer
+
+
+def _no_generation_marker(tokenizer) -> bool:
+    """The chat template ignores add_generation_prompt, yet its answers open with a header."""
+    from lmforge.shared.data.templates import JinjaRenderer
+
+    return bool(getattr(tokenizer, "chat_template", None)) and bool(JinjaRenderer(tokenizer).implied_header)
 
 
 def _moe(config) -> bool:
@@ -67,11 +75,15 @@ RULES: tuple[Rule, ...] = (
          "config entries that describe each layer (layer_types, no_rope_layers; mlp_only_layers; "
          "first_k_dense_replace) are expanded with LLaMA-Pro's new layers, and the expanded config must rebuild the "
          "expanded model (else LLaMA-Pro is refused)"),
+    Rule("no generation marker", _no_generation_marker, ("chatml without add_generation_prompt",),
+         "the chat template ignores add_generation_prompt but opens each answer with a header: --template auto "
+         "finds the header by rendering an answer and adds it to every generation prompt, so it is never "
+         "trained and eval/serve prompt with it (templates.JinjaRenderer.implied_header)", on="tokenizer"),
 )
 
 
 def rules_for(config) -> list[Rule]:
-    return [r for r in RULES if r.applies(config)]
+    return [r for r in RULES if r.on == "config" and r.applies(config)]
 
 
 def attention_kernels(config) -> set[str]:

@@ -37,10 +37,10 @@ def _texts_and_ids(path: str | None, tokenizer, limit: int, max_length: int):
 
 def quantize(model: str, out: Path, method: str, bits: int | None, group_size: int, calib: str | None,
              calib_samples: int, eval_data: str | None, eval_samples: int, max_length: int,
-             overwrite: bool, seed: int) -> dict:
+             overwrite: bool, seed: int, attn: str = "auto") -> dict:
     import torch
     from lmforge.shared.data.tokenizing import load_tokenizer
-    from lmforge.shared.model.models import _config, choose_device
+    from lmforge.shared.model.models import _config, attention_for, choose_device
     from lmforge.shared.model.perplexity import perplexity
 
     if method not in METHODS:
@@ -48,13 +48,15 @@ def quantize(model: str, out: Path, method: str, bits: int | None, group_size: i
     bits = bits or BITS[method][0]
     if bits not in BITS[method]:
         raise BadInput(f"--bits {bits} does not go with --method {method}", f"use {' or '.join(map(str, BITS[method]))}")
-    _config(model)   # a missing or unusable model is named first
+    config = _config(model)   # a missing or unusable model is named first
     if method in ("gptq", "awq") and not calib:
         raise BadInput(f"--method {method} needs calibration data", "pass --calib an aligned or packed dataset")
     busy = (out.is_dir() and any(out.iterdir())) or (out.exists() and not out.is_dir())
     if busy and not overwrite:
         raise BadInput(f"{out}: exists", "pass --overwrite to replace it")
     device = choose_device()
+    # the attention kernel of every model loaded here (gemma2, gpt_oss: eager only; archrules)
+    kernel = attention_for(config, attn, device.kind, "fp32" if device.kind == "cpu" else "bf16")
     if method == "awq" and device.kind != "cuda":
         raise BadInput("--method awq quantizes on a CUDA GPU only (GPTQModel's AWQ quantizer)",
                        "use gptq, bnb-int8 or bnb-nf4 on a CPU; AWQ checkpoints made elsewhere still load here")
@@ -76,7 +78,7 @@ def quantize(model: str, out: Path, method: str, bits: int | None, group_size: i
                        "(GPTQModel drops shorter ones)", "give longer texts (pre-training text works well)")
     before = None
     if measured:
-        reference = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+        reference = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32, attn_implementation=kernel)
         before = perplexity(reference, held_out)
         del reference
         log.info(f"quantize: perplexity before {before['perplexity']:.4f} on {before['tokens']:,} held-out tokens")
@@ -86,10 +88,10 @@ def quantize(model: str, out: Path, method: str, bits: int | None, group_size: i
     with rundir.staged(out) as tmp:
         with log.captured("quantize"):  # GPTQModel draws progress bars on stdout
             if method.startswith("bnb"):
-                _bitsandbytes(model, tmp, bits, device)
+                _bitsandbytes(model, tmp, bits, device, kernel)
             else:
                 try:
-                    _gptqmodel(model, tmp, method, bits, group_size, [ids for ids, _ in calib_rows], device)
+                    _gptqmodel(model, tmp, method, bits, group_size, [ids for ids, _ in calib_rows], device, kernel)
                 except (LmforgeError, KeyboardInterrupt):
                     raise
                 except Exception as exc:   # GPTQModel's own failures can carry no message at all
@@ -101,7 +103,8 @@ def quantize(model: str, out: Path, method: str, bits: int | None, group_size: i
 
         save_tokenizer(tokenizer, str(tmp))  # checked to load back alike
         with log.captured("quantize"):
-            quantized = AutoModelForCausalLM.from_pretrained(str(tmp), device_map="cpu" if device.kind == "cpu" else "auto")
+            quantized = AutoModelForCausalLM.from_pretrained(str(tmp), device_map="cpu" if device.kind == "cpu" else "auto",
+                                                             attn_implementation=kernel)
         try:
             after = perplexity(quantized, held_out) if measured else None
         except AssertionError as exc:  # bitsandbytes' CPU 4-bit kernels want widths divisible by their block size
@@ -124,17 +127,18 @@ def quantize(model: str, out: Path, method: str, bits: int | None, group_size: i
     return report
 
 
-def _bitsandbytes(model: str, target: Path, bits: int, device) -> None:
+def _bitsandbytes(model: str, target: Path, bits: int, device, kernel: str = "sdpa") -> None:
     from lmforge.shared.model.models import quantization_config
     from transformers import AutoModelForCausalLM
 
     config = quantization_config(bits, device)
-    loaded = AutoModelForCausalLM.from_pretrained(str(model), quantization_config=config,
+    loaded = AutoModelForCausalLM.from_pretrained(str(model), quantization_config=config, attn_implementation=kernel,
                                                   device_map={"": 0} if device.kind == "cuda" else {"": "cpu"})
     loaded.save_pretrained(str(target))
 
 
-def _gptqmodel(model: str, target: Path, method: str, bits: int, group_size: int, calibration: list, device) -> None:
+def _gptqmodel(model: str, target: Path, method: str, bits: int, group_size: int, calibration: list, device,
+               kernel: str = "sdpa") -> None:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
     try:
         from gptqmodel import GPTQModel, QuantizeConfig
@@ -146,7 +150,7 @@ def _gptqmodel(model: str, target: Path, method: str, bits: int, group_size: int
                             **({"format": "gemm"} if method == "awq" else {}))
     try:
         with _gptqmodel_logs_kept_out_of_cwd():
-            loaded = GPTQModel.load(str(model), config)
+            loaded = GPTQModel.load(str(model), config, attn_implementation=kernel)
             loaded.quantize([{"input_ids": ids} for ids in calibration], batch_size=1)
         loaded.save(str(target))
     except (ValueError, AssertionError, NotImplementedError) as exc:
