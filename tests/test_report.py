@@ -14,7 +14,7 @@ from conftest import bad, ok, shared_path
 
 STORIES = "models/stories260K"
 needs = {name: pytest.mark.skipif(importlib.util.find_spec(name) is None, reason=f"{name} not installed "
-                                  f"(pip install 'lmforge[{name}]')") for name in ("wandb", "mlflow")}
+                                  f"(pip install 'lmforge[{name}]')") for name in ("wandb", "mlflow", "trackio")}
 
 
 def test_report_names_and_unknown_trackers():
@@ -136,3 +136,28 @@ def test_loop_reporter_drives_the_integrations(tmp_path, monkeypatch):
     assert {m.step: m.value for m in client.get_metric_history(run.info.run_id, "reward")} == {1: 0.5, 2: 0.75}
     assert run.data.params["lmforge.hyperparameters.kl_coef"] == "0.05" and run.info.run_name == "ppo-run"
     assert list((tmp_path / "ppo-run" / "tensorboard").glob("events.out.tfevents.*"))   # as train sft writes it
+
+
+@pytest.mark.slow
+@needs["trackio"]
+def test_trackio_local_store_gets_the_trainer_log(packed, tmp_path):
+    """Trackio, local (TRACKIO_DIR: a SQLite file per project, nothing uploaded): the logged losses
+    per step equal trainer_log.jsonl, and the run config carries the lmforge parameters."""
+    import sqlite3
+
+    out = tmp_path / "run"
+    ok(["train", "sft", "-m", packed["base"], "-d", packed["data"], "-o", out, "--max-steps", "3",
+        "--logging-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--report", "trackio"],
+       env={"TRACKIO_DIR": str(tmp_path / "trackio")}, fresh=True)
+    journal = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    losses = {e["step"]: e["loss"] for e in journal if "loss" in e}
+    record = json.loads((out / "lmforge.json").read_text())
+    stores = list((tmp_path / "trackio").glob("*.db"))
+    assert len(stores) == 1
+    with sqlite3.connect(stores[0]) as db:
+        rows = [(name, json.loads(metrics)) for name, metrics in db.execute("select run_name, metrics from metrics")]
+        configs = [json.loads(c) for name, c in db.execute("select run_name, config from configs")]
+    logged = {m["train/global_step"]: m["train/loss"] for name, m in rows if "train/loss" in m and name == "run"}
+    assert logged == pytest.approx(losses, rel=1e-6)
+    assert len(configs) == 1 and configs[0]["lmforge.method"] == record["method"]
+    assert configs[0]["lmforge.hyperparameters.learning_rate"] == record["hyperparameters"]["learning_rate"]
