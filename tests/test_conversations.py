@@ -737,3 +737,34 @@ def test_serve_streams_reasoning_content_apart_from_the_answer():
                 content += delta.get("content") or ""
                 assert not content or "<think>" not in content
     assert (reasoning, content) == (whole["reasoning_content"], whole["content"])
+
+
+def test_served_requests_read_images_only_inline_or_inside_the_media_dir(tmp_path):
+    """serve: images as data: URLs always; by local path or file:// URL only inside --media-dir;
+    a path leaving it (.., a symlink out) or a remote URL is a 400, never a read."""
+    pytest.importorskip("pydantic")
+    from lmforge.shared.infer import protocol
+
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "a.png").write_bytes(PNG)
+    (tmp_path / "secret.png").write_bytes(PNG)
+    (media / "link.png").symlink_to(tmp_path / "secret.png")
+
+    def ask(url: str, media_dir=None):
+        return protocol.messages_to_turns([{"role": "user", "content": [
+            {"type": "text", "text": "what is it?"}, {"type": "image_url", "image_url": {"url": url}}]}],
+            str(media.resolve()) if media_dir else None)
+
+    inline = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    for url, media_dir in ((inline, False), ("a.png", True), (f"file://{media}/a.png", True), (str(media / "a.png"), True)):
+        _, turns = ask(url, media_dir)
+        parts = turns[0]["parts"]
+        assert [p["type"] for p in parts] == ["text", "image"] and parts[1]["image"] == PNG, url
+    for url, media_dir, says in (("a.png", False, "serve --media-dir DIR"),
+                                 ("../secret.png", True, "outside the server's --media-dir"),
+                                 ("link.png", True, "outside the server's --media-dir"),
+                                 ("https://example.com/a.png", True, "nothing is fetched")):
+        with pytest.raises(Exception) as refused:   # pydantic's error, which the app turns into a 400
+            ask(url, media_dir)
+        assert says in str(refused.value), (url, str(refused.value))

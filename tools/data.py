@@ -155,7 +155,7 @@ def _json_bytes(value: object) -> object:
 @declared("data pack")
 def pack(
     model, input, output, template, stage, cutoff, packing, neat_packing, train_on_prompt, mask_history,
-    reasoning, thinking, mask_empty_think, num_proc, seed,
+    reasoning, thinking, mask_empty_think, num_proc, seed, image_max_pixels, image_min_pixels,
 ) -> None:
     """Tokenize aligned data with a chat template: ids, loss labels, truncation, packing."""
     from lmforge.shared.core import arrowio, meta
@@ -166,7 +166,8 @@ def pack(
                                    packing=packing or neat_packing, neat_packing=neat_packing,
                                    train_on_prompt=train_on_prompt, mask_history=mask_history,
                                    reasoning=reasoning, thinking=thinking, mask_empty_think=mask_empty_think,
-                                   num_proc=num_proc, seed=seed)
+                                   num_proc=num_proc, seed=seed, image_max_pixels=image_max_pixels,
+                                   image_min_pixels=image_min_pixels)
     packing_.validate(options)
     if template != "auto":
         from lmforge.shared.data.templates import get
@@ -184,7 +185,7 @@ def pack(
     cmd, opts = invocation()
     metadata = packing_.metadata(encoder, options, source.meta, meta.step(cmd, opts))
     stats = packing_.Stats()
-    with arrowio.ArrowOutput(output, packing_.SCHEMAS[stage], metadata) as out:
+    with arrowio.ArrowOutput(output, packing_.schema_for(stage, encoder.vision is not None), metadata) as out:
         from lmforge.shared.data import aligned
 
         batches = aligned.batches(source) if stage != "pt" else source.batches()  # version 1 upgraded

@@ -8,7 +8,7 @@ from ._cli import declared
 
 @declared("serve")
 def serve(model, adapter, template, name, host, port, api_key, backend, max_concurrency, max_batch, attn,
-          max_request_bytes) -> None:
+          max_request_bytes, media_dir) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming, tools)."""
     from lmforge.shared.core import log
     from lmforge.shared.infer import app
@@ -21,6 +21,7 @@ def serve(model, adapter, template, name, host, port, api_key, backend, max_conc
     with log.stdout_guard():
         served = app.prepare(model, adapter, template, backend, max_concurrency, max_batch, api_key, name)
     served.max_request_bytes = max_request_bytes
+    served.media_dir = app.media_dir_of(media_dir)
     import uvicorn
 
     log.info(f"serve: {served.name} ({served.renderer.name} template, {backend} backend) at http://{host}:{port}/v1"

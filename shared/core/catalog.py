@@ -123,6 +123,11 @@ DATA_PACK = (
     Opt("mask_empty_think", type="bool", default=False, help="No loss on empty think blocks."),
     Opt("num_proc", type="int", default=1, help="Worker processes for tokenization."),
     DATA_SEED,
+    # issue 17: vision-language data (images are resized before counting their image tokens)
+    Opt("image_max_pixels", type="int", default=768 * 768, min=1,
+        help="Images larger than this many pixels are scaled down (aspect kept) before packing."),
+    Opt("image_min_pixels", type="int", default=32 * 32, min=1,
+        help="Images smaller than this many pixels are scaled up (aspect kept) before packing."),
 )
 DATA_STATS = (INPUT.but(help="Packed dataset, or '-' for stdin."), JSON_OUT.but(help="One JSON object instead of a table."))
 DATA_TEMPLATES = (JSON_OUT.but(help="As JSON."),)
@@ -267,6 +272,11 @@ TRAIN_COMMON = (
         help="badam: order of the blocks.", panel=E),
     Opt("badam_switch_interval", type="int", default=50, help="badam: steps before switching to the next block.",
         panel=E),
+    # issue 17: vision-language models (the vision tower and projector are frozen by default)
+    Opt("train_projector", type="bool", default=False, panel=M,
+        help="Vision-language models: also train the projector between the vision tower and the language model."),
+    Opt("train_vision_tower", type="bool", default=False, panel=M,
+        help="Vision-language models: also train the vision tower."),
     # how it trains
     LEARNING_RATE,
     EPOCHS,
@@ -478,6 +488,9 @@ SERVE = (
                   panel="Model"),
     Opt("max_request_bytes", type="int", default=8 << 20, min=1024,
         help="Largest request body accepted; a larger one gets HTTP 413."),
+    Opt("media_dir", default=None,
+        help="Let requests name images by local path or file:// URL inside this directory (vision models); "
+             "without it only data: URLs are read."),
 )
 CHAT = (
     MODEL,

@@ -73,3 +73,58 @@ class PairCollator:
 
         return {"input_ids": torch.tensor([s + [self.pad_id] * (longest - len(s)) for s in sequences]),
                 "last_index": torch.tensor([len(s) - 1 for s in sequences])}
+
+
+class VisionCollator(PackedCollator):
+    """Vision-language sft rows (issue 17): the PackedCollator's batch plus the rows' images,
+    decoded and processed per batch by the model's image processor (so memory stays flat).
+
+    Qwen-VL models take 3D (multimodal) rotary positions: they are computed here per example
+    with the model's own `get_rope_index` and concatenated, restarting at each example with
+    `--neat-packing` (the first of the 4 position rows, the text positions, then carries the
+    restarts that keep attention within each example)."""
+
+    def __init__(self, neat: bool, pad_id: int, vision, rope_index=None, token_types: str | None = None):
+        super().__init__(neat, pad_id)
+        self.vision = vision
+        self.rope_index = rope_index
+        self.token_types = token_types   # the forward argument that marks image tokens, if any
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        batch = super().__call__(rows)
+        images = [b for r in rows for b in r.get("images") or []]
+        image_id = self.vision.image_token_id
+        ids = batch["input_ids"]
+        if images:
+            batch.update(self.vision.pixels(images))
+        if self.token_types:
+            batch[self.token_types] = (ids == image_id).to(torch.long)
+        if self.rope_index is not None:
+            batch["position_ids"] = self._rope_positions(rows, batch, image_id)
+        return batch
+
+    def _rope_positions(self, rows: list[dict], batch: dict, image_id: int):
+        import torch
+
+        from lmforge.shared.data.multimodal import rope_positions
+
+        grids = batch.get("image_grid_thw")
+        used = 0
+        out = torch.zeros((4, *batch["input_ids"].shape), dtype=torch.long)
+        for b, row in enumerate(rows):
+            ids = list(row["input_ids"])
+            start = 0
+            for length in (row["lengths"] if self.neat else [len(ids)]):
+                seg = ids[start:start + length]
+                runs = sum(1 for i, t in enumerate(seg) if t == image_id and (i == 0 or seg[i - 1] != image_id))
+                mine = grids[used:used + runs] if grids is not None else None
+                used += runs
+                out[1:, b, start:start + length] = rope_positions(self.rope_index, seg, image_id, mine)
+                out[0, b, start:start + length] = torch.arange(length)
+                start += length
+            pad = out.shape[2] - start
+            if pad:   # pads continue the last positions (causal attention keeps them harmless)
+                out[:, b, start:] = out[:, b, start - 1:start] + torch.arange(1, pad + 1)
+        return out

@@ -544,11 +544,16 @@ def _row_images(row: dict, col: str) -> list | None:
     return list(value)
 
 
-def _leftover_images(turns: Turns, images: list | None, media_dir: str | None, where: str = "images") -> None:
-    """Images without a placeholder go before the text of the first user message (as
-    LLaMA-Factory does); media columns other than images are refused by the caller."""
+def _leftover_images(turns: Turns, images: list | None, media_dir: str | None, where: str = "images",
+                     total: int = 0) -> None:
+    """A row without any image placeholder has its images put before the text of the first user
+    message (as Hugging Face vision datasets mean them); a row with placeholders must have one per
+    image (`total`: the row's image count). Media columns other than images are refused by the caller."""
     if not images:
         return
+    if len(images) < total:
+        raise RowError(f"{total - len(images)} image placeholder(s) for {total} images in the row "
+                       "(one <image> placeholder per image)")
     first = next((m for m in turns if m["role"] == USER), None)
     if first is None:
         raise RowError("images but no user message to hold them")
@@ -591,6 +596,7 @@ def _alpaca(spec: Spec) -> Callable[[dict], Converted]:
     def convert(row: dict) -> Converted:
         _refuse_media_columns(row)
         images = _row_images(row, c.get("images", "images"))
+        total = len(images or [])
         parts = [p for p in (_text(row, c_ins, required=False), _text(row, c_inp, required=False)) if p]
         if not parts:
             raise RowError(f"empty '{c_ins}'" + (f" and '{c_inp}'" if c_inp in row else ""))
@@ -605,7 +611,7 @@ def _alpaca(spec: Spec) -> Callable[[dict], Converted]:
                     raise RowError(f"'{c_hist}' must be a list of [query, response] string pairs")
                 prompt += [user(pair[0], images), message(ASSISTANT, pair[1])]
         prompt.append(user("\n".join(parts), images))
-        _leftover_images(prompt, images, media)
+        _leftover_images(prompt, images, media, total=total)
         system = _text(row, c_sys, required=False)
         label = None
         if stage == "pairwise":
@@ -689,13 +695,14 @@ def _chat(spec: Spec) -> Callable[[dict], Converted]:
         if not isinstance(msgs, list):
             raise RowError(f"'{c['messages']}' must be a list of messages, found {_kind(msgs)}")
         images = _row_images(row, c.get("images", "images"))
+        total = len(images or [])
         system = _text(row, c["system"], required=False)
         if msgs and isinstance(msgs[0], dict) and msgs[0].get(role_tag) in system_tags:
             if not system:
                 system = _content(msgs[0].get(content_tag), "the system turn").text() or ""
             msgs = msgs[1:]
         turns = [convert_message(msg, i, images) for i, msg in enumerate(msgs)]
-        _leftover_images(turns, images, media)
+        _leftover_images(turns, images, media, total=total)
         tools = normalize_tools(row.get(c["tools"]))
         label = None
         if stage == "pairwise":

@@ -47,7 +47,18 @@ SCHEMAS = {
     "ppo": pa.schema([("prompt_ids", IDS), ("response_ids", IDS)]),
 }
 IGNORE = -100
+IGNORE_ROW = array("i", [IGNORE])
 T = TypeVar("T")
+IMAGES = pa.list_(pa.binary())   # issue 17: packed vision-language rows carry their images
+
+
+IMAGE_COLUMNS = {"sft": "images", "dpo": "prompt_images"}   # (TRL's DPO takes a column named images as raw)
+
+
+def schema_for(stage: str, images: bool = False) -> pa.Schema:
+    """The packed schema of a stage (+ the images column of a vision-language model's sft or dpo data)."""
+    base = SCHEMAS[stage]
+    return base.append(pa.field(IMAGE_COLUMNS[stage], IMAGES)) if images and stage in IMAGE_COLUMNS else base
 
 
 _DEFAULTS = catalog.defaults("data pack")   # the options' declared defaults
@@ -68,6 +79,8 @@ class PackOptions:
     mask_empty_think: bool = _DEFAULTS["mask_empty_think"]
     num_proc: int = _DEFAULTS["num_proc"]
     seed: int = _DEFAULTS["seed"]
+    image_max_pixels: int = _DEFAULTS["image_max_pixels"]   # issue 17: vision-language data
+    image_min_pixels: int = _DEFAULTS["image_min_pixels"]
 
     @property
     def packing_mode(self) -> str:
@@ -111,6 +124,7 @@ class Columns:
         self.flat = {n: array("i") for n in names}
         self.lens = {n: array("i") for n in names}
         self.flags: list[bool] = []
+        self.images: list[list[bytes]] = []   # vision-language sft: each row's images, in token order
 
     def put(self, name: str, values) -> None:
         self.flat[name].extend(values)
@@ -206,6 +220,12 @@ class Encoder:
         from lmforge.shared.data.fasttok import FastBPE
 
         self.fast = FastBPE.from_hf(self.tokenizer) if os.environ.get("LMFORGE_FAST_TOKENIZER", "1") != "0" else None
+        # issue 17: a vision-language model's image facts (None for a text model)
+        from lmforge.shared.data import multimodal
+
+        self.vision = (multimodal.Vision(options.model, self.tokenizer, options.image_max_pixels,
+                                         options.image_min_pixels)
+                       if options.stage != "pt" and multimodal.is_vision_model(options.model) else None)
         # tokens of the answer header (kept when a pairwise/KTO/PPO prompt is cut)
         self.header_tokens = len(self._encode([self.render.header])[0].ids) if self.render and self.render.header else 0
 
@@ -317,12 +337,19 @@ class Encoder:
         assert self.render is not None  # sft renders through a template
         render = self.render
 
+        vision = self.vision
+        row_images: list[list[bytes]] = []
+
         def conversation(r: dict) -> Callable[[], Rendered]:
-            return lambda: render.conversation(turns_of(r["prompt"]) + turns_of(r["response"]), r["system"], r["tools"])
+            turns = turns_of(r["prompt"]) + turns_of(r["response"])
+            if vision is not None:  # images become the family's placeholder text
+                turns, images = vision.textual(turns)
+                row_images.append(images)
+            return lambda: render.conversation(turns, r["system"], r["tools"])
 
         rendered = [self._row(i, conversation(r)) for i, r in enumerate(rows)]
         ignore = array("i", [IGNORE])
-        for ids, ranges, head in self._encode_spans(rendered):
+        for k, (ids, ranges, head) in enumerate(self._encode_spans(rendered)):
             if not ranges or ranges[-1][0] == ranges[-1][1]:
                 counts.dropped += 1
                 continue
@@ -332,6 +359,12 @@ class Encoder:
                 labels = ignore * len(ids)
                 for t0, t1 in (ranges[-1:] if self.o.mask_history else ranges):
                     labels[t0:t1] = ids[t0:t1]
+            fitted: list[bytes] = []
+            if vision is not None:  # each placeholder -> its image's tokens (no loss on them)
+                ids, labels, shift, fitted = vision.expand(ids, labels, row_images[k],
+                                                           f"row {self._first_row + k + 1}")
+                ranges = [(shift(a), shift(b)) for a, b in ranges]
+                image_tokens = vision.image_tokens(ids)
             r0, r1 = ranges[-1]
             if len(ids) > cutoff:  # the glue after the last turn goes first, then share the budget
                 counts.truncated += 1
@@ -343,8 +376,13 @@ class Encoder:
                 cut = [(0, keep_p - keep_head), (r0 - keep_head, r0), (r0, r0 + keep_r)]
                 ids = array("i", b"".join(ids[x:y].tobytes() for x, y in cut))
                 labels = array("i", b"".join(labels[x:y].tobytes() for x, y in cut))
+                if vision is not None and vision.image_tokens(ids) != image_tokens:
+                    counts.dropped += 1   # the cut went through an image: raise --cutoff
+                    continue
             out.put("input_ids", ids)
             out.put("labels", labels)
+            if vision is not None:
+                out.images.append(fitted)
         return self._layout(out), counts
 
     def _layout(self, cols: Columns) -> Columns:
@@ -365,6 +403,8 @@ class Encoder:
             out.put("input_ids", ids)
             out.put("labels", labels)
             out.put("lengths", array("i", [len(examples[i][0]) for i in members]))
+            if cols.images:   # each example's images stay with it, in token order
+                out.images.append([b for i in members for b in cols.images[i]])
         return out
 
     def _split(self, rows: list[dict]) -> tuple[Columns, Counts]:
@@ -377,8 +417,15 @@ class Encoder:
         heads, bodies = [], []
         self._at = -1
         assert self.render is not None  # rm/dpo/kto/ppo render through a template
+        row_images: list[list[bytes]] = []
         for self._at, r in enumerate(rows):
             prompt, responses = turns_of(r["prompt"]), turns_of(r["response"])
+            if self.vision is not None:   # issue 17: dpo prompts may hold images
+                if (stage != "dpo" and any(m.get("parts") for m in prompt)) or any(m.get("parts") for m in responses):
+                    raise BadInput(f"images in {stage} data are not packed yet (images pack for sft and for "
+                                   "dpo prompts)", "align text-only data for this stage")
+                prompt, images = self.vision.textual(prompt)
+                row_images.append(images)
             if stage == "ppo":  # the prompt, and a reference answer when there is a plain one
                 first = responses[0] if responses else None   # a message dict (a (role, content) pair before)
                 role = first.get("role") if isinstance(first, dict) else (first[0] if first else None)
@@ -396,6 +443,12 @@ class Encoder:
         head = self.header_tokens
         for i, prompt_ids in enumerate(head_ids):
             response_ids = [next(body_ids) for _ in bodies[i]]
+            fitted: list[bytes] = []
+            if self.vision is not None:   # each placeholder -> its image's tokens
+                expanded, _, _, fitted = self.vision.expand(array("i", prompt_ids), IGNORE_ROW * len(prompt_ids),
+                                                            row_images[i], f"row {self._first_row + i + 1}")
+                prompt_ids = list(expanded)
+                image_tokens = self.vision.image_tokens(prompt_ids)
             longest = max(len(x) for x in response_ids)
             if len(prompt_ids) + longest > self.o.cutoff:
                 counts.truncated += 1
@@ -405,6 +458,11 @@ class Encoder:
                     continue
                 prompt_ids = cut_prompt(prompt_ids, keep_p, head)
                 response_ids = [x[:keep_r] for x in response_ids]
+                if self.vision is not None and self.vision.image_tokens(prompt_ids) != image_tokens:
+                    counts.dropped += 1   # the cut went through an image: raise --cutoff
+                    continue
+            if self.vision is not None:
+                out.images.append(fitted)
             out.put("prompt_ids", prompt_ids)
             for name, ids in zip(names[1:], response_ids):
                 out.put(name, ids)
@@ -448,6 +506,7 @@ class Stats:
     tokens: int = 0
     loss_tokens: int = 0
     capacity: int = 0   # rows x cutoff, for packing efficiency
+    images: int = -1    # vision-language data: images in the rows (-1: text data)
 
     def as_dict(self, options: PackOptions) -> dict:
         d: dict[str, int | float] = {"examples": self.counts.examples, "truncated": self.counts.truncated,
@@ -457,6 +516,8 @@ class Stats:
             d["loss_fraction"] = round(self.loss_tokens / self.tokens, 4) if self.tokens else 0.0
         if options.packing_mode != "none" and self.capacity:
             d["packing_efficiency"] = round(self.tokens / self.capacity, 4)
+        if self.images >= 0:
+            d["images"] = self.images
         return d
 
 
@@ -483,9 +544,9 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 class RowWriter:
     """Encoded chunks -> output record batches; cuts pt text into --cutoff blocks."""
 
-    def __init__(self, options: PackOptions, stats: Stats):
+    def __init__(self, options: PackOptions, stats: Stats, images: bool = False):
         self.o, self.stats = options, stats
-        self.schema = SCHEMAS[options.stage]
+        self.schema = schema_for(options.stage, images)
         self._pt_ids = array("i")      # pt: tokens not yet in a block
         self._pt_docs: list[int] = []  # ... and the lengths of the documents they belong to
 
@@ -504,7 +565,7 @@ class RowWriter:
             yield from self._pt_blocks(final=True)
 
     def _emit(self, out: Columns, capacity: int = 0) -> Iterator[pa.RecordBatch]:
-        names = [n for n in self.schema.names if n != "label"]
+        names = [n for n in self.schema.names if n not in ("label", "images", "prompt_images")]
         rows = len(out.lens[names[0]])
         self.stats.rows += rows
         self.stats.capacity += capacity
@@ -514,6 +575,9 @@ class RowWriter:
         arrays = [out.arrow(n) for n in names]
         if self.o.stage == "kto":
             arrays.append(columns.bools(out.flags))
+        if len(self.schema.names) > len(SCHEMAS[self.o.stage].names):   # issue 17: the rows' images, in token order
+            self.stats.images += sum(len(x) for x in out.images)
+            arrays.append(pa.array(out.images, type=IMAGES))
         yield pa.record_batch(arrays, schema=self.schema)
 
     def _pt_blocks(self, final: bool) -> Iterator[pa.RecordBatch]:
@@ -614,12 +678,15 @@ def metadata(encoder: Encoder, options: PackOptions, source_meta: dict, step: di
             "cutoff": options.cutoff, "packing": options.packing_mode,
             "train_on_prompt": options.train_on_prompt, "mask_history": options.mask_history,
             "stop_words": encoder.render.stop_words() if encoder.render else [encoder.tokenizer.eos_token],
+            **({"vision": encoder.vision.metadata()} if encoder.vision is not None else {}),
             "provenance": source_meta.get("provenance", []) + [step]}
 
 
 def run(encoder: Encoder, batches: Iterator[pa.RecordBatch], options: PackOptions, stats: Stats) -> Iterator[pa.RecordBatch]:
     """Encode and lay out all rows; fills `stats`."""
-    writer = RowWriter(options, stats)
+    writer = RowWriter(options, stats, images=encoder.vision is not None)
+    if encoder.vision is not None:
+        stats.images = 0
     with log.Progress("pack", unit="examples") as progress:
         for cols, counts in encoded_batches(encoder, numbered(batches), options.num_proc):
             stats.counts.add(counts)

@@ -25,7 +25,10 @@ def compute(source: ArrowSource) -> dict:
     meta = source.meta
     require(meta, source.name, kind="packed",
             hint="`data stats` reads packed data; for aligned data use `data show --stats`")
-    list_columns = [f.name for f in source.schema if pa.types.is_list(f.type) and f.name != "lengths"]
+    list_columns = [f.name for f in source.schema if pa.types.is_list(f.type) and f.name not in ("lengths", "images")]
+    image_token = (meta.get("vision") or {}).get("image_token_id")   # issue 17: vision-language data
+    images: list[np.ndarray] = []
+    image_tokens: list[np.ndarray] = []
     lengths: dict[str, list[np.ndarray]] = {name: [] for name in list_columns}
     examples: list[np.ndarray] = []
     loss = tokens = rows = 0
@@ -36,6 +39,14 @@ def compute(source: ArrowSource) -> dict:
             lengths[name].append(pc.list_value_length(batch.column(name)).to_numpy(zero_copy_only=False))
         if "lengths" in batch.schema.names:
             examples.append(pc.list_flatten(batch.column("lengths")).to_numpy(zero_copy_only=False))
+        if "images" in batch.schema.names:
+            images.append(pc.list_value_length(batch.column("images")).to_numpy(zero_copy_only=False))
+            if image_token is not None:
+                ids = batch.column("input_ids")
+                hits = pc.equal(pc.list_flatten(ids), image_token).cast(pa.int64()).to_numpy(zero_copy_only=False)
+                offsets = ids.offsets.to_numpy() - ids.offsets[0].as_py()
+                image_tokens.append(np.add.reduceat(hits, offsets[:-1]) * (np.diff(offsets) > 0)
+                                    if len(hits) else np.zeros(batch.num_rows, dtype=np.int64))
         if "labels" in batch.schema.names:
             flat = pc.list_flatten(batch.column("labels")).to_numpy(zero_copy_only=False)
             loss += int(np.count_nonzero(flat != IGNORE))
@@ -48,6 +59,8 @@ def compute(source: ArrowSource) -> dict:
     info["lengths"] = {name: _dist(v) for name, v in lengths.items() if name != "labels"}
     if examples:
         info["examples"] = _dist(examples)
+    if images:
+        info["images"] = {"per_row": _dist(images), "image_tokens_per_row": _dist(image_tokens)}
     if tokens:
         info["loss_fraction"] = round(loss / tokens, 4)
     cutoff = meta.get("cutoff")
@@ -87,6 +100,9 @@ def print_table(info: dict) -> None:
     dists = dict(info["lengths"])
     if "examples" in info:
         dists["examples (in rows)"] = info["examples"]
+    if "images" in info:
+        dists["images per row"] = info["images"]["per_row"]
+        dists["image tokens per row"] = info["images"]["image_tokens_per_row"]
     for name, d in dists.items():
         if d.get("count"):
             table.add_row(name, *(f"{d[k]:,}" if isinstance(d[k], int) else str(d[k])

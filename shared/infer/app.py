@@ -34,6 +34,20 @@ class Served:
     max_concurrency: int
     created: int = field(default_factory=lambda: int(time.time()))
     max_request_bytes: int = 8 << 20   # a larger body is refused with 413 before it is read whole
+    vision: Any = None          # issue 17: a vision-language model's image facts (multimodal.Vision)
+    media_dir: str | None = None   # serve --media-dir: where requests may name images by path
+
+
+def media_dir_of(value: str | None) -> str | None:
+    """serve --media-dir, checked: an existing directory, resolved."""
+    from pathlib import Path
+
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise BadInput(f"--media-dir {value}: not a directory", "give the directory clients' image paths are in")
+    return str(path.resolve())
 
 
 async def read_body(request, limit: int) -> bytes:
@@ -134,15 +148,27 @@ def create_app(served: Served):
         # health checks and streams of other requests go on meanwhile
         body = await run_in_threadpool(api.parse_body, await read_body(request, served.max_request_bytes))
         renderer = renderer_for_request(body)
-        asked = api.ChatRequest.check(body, served_name=served.name, renderer=renderer)
+        asked = api.ChatRequest.check(body, served_name=served.name, renderer=renderer, media_dir=served.media_dir)
         tools = asked.tools is not None
+        from lmforge.shared.data.aligned import has_images
+
+        images: list[bytes] = []
         try:
-            prompt = await run_in_threadpool(renderer.generation_prompt, asked.turns, asked.system, asked.tools or "")
+            if served.vision is not None and any(has_images(m) for m in asked.turns):  # issue 17
+                from lmforge.shared.data.multimodal import generation_inputs
+
+                ids, lead, images, prompt = await run_in_threadpool(
+                    generation_inputs, served.vision, renderer, asked.turns, asked.system, asked.tools or "",
+                    lambda text: encode_chat_prompt(served.tokenizer, text))
+            else:
+                prompt = await run_in_threadpool(renderer.generation_prompt, asked.turns, asked.system,
+                                                  asked.tools or "")
+                ids, lead = await run_in_threadpool(encode_chat_prompt, served.tokenizer, prompt)
         except BadInput as exc:
             raise APIError(400, exc.message, param="messages") from None
-        ids, lead = await run_in_threadpool(encode_chat_prompt, served.tokenizer, prompt)
         job, settings = job_for(body, ids)
         job.lead = lead
+        job.images = images
         style = getattr(getattr(served.renderer, "tpl", None), "tool_style", None) or ("qwen" if tools else None)
         chat_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         # thinking models: is the answer's reasoning split off (and does the prompt open the block)?
@@ -350,6 +376,7 @@ def prepare(model_dir: str, adapter: str | None, template: str, backend: str, ma
     from lmforge.shared.model.generation import stop_token_ids
     from lmforge.shared.model.models import load_for_inference as load
 
+    vision = None
     if backend == "vllm":
         from lmforge.shared.data.tokenizing import load_tokenizer
         from transformers import AutoConfig
@@ -359,12 +386,16 @@ def prepare(model_dir: str, adapter: str | None, template: str, backend: str, ma
         engine: HFEngine | VLLMEngine = VLLMEngine(model_dir, adapter, max_concurrency)
         context = getattr(AutoConfig.from_pretrained(str(model_dir)), "max_position_embeddings", 4096) or 4096
     else:
+        from lmforge.shared.data import multimodal
+
         model, tokenizer = load(model_dir, adapter)
         render = renderer_for(template, tokenizer, model_dir, adapter)
-        engine = HFEngine(model, tokenizer, stop_token_ids(tokenizer, render.stop_words()), max_batch)
-        context = getattr(model.config, "max_position_embeddings", 2048) or 2048
+        vision = multimodal.Vision(model_dir, tokenizer) if multimodal.is_vision_model(model_dir) else None
+        engine = HFEngine(model, tokenizer, stop_token_ids(tokenizer, render.stop_words()), max_batch, vision)
+        context = getattr(getattr(model.config, "text_config", None) or model.config, "max_position_embeddings",
+                          2048) or 2048
     served_name = name or Path(adapter or model_dir).name or str(model_dir)
-    return Served(engine, tokenizer, render, served_name, context, api_key, max_concurrency)
+    return Served(engine, tokenizer, render, served_name, context, api_key, max_concurrency, vision=vision)
 
 
 def check_port(host: str, port: int) -> None:

@@ -37,6 +37,7 @@ class Job:
     n: int = 1
     stop: list[str] = field(default_factory=list)
     lead: str = ""              # spaces ending the rendered prompt that the model writes itself
+    images: list[bytes] = field(default_factory=list)   # issue 17: a vision-language prompt's images
     cancelled: bool = False
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
@@ -44,6 +45,8 @@ class Job:
     def key(self) -> tuple:
         """Requests with the same key can share a batch."""
         greedy = self.temperature == 0
+        if self.images:   # a request with images runs in a batch of its own
+            return (id(self),)
         return (greedy, None if greedy else self.temperature, None if greedy else self.top_p, self.seed)
 
     def emit(self, event: dict) -> None:
@@ -56,8 +59,9 @@ class Job:
 class HFEngine:
     """transformers generate() in a worker thread, batching compatible requests."""
 
-    def __init__(self, model, tokenizer, stop_ids: list[int], max_batch: int = 8):
+    def __init__(self, model, tokenizer, stop_ids: list[int], max_batch: int = 8, vision=None):
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, stop_ids
+        self.vision = vision    # issue 17: a vision-language model's image facts (multimodal.Vision)
         self.max_batch = max_batch
         self.pad_id = pad_id_of(tokenizer, stop_ids)
         self.device = next(model.parameters()).device
@@ -180,6 +184,9 @@ class HFEngine:
                       pad_token_id=self.pad_id, use_cache=True, streamer=Rows(),
                       stopping_criteria=StoppingCriteriaList([RowStop()]),
                       **sampling_args(first.temperature, first.top_p))  # top-k: generate()'s own
+        if first.images and self.vision is not None:   # one job: its images for each of its n rows
+            kwargs.update({k: v.to(self.device) for k, v in self.vision.pixels(first.images * first.n).items()})
+            kwargs.update(self.vision.token_types(self.model, ids))
         if first.seed is not None:
             torch.manual_seed(first.seed)
         with torch.no_grad():

@@ -197,6 +197,9 @@ def generate_eval(model_dir: str, adapter: str | None, data: str, template: str,
     model, tokenizer = load(model_dir, adapter)
     render = renderer_for(template, tokenizer, model_dir, adapter)
     stops = stop_token_ids(tokenizer, render.stop_words())
+    from lmforge.shared.data import multimodal
+
+    vision = multimodal.Vision(model_dir, tokenizer) if multimodal.is_vision_model(model_dir) else None
     rows = []
     from lmforge.shared.data.aligned import batches as aligned_batches
 
@@ -212,9 +215,20 @@ def generate_eval(model_dir: str, adapter: str | None, data: str, template: str,
     with log.Progress("eval generate", total=len(rows), unit="examples") as progress:
         for start in range(0, len(rows), batch_size):
             part = rows[start:start + batch_size]
-            prompts = [render.generation_prompt(turns_of(r["prompt"]), r["system"], r["tools"]) for r in part]
-            ids = [encode_chat_prompt(tokenizer, p)[0] for p in prompts]  # as serve and pack
-            for r, prompt, result in zip(part, prompts, generate(model, tokenizer, ids, sampling, stops)):
+            images: list[bytes] = []
+            if vision is not None:   # issue 17: image tokens in the prompts, the images beside them
+                prompts, ids = [], []
+                for r in part:
+                    got = multimodal.generation_inputs(vision, render, turns_of(r["prompt"]), r["system"], r["tools"],
+                                                       lambda text: encode_chat_prompt(tokenizer, text))
+                    ids.append(got[0])
+                    images += got[2]
+                    prompts.append(got[3])
+            else:
+                prompts = [render.generation_prompt(turns_of(r["prompt"]), r["system"], r["tools"]) for r in part]
+                ids = [encode_chat_prompt(tokenizer, p)[0] for p in prompts]  # as serve and pack
+            results = generate(model, tokenizer, ids, sampling, stops, vision=vision, images=images)
+            for r, prompt, result in zip(part, prompts, results):
                 reference = r["response"][0]["content"] or ""
                 # a thinking model's reasoning is not part of its answer (scored, saved apart)
                 reasoning, answer = render.split_reasoning(result.text, prompt_opens_think(prompt))

@@ -159,8 +159,8 @@ class ChatRequest(_Request):
 
     @field_validator("messages", mode="before")
     @classmethod
-    def _turns(cls, value):
-        return messages_to_turns(value)
+    def _turns(cls, value, info: ValidationInfo):
+        return messages_to_turns(value, (info.context or {}).get("media_dir"))
 
     @field_validator("tools", mode="before")
     @classmethod
@@ -282,10 +282,11 @@ class Settings(_Checked):
         return bool((self.stream_options or {}).get("include_usage"))
 
 
-def messages_to_turns(messages: object) -> tuple[str, list[dict]]:
+def messages_to_turns(messages: object, media_dir: str | None = None) -> tuple[str, list[dict]]:
     """OpenAI chat messages -> (system, aligned messages), read as `data align` reads OpenAI data
     (reasoning_content, tool_calls with ids, tool_call_id); a validation error on a malformed list.
-    Images are refused (a client must not make the server read its files; text models only)."""
+    Images as data: URLs; by local path or file:// URL only inside `media_dir` (serve --media-dir):
+    a client must not make the server read any file it likes, nor fetch URLs."""
     from lmforge.shared.data.aligned import RowError, check_turns, message
     from lmforge.shared.data.formats import converter, make_spec
 
@@ -298,9 +299,16 @@ def messages_to_turns(messages: object) -> tuple[str, list[dict]]:
             raise _invalid(f"messages[{i}] must be an object", "messages")
         content = m.get("content")
         if isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and part.get("type") not in (None, "text"):
-                    raise _invalid(f"messages[{i}]: only text content parts are served", "messages")
+            for k, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") in (None, "text") or _data_url_image(part):
+                    continue
+                local = _local_image(part, media_dir, f"messages[{i}].content[{k}]")
+                if local is None:
+                    raise _invalid(f"messages[{i}]: only text content parts and images as data: URLs are served"
+                                   + (", or local paths inside the --media-dir" if media_dir else
+                                      " (serve --media-dir DIR lets requests name image files inside DIR)")
+                                   + "; nothing is fetched from URLs", "messages")
+                content[k] = {"type": "image_url", "image_url": {"url": local}}
         if m.get("role") in ("system", "developer"):
             if rest:
                 raise _invalid(f"messages[{i}]: a system message must come first", "messages")
@@ -325,6 +333,33 @@ def messages_to_turns(messages: object) -> tuple[str, list[dict]]:
     except RowError as exc:
         raise _invalid(f"invalid messages: {exc}", "messages") from None
     return "\n".join(system_parts), turns
+
+
+def _local_image(part: dict, media_dir: str | None, where: str) -> str | None:
+    """An image part naming a local file (a path or file:// URL) inside media_dir -> its resolved path;
+    None when it names no local file or there is no media_dir; refused when it leaves the directory."""
+    from pathlib import Path
+
+    if media_dir is None or part.get("type") not in ("image_url", "input_image"):
+        return None
+    source = part.get("image_url")
+    url = source.get("url") if isinstance(source, dict) else source
+    if not isinstance(url, str) or not url or ("://" in url and not url.startswith("file://")):
+        return None
+    path = Path(url[len("file://"):] if url.startswith("file://") else url)
+    resolved = (path if path.is_absolute() else Path(media_dir) / path).resolve()
+    if not resolved.is_relative_to(media_dir):
+        raise _invalid(f"{where}: image '{url[:80]}' is outside the server's --media-dir", "messages")
+    return str(resolved)
+
+
+def _data_url_image(part: dict) -> bool:
+    """An OpenAI image part whose image is inline (issue 17: served vision-language models)."""
+    if part.get("type") not in ("image_url", "input_image"):
+        return False
+    source = part.get("image_url")
+    url = source.get("url") if isinstance(source, dict) else source
+    return isinstance(url, str) and url.startswith("data:")
 
 
 def thinking_of(body: dict) -> str:

@@ -85,8 +85,9 @@ def sampling_args(temperature: float | None, top_p: float = 1.0, top_k: int | No
 
 
 def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, stop_ids: list[int],
-             streamer=None) -> list[Output]:
-    """Generate for a batch of prompt token ids (one forward pass per new token, all together)."""
+             streamer=None, vision=None, images: list[bytes] | None = None) -> list[Output]:
+    """Generate for a batch of prompt token ids (one forward pass per new token, all together).
+    A vision-language model's prompts carry image tokens; `images` are theirs, in order (issue 17)."""
     import torch
 
     pad = pad_id_of(tokenizer, stop_ids)
@@ -94,6 +95,9 @@ def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, sto
     width = ids.shape[1]
     kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad, use_cache=True,
                   **sampling_args(sampling.temperature, sampling.top_p, sampling.top_k))
+    if vision is not None and images:
+        kwargs.update({k: v.to(ids.device) for k, v in vision.pixels(images).items()})
+        kwargs.update(vision.token_types(model, ids))
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     with torch.no_grad():

@@ -30,8 +30,7 @@ def load_with_adapters(base: str, adapters: list[str], dtype, device: str = "cpu
                        attn: str = "auto"):
     """Base model + adapters; returns (model, tokenizer, records). All adapters but the last are
     merged in; the last stays a PEFT adapter (it can be switched off) unless merge_all."""
-    from lmforge.shared.model.models import _config, attention_for, load_tokenizer_for, resize_to
-    from transformers import AutoModelForCausalLM
+    from lmforge.shared.model.models import _config, attention_for, load_tokenizer_for, model_class, resize_to
 
     dirs = [_adapter_dir(a) for a in adapters]
     records = [rundir.read_record(d) for d in dirs]
@@ -53,7 +52,7 @@ def load_with_adapters(base: str, adapters: list[str], dtype, device: str = "cpu
                 raise BadInput(f"adapter {d} was trained with tokenizer {want}, but base {base} gives {have}",
                                "merge it into the base model it was trained on")
     # a causal LM, PEFT-wrapped while an adapter is applied (PEFT forwards merge_and_unload dynamically)
-    model: Any = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, attn_implementation=kernel)
+    model: Any = model_class(base).from_pretrained(str(base), dtype=dtype, attn_implementation=kernel)
     resize_to(model, tokenizer)
     from peft import PeftModel
 
@@ -96,7 +95,12 @@ def merge(base: str, adapters: list[str], out: Path, dtype_name: str = "auto",
     model, tokenizer, records = load_with_adapters(base, adapters, dtype, merge_all=True)
     with rundir.staged(out) as tmp:
         model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(str(tmp))
+        from lmforge.shared.data.tokenizing import save_tokenizer
+
+        save_tokenizer(tokenizer, str(tmp))  # checked to load back alike
+        from lmforge.shared.model.models import copy_image_processor
+
+        copy_image_processor(base, tmp)   # issue 17: a merged vision-language model stays one
         stops = []
         for record in records:
             stops += [s for s in record.get("stop_words", []) if s not in stops]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lmforge.shared.core import log
 from lmforge.shared.core.errors import BadInput
@@ -140,8 +141,6 @@ def rope_scaling_for(config, cutoff: int | None, kind: str = "auto") -> dict | N
 def load_model(name: str | Path, device: Device, *, cutoff: int | None = None, rope: str = "auto",
                quant: int | None = None, tokenizer=None, for_training: bool = True):
     """A causal LM ready to train (or to run), on `device`, matching `tokenizer`'s vocabulary."""
-    from transformers import AutoModelForCausalLM
-
     config = _config(name)
     scaling = rope_scaling_for(config, cutoff, rope)
     device.attn = attention_for(config, device.attn, device.kind, device.dtype_name)
@@ -158,8 +157,9 @@ def load_model(name: str | Path, device: Device, *, cutoff: int | None = None, r
         kwargs["device_map"] = {"": 0} if device.kind == "cuda" else {"": "cpu"}
         kwargs.pop("dtype")
         quant = True
+    loader = model_class(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(name), **kwargs)
+        model = loader.from_pretrained(str(name), **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadInput(f"{name}: cannot load the model ({first})") from None
@@ -168,8 +168,32 @@ def load_model(name: str | Path, device: Device, *, cutoff: int | None = None, r
     if for_training:
         model.config.use_cache = False
     if device.kind != "cpu" and not quant:
-        model.to(device.kind)  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides the bound signature
+        model.to(device.kind)
     return model
+
+
+def model_class(name: str | Path) -> Any:
+    """AutoModelForCausalLM, or AutoModelForImageTextToText for a vision-language model (issue 17;
+    a family lmforge does not support is refused, naming those it does)."""
+    from lmforge.shared.data import multimodal
+
+    if multimodal.is_vision_model(str(name)):
+        multimodal.family_of(str(name))
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
+
+
+def copy_image_processor(base: str | Path, out: Path) -> None:
+    """A vision-language model's image processor travels with its trained or merged weights."""
+    import shutil
+
+    source = Path(base) / "preprocessor_config.json"
+    if source.is_file():
+        shutil.copyfile(source, out / "preprocessor_config.json")
 
 
 def resize_to(model, tokenizer) -> None:

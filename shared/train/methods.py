@@ -48,6 +48,8 @@ class MethodOptions:
     galore_target: str = _DEFAULTS["galore_target"]
     badam_mode: str = _DEFAULTS["badam_mode"]
     badam_switch_interval: int = _DEFAULTS["badam_switch_interval"]
+    train_projector: bool = _DEFAULTS["train_projector"]        # issue 17: vision-language models
+    train_vision_tower: bool = _DEFAULTS["train_vision_tower"]
     added_token_ids: list[int] = field(default_factory=list)
 
     @property
@@ -105,8 +107,13 @@ def decoder_layers(model):
     """The ModuleList of transformer blocks (model.model.layers for Llama-like models)."""
     import torch
 
+    from lmforge.shared.model import vision
+
     best = None
+    skip = vision.vision_modules(model)   # issue 17: a vision tower's blocks are not the decoder
     for name, module in model.named_modules():
+        if skip and any(name.startswith(v + ".") for v in skip):
+            continue
         if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks", "layer"):
             if best is None or len(module) > len(best[1]):
                 best = (name, module)
@@ -123,6 +130,10 @@ def _names(text: str) -> list[str]:
 def apply(model, o: MethodOptions):
     """Set up `model` for method `o.method`; returns the model to train (PEFT-wrapped for adapters)."""
     chosen = _apply(model, o)
+    from lmforge.shared.model import vision
+
+    if vision.is_vlm(model) and not o.is_adapter:   # issue 17: vision tower / projector frozen by default
+        vision.set_trainable(chosen, o.train_projector, o.train_vision_tower)
     if archrules.wants_router_loss(chosen):  # a trainable MoE router: add the load-balancing loss
         base = chosen.get_base_model() if hasattr(chosen, "get_base_model") else chosen
         base.config.output_router_logits = True
@@ -148,6 +159,8 @@ def _apply(model, o: MethodOptions):
 def _lora(model, o: MethodOptions):
     from peft import LoraConfig, get_peft_model
 
+    from lmforge.shared.model import vision
+
     quantized = _quantized_linears(model)
     if o.lora_target == "all":
         target: str | list[str] = quantized or "all-linear"
@@ -158,13 +171,19 @@ def _lora(model, o: MethodOptions):
         if unknown:
             linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
             raise BadInput(f"--lora-target: {', '.join(unknown)} not in the model", f"its linear layers: {', '.join(linear)}")
+    vlm = vision.is_vlm(model)
+    if vlm:   # issue 17: adapters on the language model only (its linear layers, by full name)
+        names = set(target) if isinstance(target, list) else None   # given names, or a quantized model's
+        target = [n for n in vision.language_linears(model, linear_layers(model))
+                  if names is None or n.split(".")[-1] in names]
     # PEFT's annotations are narrower than what it accepts: lora_alpha is declared int (a float
     # works: the scale is alpha / rank), and its Literal cannot spell "pissa_niter_<n>"
     config = LoraConfig(
         task_type="CAUSAL_LM", r=o.lora_rank, lora_alpha=o.lora_alpha or 2 * o.lora_rank,  # type: ignore[arg-type]
         lora_dropout=o.lora_dropout, target_modules=target, use_dora=o.method == "dora",
         use_rslora=o.rslora, init_lora_weights="pissa_niter_16" if o.method == "pissa" else True,  # type: ignore[arg-type]
-        trainable_token_indices=o.added_token_ids or None)
+        trainable_token_indices=o.added_token_ids or None,
+        modules_to_save=vision.modules_to_save(model, o.train_projector, o.train_vision_tower) or None if vlm else None)
     linears = linear_layers(model)
     try:
         wrapped = get_peft_model(model, config)

@@ -22,10 +22,11 @@ DPO family (`--loss`):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+from lmforge.shared.core.errors import BadInput
 from lmforge.shared.data.collate import PairCollator
 from lmforge.shared.model.value import HEAD_FILE, ValueModel, save_value_model
 
@@ -148,6 +149,11 @@ def _dpo_trainer_class():
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset  # prompt_ids / chosen_ids / rejected_ids, truncated at pack time
 
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if self._signature_columns is not None and "prompt_images" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "prompt_images"]   # issue 17
+
         def _compute_loss(self, model, inputs, return_outputs):
             result = super()._compute_loss(model, inputs, return_outputs)
             if self._ftx:  # log the SFT term: mean negative log-likelihood per chosen token
@@ -223,6 +229,9 @@ def build_dpo_trainer(o, model, tokenizer, args, data, eval_data):
     """The trainer for `train dpo --loss ...` (settings in o.extra)."""
     loss = o.extra["loss"]
     beta, ftx = o.extra["beta"], o.extra["ftx"]
+    if data.meta.get("vision") and loss not in DPO_LOSSES:   # issue 17
+        raise BadInput(f"--loss {loss} on vision-language data is not supported yet",
+                       f"use one of {', '.join(DPO_LOSSES)}")
     kwargs = {k: v for k, v in args.to_dict().items() if k in _init_fields(type(args))}
     if loss in DPO_LOSSES:
         from trl import DPOConfig
@@ -254,9 +263,37 @@ def build_dpo_trainer(o, model, tokenizer, args, data, eval_data):
                                             data_collator=counter, loss=loss, beta=beta,
                                             gamma=o.extra.get("simpo_gamma", 0.5), ftx=ftx)
         return trainer, counter
-    counter = TokenCounter(trainer.data_collator)
+    pairs: Any = trainer.data_collator
+    if data.meta.get("vision"):   # issue 17: the prompts' images, processed per batch
+        pairs = VisionPairs(pairs, o.model, model, tokenizer, data)
+    counter = TokenCounter(pairs)
     trainer.data_collator = counter
     return trainer, counter
+
+
+class VisionPairs:
+    """TRL's preference batch ([chosen rows; rejected rows]) + each prompt's images, twice in that
+    order, processed by the model's image processor (issue 17)."""
+
+    def __init__(self, collate, model_dir: str, model, tokenizer, data):
+        from lmforge.shared.data import multimodal
+
+        family = multimodal.family_of(model_dir)
+        if family != data.meta["vision"].get("family"):
+            raise BadInput(f"{data.path}: packed for a {data.meta['vision'].get('family')} model, not {family}",
+                           "pack the data with this model")
+        self.collate, self.model = collate, model
+        self.vision = multimodal.Vision(model_dir, tokenizer, int(data.meta["vision"]["max_pixels"]),
+                                        int(data.meta["vision"]["min_pixels"]))
+
+    def __call__(self, rows):
+        images = [b for r in rows for b in r.get("prompt_images") or []]
+        batch = self.collate([{k: v for k, v in r.items() if k != "prompt_images"} for r in rows])
+        if images:
+            batch.update(self.vision.pixels(images + images))
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        batch.update(self.vision.token_types(base, batch["input_ids"]))
+        return batch
 
 
 def _init_fields(cls) -> set[str]:
