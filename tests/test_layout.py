@@ -27,6 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "model": {"core", "data"},
     "train": {"core", "data", "model"},
     "infer": {"core", "data", "model"},
+    "board": {"core", "data", "model", "infer"},   # issue 18: the web board runs the commands, never train
 }
 
 

@@ -27,7 +27,7 @@ from lmforge.shared.core.errors import (
     Terminated,
 )
 
-from . import adapter, completion, data, evaluation, model, serve, train
+from . import adapter, board, completion, data, evaluation, model, serve, train
 from ._cli import command, declared, group
 
 app = group("Fine-tune large language models with small composable tools.\n\n"
@@ -40,6 +40,7 @@ app.add_typer(evaluation.app, name="eval")
 command(app, "serve")(serve.serve)
 command(app, "chat")(serve.chat)
 command(app, "completion")(completion.completion)
+command(app, "board")(board.board)  # issue 18
 
 
 def _version(value: bool) -> None:
@@ -55,6 +56,14 @@ def root(version, debug, quiet) -> None:
     log.set_debug(debug)
     if quiet:
         log.set_quiet(True)
+
+
+def usage_line(exc) -> str:
+    """A usage error (click's, vendored by typer) as the one line `lmforge` prints (also the board's)."""
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    # typer validates through pydantic, whose messages carry a "Value error, " prefix
+    return exc.format_message().replace("Value error, ", "") + where
 
 
 def _error(text: str) -> None:
@@ -131,10 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             print(exc.format_message(), file=sys.stderr)
             code = EXIT_BAD_INPUT
         else:
-            ctx = getattr(exc, "ctx", None)
-            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-            # typer validates through pydantic, whose messages carry a "Value error, " prefix
-            _error(exc.format_message().replace("Value error, ", "") + where)
+            _error(usage_line(exc))
             code = getattr(exc, "exit_code", EXIT_BAD_INPUT)
     except typer.Abort:
         _error("aborted")

@@ -236,6 +236,18 @@ REPORT = Opt("report", choices=("none", "tensorboard", "wandb", "mlflow", "track
                   "trackio, swanlab; the run config holds the lmforge.json parameters.")
 LOGGING_STEPS = Opt("logging_steps", type="int", default=10, help="Log every N steps to trainer_log.jsonl.", panel=R)
 
+# ----------------------------------------------------------------------------- train: speed and memory (issue 21)
+
+KERNELS = ("none", "liger", "unsloth")
+TRAIN_EFFICIENCY = (   # in TRAIN_COMMON's "how it trains" part (shared/train/shiftattn.py, kernels.py)
+    Opt("shift_attn", type="bool", default=False, panel=O,
+        help="S² attention (LongLoRA) while training: attention within groups of a quarter of the row, half the "
+             "heads shifted by half a group; full attention in eval and generation. llama, qwen2, qwen3, mistral."),
+    Opt("kernels", choices=KERNELS, default="none", panel=O,
+        help="Fused GPU kernels (CUDA only): liger (Liger-Kernel: RMSNorm, RoPE, SwiGLU, fused linear "
+             "cross-entropy) or unsloth (Unsloth's LoRA path)."),
+)
+
 TRAIN_COMMON = (
     TRAIN_MODEL,
     Opt("data", default=REQUIRED, flags=("--data", "-d"), panel=P,
@@ -502,6 +514,20 @@ CHAT = (
     ATTENTION,
 )
 
+# ----------------------------------------------------------------------------- board (issue 18)
+
+BOARD = (
+    Opt("host", default="127.0.0.1",
+        help="Address to listen on (127.0.0.1: this machine only; any other address needs --token)."),
+    Opt("port", type="int", default=7860, help="Port to listen on.", min=1, max=65535),
+    Opt("workspace", type="path", default=Path("."),
+        help="Directory the board works in: data, models and runs/ live there; every path the page names "
+             "must stay inside it."),
+    Opt("token", default=None, envvar="LMFORGE_BOARD_TOKEN",
+        help="Require this token on every request (open http://HOST:PORT/?token=TOKEN once; also "
+             "LMFORGE_BOARD_TOKEN)."),
+)
+
 COMMANDS: dict[str, tuple[Opt, ...]] = {
     "data align": DATA_ALIGN,
     "data merge": DATA_MERGE,
@@ -528,6 +554,7 @@ COMMANDS: dict[str, tuple[Opt, ...]] = {
     "eval rm": EVAL_RM,
     "serve": SERVE,
     "chat": CHAT,
+    "board": BOARD,  # issue 18
     "completion": (Opt("shell", choices=("bash", "zsh", "fish"), default=REQUIRED, argument=True, help="The shell."),),
 }
 

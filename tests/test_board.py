@@ -1,0 +1,383 @@
+"""`lmforge board` (issue 18): the API the page uses, on a real workspace (stories260K + the demo
+data), the run lifecycle on disk (reattach after a restart, stop, resume), and a walk through the
+page in a real browser (Playwright driving Debian's Chromium; skipped with a reason without them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import LMFORGE, ROOT, bad, shared_path
+
+BOARD = ROOT / "shared" / "board"
+ARTIFACTS = ROOT / "tests" / "artifacts" / "board"
+TRAIN = {"max_steps": "3", "logging_steps": "1", "batch_size": "2", "grad_accum": "1"}
+
+
+def _config(**train) -> dict:
+    return {"stage": "sft", "model": "models/stories260K", "data": {"files": ["demo/tasks.jsonl"]},
+            "options": {"data pack": {"template": "default", "cutoff": "64"}, "train sft": {**TRAIN, **train}}}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A board workspace: stories260K, the demo data, a LLaMA-Factory dataset_info.json."""
+    import demo
+
+    ws = tmp_path_factory.mktemp("board-ws")
+    shutil.copytree(shared_path("models/stories260K"), ws / "models" / "stories260K")
+    demo.write(ws / "demo", rows=120)
+    lf = shared_path("data/llamafactory")
+    (ws / "lf").mkdir()
+    for name in ("dataset_info.json", "identity.json"):
+        shutil.copy(lf / name, ws / "lf" / name)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def packed(workspace) -> str:
+    """Demo rows aligned and packed for stories260K, inside the workspace (in this process: fast)."""
+    from conftest import ok
+
+    (workspace / "data").mkdir()
+    ok(["data", "align", workspace / "demo" / "tasks.jsonl", "--max-samples", "40", "-o",
+        workspace / "data" / "aligned.arrow"])
+    ok(["data", "pack", workspace / "data" / "aligned.arrow", "-m", workspace / "models" / "stories260K", "-t",
+        "default", "--cutoff", "64", "-o", workspace / "data" / "packed.arrow"])
+    return "data/packed.arrow"
+
+
+@pytest.fixture(scope="module")
+def client(workspace):
+    from fastapi.testclient import TestClient
+    from lmforge.shared.board.server import Board, create_app
+    from lmforge.tools.board import usage_error
+
+    board = Board(workspace, check=usage_error)
+    with TestClient(create_app(board), base_url="http://127.0.0.1:7860") as c:
+        c.board = board
+        yield c
+
+
+def _wait(client, run: str, until, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        detail = client.get(f"/api/runs/{run}").json()
+        if until(detail):
+            return detail
+        assert time.monotonic() < deadline, f"run {run} did not get there: {json.dumps(detail)[-3000:]}"
+        time.sleep(0.3)
+
+
+# ----------------------------------------------------------------------------- configure
+
+
+def test_a_newly_declared_option_reaches_the_forms_and_the_command_line(client, monkeypatch):
+    from lmforge.shared.core import catalog
+    from lmforge.shared.core.options import Opt
+
+    new = Opt("brand_new", type="int", default=3, help="Declared after the board was written.", panel="Method")
+    monkeypatch.setitem(catalog.COMMANDS, "train sft", (*catalog.COMMANDS["train sft"], new))
+    opts = {o["name"]: o for o in client.get("/api/catalog").json()["commands"]["train sft"]}
+    assert opts["brand_new"] == {**opts["brand_new"], "flag": "--brand-new", "type": "int", "default": 3,
+                                 "panel": "Method", "help": "Declared after the board was written."}
+    assert opts["lora_rank"]["default"] == 8 and opts["method"]["choices"][:3] == ["full", "freeze", "lora"]
+    # the running lmforge built its commands before this declaration: leave out its usage check
+    monkeypatch.setattr(client.board, "check", None)
+    plan = client.post("/api/pipeline", json=_config(brand_new="7"))
+    assert plan.status_code == 200, plan.text
+    assert "--brand-new=7" in plan.json()["steps"][2]["argv"]
+
+
+def test_the_pipeline_is_the_commands_a_user_would_type(client, packed):
+    plan = client.post("/api/pipeline", json={**_config(), "run": "mine"}).json()
+    align, pack, train = (s["argv"] for s in plan["steps"])
+    assert align == ["lmforge", "data", "align", "--output=runs/mine/aligned.arrow", "demo/tasks.jsonl"]
+    assert pack[:3] == ["lmforge", "data", "pack"] and "--template=default" in pack and "--stage=sft" in pack
+    assert train[:3] == ["lmforge", "train", "sft"] and "--max-steps=3" in train
+    assert "--lora-rank=8" not in train   # defaults are the command's own: not repeated
+    assert plan["shell"].count(" && \\\n  ") == 2 and plan["shell"].startswith("lmforge data align")
+    make = plan["makefile"]
+    assert "all: runs/mine/model/lmforge.json" in make
+    assert "runs/mine/packed.arrow: runs/mine/aligned.arrow\n\tlmforge data pack" in make
+    # aligned data skips `data align`
+    assert [s["name"] for s in client.post("/api/pipeline", json={**_config(), "data": {"files": [
+        "data/aligned.arrow"]}}).json()["steps"]] == ["data pack", "train sft"]
+    # LLaMA-Factory entries
+    entries = [e["name"] for e in client.get("/api/dataset_info?path=lf/dataset_info.json").json()["entries"]]
+    assert "identity" in entries and "alpaca_en_demo" in entries
+    config = {**_config(), "data": {"dataset_info": "lf/dataset_info.json", "names": ["identity"]}}
+    align = client.post("/api/pipeline", json=config).json()["steps"][0]["argv"]
+    assert "--dataset-info=lf/dataset_info.json" in align and "--name=identity" in align
+
+
+def test_a_bad_form_value_gets_the_commands_own_line(client, workspace):
+    config = _config()
+    config["options"]["data pack"]["cutoff"] = "many"
+    answer = client.post("/api/pipeline", json=config)
+    assert answer.status_code == 400
+    line = bad(["data", "pack", "--model=models/stories260K", "--cutoff=many", "x.arrow"])
+    assert "error: " + answer.json()["error"] == line
+    config = _config(method="nope")
+    assert client.post("/api/runs", json=config).json()["error"].startswith("Invalid value for '--method'")
+    assert not (workspace / "runs").exists() or not any((workspace / "runs").iterdir())
+
+
+def test_paths_stay_inside_the_workspace(client, workspace, tmp_path):
+    outside = tmp_path / "secret.jsonl"
+    outside.write_text('{"instruction": "a", "output": "b"}\n')
+    (workspace / "link.jsonl").symlink_to(outside)
+    (workspace / "linkdir").symlink_to(tmp_path)
+    try:
+        cases = [
+            client.get("/api/dataset_info?path=../dataset_info.json"),
+            client.get(f"/api/dataset_info?path={outside}"),
+            client.post("/api/pipeline", json={**_config(), "data": {"files": ["link.jsonl"]}}),
+            client.post("/api/pipeline", json={**_config(), "data": {"files": ["linkdir/secret.jsonl"]}}),
+            client.post("/api/pipeline", json={**_config(), "data": {"files": ["demo/../../x.jsonl"]}}),
+            client.post("/api/pipeline", json={**_config(), "model": "/work"}),
+            client.post("/api/pipeline", json={**_config(eval_data="../../etc/passwd")}),
+            client.post("/api/preview", json={**_config(), "model": "../models/stories260K"}),
+            client.get("/api/runs/..%2F..%2Fetc"),
+        ]
+        for answer in cases:
+            assert answer.status_code in (400, 404), answer.text
+        for answer in cases[:-1]:
+            assert "outside the board's workspace" in answer.json()["error"], answer.text
+        assert "link.jsonl" not in client.get("/api/files").json()["files"]
+    finally:
+        (workspace / "link.jsonl").unlink()
+        (workspace / "linkdir").unlink()
+
+
+def test_a_token_guards_every_request_and_other_hosts_need_one(workspace):
+    from fastapi.testclient import TestClient
+    from lmforge.shared.board.server import Board, create_app
+
+    guarded = TestClient(create_app(Board(workspace, token="s3cret", host="0.0.0.0")), base_url="http://10.1.2.3:7860")
+    assert guarded.get("/").status_code == 401
+    assert guarded.get("/api/catalog").status_code == 401
+    assert guarded.get("/api/catalog", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert guarded.get("/api/catalog", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    first = guarded.get("/?token=s3cret")
+    assert first.status_code == 200 and "lmforge_board_token" in first.headers["set-cookie"]
+    assert guarded.get("/api/runs").status_code == 200   # the cookie carries it from then on
+    local = TestClient(create_app(Board(workspace)), base_url="http://evil.example:7860")
+    assert local.get("/api/catalog").status_code == 403   # DNS rebinding: only local host names
+    line = bad(["board", "--host", "0.0.0.0", "--workspace", workspace])
+    assert "--token" in line
+
+
+def test_every_page_string_is_in_every_locale():
+    locales = {lang: json.loads((BOARD / "locales" / f"{lang}.json").read_text(encoding="utf-8"))
+               for lang in ("en", "zh", "ru")}
+    assert set(locales["en"]) == set(locales["zh"]) == set(locales["ru"])
+    assert all(v.strip() for strings in locales.values() for v in strings.values())
+    html = (BOARD / "static" / "index.html").read_text(encoding="utf-8")
+    js = (BOARD / "static" / "board.js").read_text(encoding="utf-8")
+    used = set(re.findall(r'data-i18n(?:-placeholder)?="([^"]+)"', html + js))
+    used |= set(re.findall(r'\bt\("([^"]+)"\)', js))
+    assert len(used) > 50 and used <= set(locales["en"]), sorted(used - set(locales["en"]))
+    # keys are literals (or the data-i18n attributes checked above): none escapes this check
+    assert not re.search(r"\bt\((?!\"|node\.dataset\.i18n)", js.replace("function t(key)", "")), "a computed key"
+    assert not re.search(r"(src|href)=\"https?:", html), "nothing is fetched from elsewhere"
+
+
+# ----------------------------------------------------------------------------- preview, run, monitor
+
+
+def test_preview_marks_the_trained_tokens_and_shows_data_stats(client):
+    answer = client.post("/api/preview", json=_config())
+    assert answer.status_code == 200, answer.text
+    data = answer.json()
+    assert len(data["rows"]) == 3 and data["rows"][0]["response"][0]["role"] == "assistant"
+    first = data["tokens"][0]
+    trained = "".join(p["text"] for p in first if p["trained"])
+    prompt = "".join(p["text"] for p in first if not p["trained"])
+    assert data["rows"][0]["response"][0]["content"] in trained and "Assistant:" in prompt
+    assert data["rows"][0]["prompt"][0]["content"].split("\n")[0] in prompt
+    assert data["stats"]["rows"] == 8 and 0 < data["stats"]["loss_fraction"] < 1
+
+
+@pytest.mark.slow
+def test_a_run_reattaches_after_a_restart_stops_and_resumes(client, workspace, packed):
+    from lmforge.shared.board.server import Board, create_app
+    from fastapi.testclient import TestClient
+
+    # packed data skips `data align` and `data pack`: one step, `train sft`
+    # enough steps that the stop lands mid-run on a fast machine too
+    config = {**_config(max_steps="12", save_steps="2", logging_steps="2", batch_size="1"), "run": "long",
+              "data": {"files": [packed]}}
+    assert client.post("/api/runs", json=config).json()["id"] == "long"
+    # a new board on the same workspace (a restart) finds the run from its directory
+    with TestClient(create_app(Board(workspace)), base_url="http://127.0.0.1:7860") as again:
+        detail = _wait(again, "long", lambda d: (workspace / "runs/long/model/checkpoints/checkpoint-2").is_dir()
+                       or d["status"] != "running")
+        assert detail["status"] == "running", detail["log"]
+        assert again.post("/api/runs/long/stop").status_code == 200
+        stopped = _wait(again, "long", lambda d: d["status"] != "running")
+    assert stopped["status"] == "stopped", stopped["log"]
+    [train] = stopped["steps"]
+    assert train["status"] == "stopped" and train["rc"] == 143 and train["error"] == "stopped by SIGTERM"
+    assert train["argv"][:4] == ["lmforge", "train", "sft", "--model=models/stories260K"]
+    assert client.post("/api/runs/long/resume").status_code == 200
+    done = _wait(client, "long", lambda d: d["status"] not in ("running", "starting"))
+    assert done["status"] == "done", done["log"][-3000:]
+    assert done["steps"][0]["argv"][-1] == "--resume" and done["log"].count("$ lmforge train sft") == 2
+    assert done["metrics"]["steps"] == 12 and [e["step"] for e in done["curve"]] == [1, *range(2, 13, 2)]
+    assert done["progress"] == {"done": 12, "total": 12, "seconds_left": 0.0}
+    listed = {r["id"]: r for r in client.get("/api/runs").json()["runs"]}
+    assert listed["long"]["method"] == "lora" and listed["long"]["metrics"]["train_loss"] > 0
+    # evaluate the finished run with the command (a subprocess) and read its table back
+    answer = client.post("/api/runs/long/eval", json={"kind": "perplexity", "options": {"batch_size": "8"}})
+    assert answer.status_code == 200, answer.text
+    assert "--adapter=runs/long/model" in answer.json()["shell"]
+    evals = _wait(client, "long", lambda d: d["evals"] and d["evals"][0]["status"] not in ("running", "starting"))
+    assert evals["evals"][0]["status"] == "done", evals["evals"]
+    assert evals["evals"][0]["result"]["perplexity"] > 1
+    assert "--data=data/packed.arrow" in evals["evals"][0]["command"]   # the run's own data
+
+
+# ----------------------------------------------------------------------------- the browser walk
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_board(workspace: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """`lmforge board` as a user starts it; returns the process and its address once it answers."""
+    import urllib.request
+
+    port = free_port()
+    env = {**os.environ, "LMFORGE_LOG_INTERVAL": "1000"}
+    proc = subprocess.Popen([*LMFORGE, "board", "--workspace", str(workspace), "--port", str(port), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url + "api/catalog", timeout=1).read()
+            return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                raise AssertionError(proc.stderr.read().decode()) from None
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the board did not answer within 60 s")
+
+
+def browser():
+    """Playwright's Chromium launcher on the system browser, or skip saying what is missing."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright; no browser download needed)")
+    return sync_playwright
+
+
+def fill(page, command: str, option: str, value: str) -> None:
+    """Type into an option's field, opening its panel (a <details>) as a user would."""
+    field = page.locator(f'[data-command="{command}"][data-opt="{option}"]')
+    panel = field.locator("xpath=ancestor::details[1]")
+    if panel.get_attribute("open") is None:
+        panel.locator("summary").click()
+    field.fill(value)
+
+
+@pytest.mark.slow
+def test_a_user_walks_the_board_in_a_real_browser(workspace):
+    sync_playwright = browser()
+    from playwright.sync_api import expect
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    proc, url = start_board(workspace)
+    try:
+        with sync_playwright() as p:
+            chrome = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = chrome.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(90_000)
+            # open the board: forms built from the catalog, in three languages
+            page.goto(url)
+            page.wait_for_selector("body[data-ready]")
+            assert page.input_value("#model") == "models/stories260K"
+            page.select_option("#lang", "ru")
+            expect(page.locator("#start-btn")).to_have_text("Запустить")
+            page.select_option("#lang", "zh")
+            expect(page.locator("#start-btn")).to_have_text("开始训练")
+            page.select_option("#lang", "en")
+            expect(page.locator("#start-btn")).to_have_text("Start run")
+            assert page.locator('[data-command="train sft"][data-opt="lora_rank"]').input_value() == "8"
+            page.check('#data-files input[value="demo/tasks.jsonl"]')
+            fill(page, "data pack", "template", "default")
+            fill(page, "data pack", "cutoff", "64")
+            # a bad value: the command's own one line, in the page
+            fill(page, "train sft", "max_steps", "soon")
+            page.click("#plan-btn")
+            page.wait_for_selector("#error:not([hidden])")
+            assert "Invalid value for '--max-steps'" in page.inner_text("#error")
+            page.screenshot(path=str(ARTIFACTS / "1-configure-error.png"), full_page=True)
+            for name, value in {**TRAIN, "max_steps": "6"}.items():
+                fill(page, "train sft", name, value)
+            # preview: trained tokens highlighted, data stats
+            page.click("#preview-btn")
+            page.wait_for_selector("#preview-tokens .tok.trained")
+            assert page.locator("#preview-stats").inner_text().count("loss_fraction") == 1
+            page.locator("#preview").screenshot(path=str(ARTIFACTS / "2-preview.png"))
+            # the pipeline, then the run
+            page.click("#plan-btn")
+            page.wait_for_selector("#plan:not([hidden])")
+            assert "lmforge train sft --model=models/stories260K" in page.inner_text("#shell")
+            with page.expect_download() as download:
+                page.click("#makefile-btn")
+            assert "lmforge data pack" in Path(download.value.path()).read_text()
+            page.click("#start-btn")
+            page.wait_for_selector("#run-detail:not([hidden])")
+            # the loss curve is drawn from trainer_log.jsonl while the run goes on
+            page.wait_for_function("document.querySelectorAll('#chart-loss circle').length >= 2")
+            page.screenshot(path=str(ARTIFACTS / "3-running.png"), full_page=True)
+            page.wait_for_selector("#run-status.status-done")
+            assert page.locator("#chart-loss circle").count() == 6
+            assert page.inner_text("#progress-text") == "6 / 6"
+            run = page.inner_text("#run-id")
+            # a second run to compare with: this one's directory under another name
+            twin = workspace / "runs" / f"{run}-twin"
+            shutil.copytree(workspace / "runs" / run, twin)
+            state = json.loads((twin / "board.json").read_text())
+            (twin / "board.json").write_text(json.dumps({**state, "id": twin.name}))
+            # a browser reload: the runs are listed from their directories; open the finished one
+            page.reload()
+            page.wait_for_selector("body[data-ready]")
+            page.click('.tab[data-tab="runs"]')
+            page.click(f'#runs-table tbody tr[data-run="{run}"]')
+            page.wait_for_selector("#finished-tools:not([hidden])")
+            assert '"train_loss"' in page.inner_text("#record")
+            page.screenshot(path=str(ARTIFACTS / "board.png"))   # the README's picture (docs/board.png)
+            page.select_option("#compare", twin.name)
+            page.wait_for_function("document.querySelectorAll('#chart-loss path.series').length == 2")
+            page.screenshot(path=str(ARTIFACTS / "4-finished.png"), full_page=True)
+            # chat with it, streamed through serve's code
+            page.fill("#chat-input", "Once upon a time")
+            page.click("#chat-send")
+            page.wait_for_selector("#chat-log .assistant.complete")
+            assert page.inner_text("#chat-log .assistant").strip()
+            page.screenshot(path=str(ARTIFACTS / "5-chat.png"), full_page=True)
+            chrome.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

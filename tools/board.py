@@ -1,0 +1,51 @@
+"""`lmforge board`: a local web interface that composes, shows and runs the commands (issue 18)."""
+
+from __future__ import annotations
+
+from ._cli import declared
+
+
+def usage_error(argv: list[str]) -> str | None:
+    """A command line through the command's own option parsing (Typer/click, as `lmforge` parses
+    it, nothing run): None when it parses, else the one line `lmforge` would print for it."""
+    import typer
+
+    from .main import app, usage_line
+
+    command = typer.main.get_command(app)
+    try:
+        ctx = command.make_context("lmforge", list(argv), resilient_parsing=False)
+        while hasattr(command, "resolve_command"):   # a group: descend into the named command
+            rest = [*getattr(ctx, "_protected_args", []), *ctx.args]
+            name, sub, rest = command.resolve_command(ctx, rest)
+            if sub is None:
+                return f"no command {name!r}"
+            ctx = sub.make_context(name or "", rest, parent=ctx)
+            command = sub
+    except typer.TyperException as exc:   # click's usage errors, vendored by typer
+        return " ".join(usage_line(exc).split())   # as main() prints it
+    except Exception as exc:  # noqa: BLE001 - an option callback refusing a value
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
+
+
+@declared("board")
+def board(host, port, workspace, token) -> None:
+    """Fine-tune from a web page: configure, preview data, run, monitor, evaluate and chat."""
+    from lmforge.shared.core import log
+    from lmforge.shared.core.errors import BadInput
+    from lmforge.shared.infer.app import check_port
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not token:
+        raise BadInput(f"--host {host} listens beyond this machine", "give --token TOKEN (or LMFORGE_BOARD_TOKEN)")
+    if not workspace.is_dir():
+        raise BadInput(f"--workspace {workspace}: not a directory", "create it, or name another")
+    check_port(host, port)
+    import uvicorn
+    from lmforge.shared.board.server import Board, create_app
+
+    state = Board(workspace, token=token, check=usage_error, host=host)
+    shown = f"[{host}]" if ":" in host else host
+    log.info(f"board: http://{shown}:{port}/" + ("?token=..." if token else "") + f" (workspace {state.ws.root})")
+    uvicorn.run(create_app(state), host=host, port=port, log_level="warning" if not log.debug() else "info",
+                access_log=log.debug())
