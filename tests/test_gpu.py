@@ -358,3 +358,42 @@ def test_grpo_generates_on_gpu(task, prompts, tmp_path, engine):
     record = json.loads((out / "lmforge.json").read_text())
     assert record["metrics"]["steps"] == 2 and record["device"]["kind"] == "cuda"
     assert record["metrics"]["peak_gpu_memory_mib"] > 0
+
+
+# ----------------------------------------------------------------------------- issue 21: --kernels, --shift-attn
+
+@pytest.mark.gpu
+@needs_cuda
+def test_liger_kernels_train_on_gpu(task, tmp_path):
+    """Liger's kernels patched into the model (its RMSNorm modules, fused linear cross-entropy in
+    place of the chunked loss): the loss falls, the adapter loads."""
+    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (pip install liger-kernel)")
+    from lmforge.shared.model.models import choose_device, load_model
+    from lmforge.shared.train import kernels
+
+    model = load_model(str(task["base"]), choose_device())
+    kernels.apply_liger(model)
+    assert any("Liger" in type(m).__name__ for m in model.modules())
+    out = tmp_path / "liger"
+    record = _train(task, out, "--method", "lora", "--kernels", "liger", "--max-steps", "20", "--lr", "1e-2")
+    losses = _losses(out)
+    assert losses[-1] < losses[0], losses
+    assert record["hyperparameters"]["kernels"] == "liger" and (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_unsloth_lora_trains_on_gpu(task, tmp_path):
+    pytest.importorskip("unsloth", reason="unsloth is not installed (pip install unsloth)")
+    out = tmp_path / "unsloth"
+    record = _train(task, out, "--method", "lora", "--kernels", "unsloth", "--max-steps", "20", "--lr", "1e-2")
+    losses = _losses(out)
+    assert losses[-1] < losses[0], losses
+    assert record["hyperparameters"]["kernels"] == "unsloth" and (out / "adapter_config.json").exists()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_shift_attn_trains_on_gpu(task, tmp_path):
+    record = _train(task, tmp_path / "s2", "--method", "lora", "--shift-attn", "--max-steps", "6")
+    assert record["hyperparameters"]["shift_attn"] is True and record["device"]["attention"] == "sdpa"

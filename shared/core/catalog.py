@@ -313,6 +313,7 @@ TRAIN_COMMON = (
         help="Attention kernel (auto: flash-attention on CUDA when installed, else sdpa)."),
     Opt("rope_scaling", choices=("auto", "linear", "dynamic", "yarn", "none"), default="auto", panel=O,
         help="RoPE scaling when the data's cutoff exceeds the model's context."),
+    *TRAIN_EFFICIENCY,  # issue 21
     SEED.but(panel=O),
     # the run
     SAVE_STEPS,
@@ -400,7 +401,7 @@ TRAIN_GRPO = (
       if o.name == "data" else o
       for o in TRAIN_COMMON if o.name not in ("eval_data", "eval_steps", "neftune_alpha", "loraplus_ratio",
                                               "batch_size", "grad_accum", "epochs", "max_steps", "save_steps",
-                                              "logging_steps")],
+                                              "logging_steps", "shift_attn", "kernels")],  # issue 21: not grpo
     REWARD.but(many=True, panel=GR, flags=("--reward", "-r"),
                help="A reward (repeat for several): exact, numeric, format, regex:PATTERN, length:N, "
                     "cmd:COMMAND (JSON lines in, one number per line out), module:function or file.py:function, "

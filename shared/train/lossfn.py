@@ -24,13 +24,18 @@ import torch
 
 IGNORE = -100
 _CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB of fp32)
+# ...but at least this many tokens per chunk: each chunk reads the whole output matrix twice (logits,
+# grad of h) and, when it trains, writes its gradient; with few rows that traffic, not arithmetic,
+# sets the pace (150k vocabulary: 55-row chunks ran 2x slower than the plain loss on a CPU;
+# 256 rows, 148 MiB of logits, is within 1.3x of it: tests/bench/RESULTS.md, bench:loss)
+_CHUNK_MIN_ROWS = 256
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets):
         n = hidden.shape[0]
-        rows = max(1, _CHUNK_ELEMENTS // weight.shape[0])
+        rows = max(_CHUNK_MIN_ROWS, _CHUNK_ELEMENTS // weight.shape[0])
         w = weight.float()
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]

@@ -53,6 +53,8 @@ class TrainOptions:
     precision: str = _DEFAULTS["precision"]
     attn: str = _DEFAULTS["attn"]
     rope_scaling: str = _DEFAULTS["rope_scaling"]
+    shift_attn: bool = _DEFAULTS["shift_attn"]   # issue 21: S² attention while training (shiftattn.py)
+    kernels: str = _DEFAULTS["kernels"]          # issue 21: liger | unsloth | none (kernels.py)
     seed: int = _DEFAULTS["seed"]
     save_steps: int = _DEFAULTS["save_steps"]
     keep_checkpoints: bool = _DEFAULTS["keep_checkpoints"]
@@ -126,6 +128,19 @@ def validate(o: TrainOptions) -> None:
     check_report(o.report)   # known trackers, their packages installed
     if o.deepspeed and o.fsdp:
         raise BadInput("--deepspeed and --fsdp exclude each other")
+    if o.shift_attn:   # issue 21
+        from lmforge.shared.train.shiftattn import check_attention
+
+        check_attention(o.attn)
+        reference = o.stage == "dpo" and o.extra.get("loss") in ("sigmoid", "ipo", "hinge", "kto")
+        if reference and (not o.method.is_adapter or o.extra.get("precompute_ref")):
+            # TRL loads its own frozen reference (or precomputes), with full attention: the policy's
+            # S² log-probs would be compared with full-attention ones from the first step on
+            raise BadInput(f"--shift-attn with --loss {o.extra.get('loss')} needs the reference to be the policy's own "
+                           "layers (adapter methods, no --precompute-ref)",
+                           "use --method lora, or a reference-free loss (--loss orpo or simpo)")
+    if o.kernels not in catalog.KERNELS:
+        raise BadInput(f"--kernels {o.kernels}: use {', '.join(catalog.KERNELS)}")
     if o.quant is not None and not o.method.is_adapter:
         raise BadInput(f"--quant {o.quant} (quantized weights) trains adapters only, not --method {o.method.method}",
                        "use --method lora, dora or pissa")
@@ -339,6 +354,33 @@ def run(o: TrainOptions, build_trainer=None) -> Path:
     return out
 
 
+MMAP_THRESHOLD = 128 << 10
+
+
+def lean_heap() -> bool:
+    """Serve every allocation of 128 KiB or more (activation buffers) with its own mmap, returned to
+    the system when freed (glibc's mallopt M_MMAP_THRESHOLD). Returns whether it was set.
+
+    Why (issue 21, tests/bench/RESULTS.md "train-memory"): glibc raises its mmap threshold each time a
+    large block is freed, up to 32 MiB, after which a training step's 1-32 MiB activation buffers
+    come from the heap, where freed ones stay resident and fragment. A LoRA step on SmolLM2-135M
+    (2 x 512 tokens) held ~2.4 GB of RSS for ~1.4 GB of live memory; with the fixed threshold its
+    peak is ~1.4 GB. The price is page faults on fresh buffers (a few % of step time, measured).
+    Linux/glibc only; a MALLOC_MMAP_THRESHOLD_ set by the user wins."""
+    import ctypes
+    import ctypes.util
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version   # glibc, not musl or macOS
+    except (OSError, AttributeError):
+        return False
+    M_MMAP_THRESHOLD = -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
 def _train(o: TrainOptions, out: Path, resume_from: Path | None, build_trainer) -> None:
     from lmforge.shared.model.models import (
         choose_device,
@@ -352,6 +394,8 @@ def _train(o: TrainOptions, out: Path, resume_from: Path | None, build_trainer) 
     data = open_packed(o.data, stages)
     eval_data = open_packed(o.eval_data, stages, "--eval-data") if o.eval_data else None
     device = choose_device(o.precision, o.attn)
+    if device.kind == "cpu":
+        lean_heap()   # issue 21: freed activations go back to the system (see lean_heap)
     setup_distributed(o, device)
     from transformers import set_seed
 
@@ -362,14 +406,34 @@ def _train(o: TrainOptions, out: Path, resume_from: Path | None, build_trainer) 
     if eval_data is not None:
         check_tokenizer(eval_data, tokenizer, o.model, "--eval-data")
     o.method.added_token_ids = tokenizer.convert_tokens_to_ids(added) if added and o.method.is_adapter else []
-    model = load_model(o.model, device, cutoff=data.meta.get("cutoff"), rope=o.rope_scaling, quant=o.quant,
-                       tokenizer=tokenizer)
+    from lmforge.shared.train import kernels, shiftattn
+
+    kernels.check(o.kernels, device.kind, o.method.method, o.quant)   # CUDA only: refused before loading
+    if o.shift_attn and device.attn == "auto":
+        device.attn = "sdpa"   # S² reads sdpa's (or eager's) masks: not flash-attention's
+    if o.kernels == "unsloth":
+        model = kernels.load_unsloth(o.model, device, cutoff=data.meta.get("cutoff"), quant=o.quant)
+        from lmforge.shared.model.models import resize_to
+
+        resize_to(model, tokenizer)
+    else:
+        model = load_model(o.model, device, cutoff=data.meta.get("cutoff"), rope=o.rope_scaling, quant=o.quant,
+                           tokenizer=tokenizer)
+    if o.shift_attn:   # before PEFT wraps the model; undone before saving (save_result)
+        shiftattn.check_model(model.config)
+        shiftattn.install(model)
+        log.info(f"train: S² attention (--shift-attn) while training, over {device.attn}")
+    if o.kernels == "liger":
+        kernels.apply_liger(model)
     if o.quant:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=o.gradient_checkpointing)
     pissa_init = out / "pissa_init"
-    model = apply_method(model, o.method)
+    if o.kernels == "unsloth":
+        model = kernels.unsloth_lora(model, o.method, o.gradient_checkpointing, o.seed)
+    else:
+        model = apply_method(model, o.method)
     if o.method.method == "pissa" and resume_from is None and int(os.environ.get("RANK", "0")) == 0:
         model.save_pretrained(str(pissa_init))  # the starting point, to convert the result back to plain LoRA
     trainable, total = count_parameters(model)
@@ -436,6 +500,7 @@ def run_parameters(o: TrainOptions, device) -> dict:
                                 "batch_size": o.batch_size, "grad_accum": o.grad_accum, "scheduler": o.scheduler,
                                 "seed": o.seed, "precision": device.dtype_name, "optim": o.optim,
                                 "gradient_checkpointing": o.gradient_checkpointing, "quant": o.quant,
+                                "shift_attn": o.shift_attn, "kernels": o.kernels,   # issue 21
                                 "neftune_alpha": o.neftune_alpha,
                                 "deepspeed": o.deepspeed, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
                                 **{k: v for k, v in o.extra.items()
@@ -461,6 +526,8 @@ def build_default_trainer(o: TrainOptions, model, tokenizer, args, data: PackedD
     from transformers import Trainer
 
     collator = PackedCollator(neat=data.meta.get("packing") == "neat", pad_id=tokenizer.pad_token_id or 0)
+    if data.meta.get("vision"):   # issue 17: images decoded and processed per batch
+        collator = vision_collator(o.model, model, tokenizer, data)
     optimizers: tuple[Any, None] = (None, None)  # (a torch optimizer, or None for the Trainer's own; no scheduler)
     if o.method.loraplus_ratio:
         import torch
@@ -477,12 +544,38 @@ def build_default_trainer(o: TrainOptions, model, tokenizer, args, data: PackedD
     trainer = Trainer(model=model, args=args, train_dataset=data.dataset,
                       eval_dataset=eval_data.dataset if eval_data else None, data_collator=collator,
                       optimizers=optimizers)
-    if not _zero3(o.deepspeed):
+    if not _zero3(o.deepspeed) and o.kernels in ("none", "", None):   # liger/unsloth fuse the loss themselves
         from lmforge.shared.train import lossfn
 
         # output layer + loss in chunks: less memory; our own attribute, read back with getattr
         trainer.lmforge_restore = lossfn.install(model)  # type: ignore[attr-defined]
     return trainer, collator
+
+
+def vision_collator(model_dir: str, model, tokenizer, data: PackedData):
+    """The collator for a vision-language model's packed sft data (issue 17)."""
+    import inspect
+
+    from lmforge.shared.data import multimodal
+    from lmforge.shared.data.collate import VisionCollator
+    from lmforge.shared.model import vision
+
+    meta = data.meta["vision"]
+    if not vision.is_vlm(model):
+        raise BadInput(f"{data.path}: the data holds images (packed for a {meta.get('family')} model) and "
+                       f"{model_dir} is a text model", "train a vision-language model on it, or pack text-only data")
+    family = multimodal.family_of(model_dir)
+    if family != meta.get("family"):
+        raise BadInput(f"{data.path}: packed for a {meta.get('family')} model, not {family} ({model_dir})",
+                       "pack the data with this model")
+    images = multimodal.from_metadata(model_dir, tokenizer, meta)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", base)
+    rope_index = getattr(inner, "get_rope_index", None) if family.startswith("qwen") else None
+    accepted = inspect.signature(base.forward).parameters
+    token_types = next((n for n in ("mm_token_type_ids", "token_type_ids") if n in accepted), None)
+    return VisionCollator(neat=data.meta.get("packing") == "neat", pad_id=tokenizer.pad_token_id or 0,
+                          vision=images, rope_index=rope_index, token_types=token_types)
 
 
 def _zero3(spec: str | None) -> bool:
@@ -507,6 +600,10 @@ def save_result(o: TrainOptions, trainer, model, tokenizer, data: PackedData, ou
     restore = getattr(trainer, "lmforge_restore", None)
     if restore is not None:
         restore()
+    if o.shift_attn:   # the saved model (and anything that reuses `model`) gets its own attention back
+        from lmforge.shared.train import shiftattn
+
+        shiftattn.uninstall(model)
     trainer.save_model(str(out))
     if not trainer.is_world_process_zero():
         return
@@ -514,7 +611,12 @@ def save_result(o: TrainOptions, trainer, model, tokenizer, data: PackedData, ou
         # a plain LoRA (rank 2r) that applies to the original base weights, not PiSSA's residual
         trainer.model.save_pretrained(str(out), path_initial_model_for_weight_conversion=str(pissa_init))
         shutil.rmtree(pissa_init, ignore_errors=True)
-    tokenizer.save_pretrained(str(out))
+    from lmforge.shared.data.tokenizing import save_tokenizer
+
+    save_tokenizer(tokenizer, str(out))  # checked to load back alike
+    from lmforge.shared.model.models import copy_image_processor
+
+    copy_image_processor(o.model, out)   # issue 17: a trained vision-language model keeps its image processor
     stops = data.meta.get("stop_words") or [tokenizer.eos_token]
     write_generation_config(o.model, out, tokenizer, stops)
     for leftover in ("training_args.bin",):

@@ -1,0 +1,25 @@
+"""Issue 21: the chunked linear cross-entropy (shared/train/lossfn.py) over several chunks equals
+the plain loss, value and gradients (hidden states, output weights, bias)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def test_chunked_loss_over_many_chunks_equals_the_plain_loss(monkeypatch):
+    from lmforge.shared.train import lossfn
+
+    monkeypatch.setattr(lossfn, "_CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(lossfn, "_CHUNK_MIN_ROWS", 3)   # 37 tokens in 13 chunks, the last one short
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    bias = torch.randn(50, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    chunked = lossfn.linear_cross_entropy(hidden, weight, bias, targets)
+    grads = torch.autograd.grad(chunked * 0.5, (hidden, weight, bias))
+    plain = torch.nn.functional.cross_entropy(hidden @ weight.T + bias, targets, reduction="sum")
+    expected = torch.autograd.grad(plain * 0.5, (hidden, weight, bias))
+    assert torch.allclose(chunked, plain, atol=1e-4)
+    for got, want in zip(grads, expected):
+        assert torch.allclose(got, want, atol=1e-5)
