@@ -3,15 +3,16 @@
 
 _lmforge_words() {
   case "$1" in
-    "") echo "adapter chat completion data eval model serve train --version --debug --quiet -q --help -h";;
+    "") echo "adapter board chat completion data eval model serve train --version --debug --quiet -q --help -h";;
     "adapter") echo "merge --help -h";;
     "adapter merge") echo "--output -o --dtype --max-shard-size --overwrite --no-overwrite --config --debug --quiet -q --help -h";;
+    "board") echo "--host --port --workspace --token --config --debug --quiet -q --help -h";;
     "chat") echo "--model -m --adapter --template --system --max-tokens --temperature --attn --config --debug --quiet -q --help -h";;
     "completion") echo "--config --debug --quiet -q --help -h";;
     "data") echo "align merge pack show split stats templates --help -h";;
     "data align") echo "--output -o --format -f --columns --tags --dataset-info --name --skip-invalid --no-skip-invalid --max-samples --sample --seed --config --debug --quiet -q --help -h";;
     "data merge") echo "--output -o --mix --probs --seed --config --debug --quiet -q --help -h";;
-    "data pack") echo "--model -m --output -o --template -t --stage -s --cutoff --packing --no-packing --neat-packing --no-neat-packing --train-on-prompt --no-train-on-prompt --mask-history --no-mask-history --reasoning --thinking --mask-empty-think --no-mask-empty-think --num-proc --seed --config --debug --quiet -q --help -h";;
+    "data pack") echo "--model -m --output -o --template -t --stage -s --cutoff --packing --no-packing --neat-packing --no-neat-packing --train-on-prompt --no-train-on-prompt --mask-history --no-mask-history --reasoning --thinking --mask-empty-think --no-mask-empty-think --num-proc --seed --image-max-pixels --image-min-pixels --config --debug --quiet -q --help -h";;
     "data show") echo "--rows -n --schema --stats --json --config --debug --quiet -q --help -h";;
     "data split") echo "--output -o --val-size --seed --config --debug --quiet -q --help -h";;
     "data stats") echo "--json --config --debug --quiet -q --help -h";;
@@ -26,15 +27,15 @@ _lmforge_words() {
     "model") echo "export init quantize --help -h";;
     "model export") echo "--adapter --output -o --format --quant --template --system --ollama --no-ollama --overwrite --no-overwrite --config --debug --quiet -q --help -h";;
     "model init") echo "--output -o --arch --layers --hidden --heads --kv-heads --intermediate --vocab-size --max-position --tokenizer --train-tokenizer --seed --overwrite --no-overwrite --config --debug --quiet -q --help -h";;
-    "model quantize") echo "--output -o --method --bits --group-size --calib --calib-samples --eval-data --eval-samples --max-length --overwrite --no-overwrite --seed --config --debug --quiet -q --help -h";;
-    "serve") echo "--model -m --adapter --template --name --host --port --api-key --backend --max-concurrency --max-batch --attn --max-request-bytes --config --debug --quiet -q --help -h";;
+    "model quantize") echo "--output -o --method --bits --group-size --calib --calib-samples --eval-data --eval-samples --max-length --attn --overwrite --no-overwrite --seed --config --debug --quiet -q --help -h";;
+    "serve") echo "--model -m --adapter --template --name --host --port --api-key --backend --max-concurrency --max-batch --attn --max-request-bytes --media-dir --config --debug --quiet -q --help -h";;
     "train") echo "dpo grpo ppo pt rm sft --help -h";;
-    "train dpo") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --neftune-alpha --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --loss --beta --ftx --simpo-gamma --precompute-ref --no-precompute-ref --desirable-weight --undesirable-weight --config --debug --quiet -q --help -h";;
-    "train grpo") echo "--model -m --data -d --output -o --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --learning-rate --lr --warmup --weight-decay --max-grad-norm --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --precision --attn --rope-scaling --seed --keep-checkpoints --no-keep-checkpoints --report --deepspeed --fsdp --no-fsdp --reward -r --reward-weights --batch-size --grad-accum --num-generations --epochs --max-steps --max-new-tokens --temperature --top-p --top-k --kl-coef --loss-type --clip-range --clip-range-high --num-iterations --scale-rewards --mask-truncated --no-mask-truncated --vllm --no-vllm --save-steps --logging-steps --config --debug --quiet -q --help -h";;
+    "train dpo") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --train-projector --no-train-projector --train-vision-tower --no-train-vision-tower --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --neftune-alpha --precision --attn --rope-scaling --shift-attn --no-shift-attn --kernels --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --loss --beta --ftx --simpo-gamma --precompute-ref --no-precompute-ref --desirable-weight --undesirable-weight --config --debug --quiet -q --help -h";;
+    "train grpo") echo "--model -m --data -d --output -o --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --train-projector --no-train-projector --train-vision-tower --no-train-vision-tower --learning-rate --lr --warmup --weight-decay --max-grad-norm --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --precision --attn --rope-scaling --seed --keep-checkpoints --no-keep-checkpoints --report --deepspeed --fsdp --no-fsdp --reward -r --reward-weights --batch-size --grad-accum --num-generations --epochs --max-steps --max-new-tokens --temperature --top-p --top-k --kl-coef --loss-type --clip-range --clip-range-high --num-iterations --scale-rewards --mask-truncated --no-mask-truncated --vllm --no-vllm --save-steps --logging-steps --config --debug --quiet -q --help -h";;
     "train ppo") echo "--model -m --reward --data -d --output -o --sft --overwrite --no-overwrite --resume --no-resume --layout --lora-rank --lora-alpha --lora-target --learning-rate --lr --batch-size --mini-batch-size --ppo-epochs --max-steps --epochs --max-new-tokens --temperature --top-k --top-p --kl-coef --kl-target --kl-horizon --gamma --lam --clip-range --clip-range-value --vf-coef --reward-scale --reward-clip --reward-norm --no-reward-norm --missing-eos-penalty --whiten-advantages --no-whiten-advantages --max-grad-norm --precision --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --report --config --debug --quiet -q --help -h";;
-    "train pt") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --neftune-alpha --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --config --debug --quiet -q --help -h";;
-    "train rm") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --neftune-alpha --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --config --debug --quiet -q --help -h";;
-    "train sft") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --neftune-alpha --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --config --debug --quiet -q --help -h";;
+    "train pt") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --train-projector --no-train-projector --train-vision-tower --no-train-vision-tower --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --neftune-alpha --precision --attn --rope-scaling --shift-attn --no-shift-attn --kernels --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --config --debug --quiet -q --help -h";;
+    "train rm") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --train-projector --no-train-projector --train-vision-tower --no-train-vision-tower --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --neftune-alpha --precision --attn --rope-scaling --shift-attn --no-shift-attn --kernels --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --config --debug --quiet -q --help -h";;
+    "train sft") echo "--model -m --data -d --output -o --eval-data --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --loraplus-ratio --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --train-projector --no-train-projector --train-vision-tower --no-train-vision-tower --learning-rate --lr --epochs --max-steps --warmup --weight-decay --max-grad-norm --batch-size --grad-accum --scheduler --optim --gradient-checkpointing --no-gradient-checkpointing --neftune-alpha --precision --attn --rope-scaling --shift-attn --no-shift-attn --kernels --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --eval-steps --report --deepspeed --fsdp --no-fsdp --config --debug --quiet -q --help -h";;
   esac
 }
 
@@ -44,6 +45,11 @@ _lmforge_value() {
     "adapter merge|--dtype") echo "auto fp32 bf16 fp16";;
     "adapter merge|--max-shard-size") echo "@any";;
     "adapter merge|--config") echo "@file";;
+    "board|--host") echo "@any";;
+    "board|--port") echo "@any";;
+    "board|--workspace") echo "@file";;
+    "board|--token") echo "@any";;
+    "board|--config") echo "@file";;
     "chat|--model"|"chat|-m") echo "@file";;
     "chat|--adapter") echo "@file";;
     "chat|--template") echo "@any";;
@@ -77,6 +83,8 @@ _lmforge_value() {
     "data pack|--thinking") echo "auto on off";;
     "data pack|--num-proc") echo "@any";;
     "data pack|--seed") echo "@any";;
+    "data pack|--image-max-pixels") echo "@any";;
+    "data pack|--image-min-pixels") echo "@any";;
     "data pack|--config") echo "@file";;
     "data show|--rows"|"data show|-n") echo "@any";;
     "data show|--config") echo "@file";;
@@ -179,6 +187,7 @@ _lmforge_value() {
     "model quantize|--eval-data") echo "@any";;
     "model quantize|--eval-samples") echo "@any";;
     "model quantize|--max-length") echo "@any";;
+    "model quantize|--attn") echo "auto sdpa eager flash_attention_2";;
     "model quantize|--seed") echo "@any";;
     "model quantize|--config") echo "@file";;
     "serve|--model"|"serve|-m") echo "@file";;
@@ -193,6 +202,7 @@ _lmforge_value() {
     "serve|--max-batch") echo "@any";;
     "serve|--attn") echo "auto sdpa eager flash_attention_2";;
     "serve|--max-request-bytes") echo "@any";;
+    "serve|--media-dir") echo "@any";;
     "serve|--config") echo "@file";;
     "train dpo|--model"|"train dpo|-m") echo "@file";;
     "train dpo|--data"|"train dpo|-d") echo "@file";;
@@ -229,6 +239,7 @@ _lmforge_value() {
     "train dpo|--precision") echo "auto bf16 fp16 fp32";;
     "train dpo|--attn") echo "auto sdpa eager flash_attention_2";;
     "train dpo|--rope-scaling") echo "auto linear dynamic yarn none";;
+    "train dpo|--kernels") echo "none liger unsloth";;
     "train dpo|--seed") echo "@any";;
     "train dpo|--save-steps") echo "@any";;
     "train dpo|--logging-steps") echo "@any";;
@@ -365,6 +376,7 @@ _lmforge_value() {
     "train pt|--precision") echo "auto bf16 fp16 fp32";;
     "train pt|--attn") echo "auto sdpa eager flash_attention_2";;
     "train pt|--rope-scaling") echo "auto linear dynamic yarn none";;
+    "train pt|--kernels") echo "none liger unsloth";;
     "train pt|--seed") echo "@any";;
     "train pt|--save-steps") echo "@any";;
     "train pt|--logging-steps") echo "@any";;
@@ -407,6 +419,7 @@ _lmforge_value() {
     "train rm|--precision") echo "auto bf16 fp16 fp32";;
     "train rm|--attn") echo "auto sdpa eager flash_attention_2";;
     "train rm|--rope-scaling") echo "auto linear dynamic yarn none";;
+    "train rm|--kernels") echo "none liger unsloth";;
     "train rm|--seed") echo "@any";;
     "train rm|--save-steps") echo "@any";;
     "train rm|--logging-steps") echo "@any";;
@@ -449,6 +462,7 @@ _lmforge_value() {
     "train sft|--precision") echo "auto bf16 fp16 fp32";;
     "train sft|--attn") echo "auto sdpa eager flash_attention_2";;
     "train sft|--rope-scaling") echo "auto linear dynamic yarn none";;
+    "train sft|--kernels") echo "none liger unsloth";;
     "train sft|--seed") echo "@any";;
     "train sft|--save-steps") echo "@any";;
     "train sft|--logging-steps") echo "@any";;
