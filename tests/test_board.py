@@ -213,13 +213,14 @@ def test_a_run_reattaches_after_a_restart_stops_and_resumes(client, workspace, p
     from fastapi.testclient import TestClient
 
     # packed data skips `data align` and `data pack`: one step, `train sft`
-    # enough steps that the stop lands mid-run on a fast machine too
-    config = {**_config(max_steps="12", save_steps="2", logging_steps="2", batch_size="1"), "run": "long",
+    # enough steps that the stop lands mid-run on a fast machine too (stories260K runs ~30 steps/s
+    # idle here: the stop comes at the first checkpoint, step 20, seconds before step 200)
+    config = {**_config(max_steps="200", save_steps="20", logging_steps="50", batch_size="1"), "run": "long",
               "data": {"files": [packed]}}
     assert client.post("/api/runs", json=config).json()["id"] == "long"
     # a new board on the same workspace (a restart) finds the run from its directory
     with TestClient(create_app(Board(workspace)), base_url="http://127.0.0.1:7860") as again:
-        detail = _wait(again, "long", lambda d: (workspace / "runs/long/model/checkpoints/checkpoint-2").is_dir()
+        detail = _wait(again, "long", lambda d: (workspace / "runs/long/model/checkpoints/checkpoint-20").is_dir()
                        or d["status"] != "running")
         assert detail["status"] == "running", detail["log"]
         assert again.post("/api/runs/long/stop").status_code == 200
@@ -232,8 +233,8 @@ def test_a_run_reattaches_after_a_restart_stops_and_resumes(client, workspace, p
     done = _wait(client, "long", lambda d: d["status"] not in ("running", "starting"))
     assert done["status"] == "done", done["log"][-3000:]
     assert done["steps"][0]["argv"][-1] == "--resume" and done["log"].count("$ lmforge train sft") == 2
-    assert done["metrics"]["steps"] == 12 and [e["step"] for e in done["curve"]] == [1, *range(2, 13, 2)]
-    assert done["progress"] == {"done": 12, "total": 12, "seconds_left": 0.0}
+    assert done["metrics"]["steps"] == 200 and [e["step"] for e in done["curve"]] == [1, *range(50, 201, 50)]
+    assert done["progress"] == {"done": 200, "total": 200, "seconds_left": 0.0}
     listed = {r["id"]: r for r in client.get("/api/runs").json()["runs"]}
     assert listed["long"]["method"] == "lora" and listed["long"]["metrics"]["train_loss"] > 0
     # evaluate the finished run with the command (a subprocess) and read its table back

@@ -1,14 +1,18 @@
-"""`train sft --method lora` throughput and memory on SmolLM2-135M (goal >= 1.5x TRL's tokens/s,
-faster than LLaMA-Factory, at no more peak memory).
+"""`train sft --method lora` throughput and memory on SmolLM2-135M, side by side with TRL's
+SFTTrainer at its best and LLaMA-Factory 0.9.5 (goals: peak memory at or below LLaMA-Factory's,
+tokens/s at least 1.3x its).
 
 Same data (alpaca_en_demo), model, LoRA (r 8, alpha 16, all linear layers), learning rate, cutoff
-512, 2 sequences per step, no accumulation, 30 steps, fp32 on the CPU, gradient checkpointing on
-(TRL's SFTConfig and LLaMA-Factory both turn it on by default), for:
+512, 2 sequences of up to 512 tokens per step, no accumulation, fp32 on the CPU, for:
 - lmforge: `data pack --packing` then `train sft`;
-- TRL SFTTrainer on the same conversations without packing (its default padding collator);
-- LLaMA-Factory 0.9.5 (its own virtualenv) with packing, when `make lf-venv` has been run.
+- TRL SFTTrainer at its best: its own packing (best-fit decreasing, padding-free rows);
+- LLaMA-Factory 0.9.5 (its own virtualenv, `make lf-venv`) with packing;
+each with gradient checkpointing on and off. The runs are interleaved (lmforge, TRL, LLaMA-Factory,
+then again) because the machine is noisy, and the table gives the median of REPEATS runs each.
 tokens/s = real (non-padding) tokens trained / the Trainer's train_runtime (start-up excluded);
 peak memory = the whole process's max RSS.
+
+    python tests/bench/bench_train.py [STEPS [REPEATS]]      # defaults 10 and 3
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from common import (
     versions,
 )
 
-STEPS, CUTOFF, BATCH, LR = 30, 512, 2, 1e-4
+STEPS, CUTOFF, BATCH, LR = 10, 512, 2, 1e-4
+REPEATS = 3
 LF_VENV = ROOT / ".bench" / "lf-venv"
 
 TRL = r'''
@@ -39,7 +44,7 @@ import datasets, torch
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
-model_dir, data_path, out, steps, cutoff, batch, lr = sys.argv[1:8]
+model_dir, data_path, out, steps, cutoff, batch, lr, gc = sys.argv[1:9]
 torch.manual_seed(0)
 rows = datasets.Dataset.from_file(data_path)
 def to_messages(r):
@@ -47,7 +52,9 @@ def to_messages(r):
 ds = rows.map(to_messages, remove_columns=rows.column_names)
 tok = AutoTokenizer.from_pretrained(model_dir)
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-args = SFTConfig(output_dir=out, max_length=int(cutoff), packing=False, per_device_train_batch_size=int(batch),
+# TRL at its best: its own packing (best-fit decreasing into padding-free rows of max_length)
+args = SFTConfig(output_dir=out, max_length=int(cutoff), packing=True, per_device_train_batch_size=int(batch),
+                 gradient_checkpointing=gc == "on",
                  gradient_accumulation_steps=1, max_steps=int(steps), learning_rate=float(lr), logging_steps=5,
                  report_to="none", use_cpu=True, save_strategy="no", seed=42, disable_tqdm=True,
                  include_num_input_tokens_seen="non_padding", assistant_only_loss=False)
@@ -69,21 +76,22 @@ def smollm2() -> Path:
     return target
 
 
-def ours(model: Path, aligned: Path) -> dict:
+def ours(model: Path, aligned: Path, gc: bool) -> dict:
     packed = WORK / "train_packed.arrow"
-    measure_isolated([LMFORGE, "data", "pack", aligned, "-m", model, "-t", "smollm", "--cutoff", CUTOFF,
-                      "--packing", "-o", packed, "-q"])
+    if not packed.exists():
+        measure_isolated([LMFORGE, "data", "pack", aligned, "-m", model, "-t", "smollm", "--cutoff", CUTOFF,
+                          "--packing", "-o", packed, "-q"])
     out = WORK / "train_lmforge"
     run = measure_isolated([LMFORGE, "train", "sft", "-m", model, "-d", packed, "-o", out, "--overwrite",
                             "--method", "lora", "--lora-rank", 8, "--lora-alpha", 16, "--max-steps", STEPS,
                             "--batch-size", BATCH, "--grad-accum", 1, "--lr", LR, "--logging-steps", 5,
-                            "--gradient-checkpointing", "-q"])
+                            "--gradient-checkpointing" if gc else "--no-gradient-checkpointing", "-q"])
     metrics = json.loads((out / "lmforge.json").read_text())["metrics"]
     return {"tokens": metrics["tokens"], "runtime": metrics["runtime_seconds"], "peak": run["peak_mib"],
             "wall": run["seconds"], "loss": metrics["train_loss"]}
 
 
-def trl(model: Path, aligned: Path) -> dict:
+def trl(model: Path, aligned: Path, gc: bool) -> dict:
     out = WORK / "train_trl"
     shutil.rmtree(out, ignore_errors=True)
     helper = ("import subprocess,sys,resource,json,time\nt=time.perf_counter()\n"
@@ -91,7 +99,8 @@ def trl(model: Path, aligned: Path) -> dict:
               "print(p.stdout.decode().strip().splitlines()[-1] if p.returncode==0 else json.dumps({'error': p.stderr.decode()[-2000:]}))\n"
               "print(json.dumps({'peak': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024, 'wall': w}))")
     res = subprocess.run([sys.executable, "-c", helper, sys.executable, "-c", TRL, str(model), str(aligned), str(out),
-                          str(STEPS), str(CUTOFF), str(BATCH), str(LR)], capture_output=True, timeout=3600)
+                          str(STEPS), str(CUTOFF), str(BATCH), str(LR), "on" if gc else "off"], capture_output=True,
+                         timeout=3600)
     lines = res.stdout.decode().strip().splitlines()
     result, usage = json.loads(lines[-2]), json.loads(lines[-1])
     if "error" in result:
@@ -99,7 +108,7 @@ def trl(model: Path, aligned: Path) -> dict:
     return {**result, **usage}
 
 
-def llamafactory(model: Path) -> dict | None:
+def llamafactory(model: Path, gc: bool) -> dict | None:
     cli = LF_VENV / "bin" / "llamafactory-cli"
     if not cli.exists():
         return None
@@ -116,7 +125,8 @@ def llamafactory(model: Path) -> dict | None:
               "per_device_train_batch_size": BATCH, "gradient_accumulation_steps": 1, "max_steps": STEPS,
               "learning_rate": LR, "logging_steps": 5, "output_dir": str(work / "out"), "overwrite_output_dir": True,
               "report_to": "none", "save_strategy": "no", "use_cpu": True, "seed": 42,
-              "include_num_input_tokens_seen": True, "preprocessing_num_workers": 1, "plot_loss": False}
+              "include_num_input_tokens_seen": True, "preprocessing_num_workers": 1, "plot_loss": False,
+              "disable_gradient_checkpointing": not gc}
     (work / "config.yaml").write_text(yaml.safe_dump(config))
     run = measure_isolated([cli, "train", work / "config.yaml"], cwd=work,
                            env={"HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1", "CUDA_VISIBLE_DEVICES": ""})
@@ -126,33 +136,61 @@ def llamafactory(model: Path) -> dict | None:
             "peak": run["peak_mib"], "wall": run["seconds"], "loss": results.get("train_loss")}
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def main() -> None:
+    global STEPS, REPEATS
+    STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else STEPS
+    REPEATS = int(sys.argv[2]) if len(sys.argv) > 2 else REPEATS
     model = smollm2()
     WORK.mkdir(parents=True, exist_ok=True)
     aligned = WORK / "alpaca_aligned.arrow"
     measure_isolated([LMFORGE, "data", "align", shared("data/llamafactory/alpaca_en_demo.json"), "-o", aligned, "-q"])
-    runs = {"lmforge train sft (lora, --packing)": ours(model, aligned),
-            "TRL SFTTrainer (lora, no packing)": trl(model, aligned)}
-    lf = llamafactory(model)
-    if lf:
-        runs["LLaMA-Factory 0.9.5 (lora, packing)"] = lf
-    base = runs["lmforge train sft (lora, --packing)"]
-    speed = base["tokens"] / base["runtime"]
+    (WORK / "train_packed.arrow").unlink(missing_ok=True)
+    have_lf = (LF_VENV / "bin" / "llamafactory-cli").exists()
+    tools = {"lmforge train sft (--packing)": lambda gc: ours(model, aligned, gc),
+             "TRL SFTTrainer (packing, padding-free)": lambda gc: trl(model, aligned, gc)}
+    if have_lf:
+        tools["LLaMA-Factory 0.9.5 (packing)"] = lambda gc: llamafactory(model, gc)
+    runs: dict[tuple[str, bool], list[dict]] = {}
+    for repeat in range(REPEATS):          # interleaved: A B C (gc on), A B C (gc off), then again
+        for gc in (True, False):
+            for name, run in tools.items():
+                result = run(gc)
+                runs.setdefault((name, gc), []).append(result)
+                print(f"[{repeat + 1}/{REPEATS}] {name} gc={'on' if gc else 'off'}: "
+                      f"{result['tokens'] / result['runtime']:,.0f} tokens/s, {result['peak']:.0f} MiB",
+                      file=sys.stderr, flush=True)
     rows = []
-    for name, r in runs.items():
-        tps = r["tokens"] / r["runtime"]
-        rows.append([name, f"{r['tokens']:,}", f"{r['runtime']:.1f}", f"{tps:,.0f}", f"{speed / tps:.2f}x",
-                     f"{r['peak']:.0f}", f"{r['wall']:.0f}"])
-    if not lf:
-        rows.append(["LLaMA-Factory 0.9.5", "not run (`make lf-venv` first)", "", "", "", "", ""])
-    body = table(["trainer", "tokens trained", "train s", "tokens/s", "lmforge speed-up", "peak MiB", "wall s"], rows)
+    for gc in (True, False):
+        lf_name = "LLaMA-Factory 0.9.5 (packing)"
+        lf_tps = _median([r["tokens"] / r["runtime"] for r in runs[(lf_name, gc)]]) if have_lf else None
+        lf_peak = _median([r["peak"] for r in runs[(lf_name, gc)]]) if have_lf else None
+        for name in tools:
+            got = runs[(name, gc)]
+            tps = _median([r["tokens"] / r["runtime"] for r in got])
+            peak = _median([r["peak"] for r in got])
+            loss = _median([r["loss"] for r in got if r.get("loss") is not None] or [float("nan")])
+            rows.append([name, "on" if gc else "off", f"{_median([r['tokens'] for r in got]):,.0f}",
+                         f"{tps:,.0f}", f"{tps / lf_tps:.2f}x" if lf_tps else "", f"{peak:,.0f}",
+                         f"{peak / lf_peak:.2f}x" if lf_peak else "", f"{loss:.3f}",
+                         " / ".join(f"{r['tokens'] / r['runtime']:,.0f}" for r in got)])
+    if not have_lf:
+        rows.append(["LLaMA-Factory 0.9.5", "", "not run (`make lf-venv` first)", "", "", "", "", "", ""])
+    body = table(["trainer", "grad. ckpt", "tokens trained", "tokens/s (median)", "vs LLaMA-Factory",
+                  "peak MiB (median)", "vs LLaMA-Factory", "final loss", "tokens/s of each run"], rows)
     body += (f"\n\nSmolLM2-135M-Instruct, alpaca_en_demo, LoRA r 8 / alpha 16 on all linear layers, lr {LR}, "
-             f"cutoff {CUTOFF}, {BATCH} sequences per step, {STEPS} steps, fp32 on the CPU, gradient checkpointing on "
-             "for all three (the peers' default). Packed rows are full, so "
-             "lmforge trains more tokens per step; tokens/s is the fair rate. "
+             f"cutoff {CUTOFF}, {BATCH} packed rows per step, {STEPS} steps, fp32 on the CPU; gradient checkpointing "
+             f"on and off for each; runs interleaved, median of {REPEATS} each. TRL packs with its own best-fit "
+             "decreasing strategy into padding-free rows (its recommended setting); LLaMA-Factory packs too. "
+             "Each trainer counts the real tokens it trained; tokens/s is the fair rate. "
              f"Versions (ours): {versions('torch', 'transformers', 'peft', 'trl')}.")
-    record("train", "`train sft --method lora` on SmolLM2-135M: tokens/s and peak memory",
-           "python tests/bench/bench_train.py", body)
+    record("train", "`train sft --method lora` on SmolLM2-135M: lmforge, TRL at its best, LLaMA-Factory",
+           f"python tests/bench/bench_train.py {STEPS} {REPEATS}", body)
 
 
 if __name__ == "__main__":
