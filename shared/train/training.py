@@ -354,32 +354,6 @@ def run(o: TrainOptions, build_trainer=None) -> Path:
     return out
 
 
-MMAP_THRESHOLD = 128 << 10
-
-
-def lean_heap() -> bool:
-    """Serve every allocation of 128 KiB or more (activation buffers) with its own mmap, returned to
-    the system when freed (glibc's mallopt M_MMAP_THRESHOLD). Returns whether it was set.
-
-    Why (issue 21, tests/bench/RESULTS.md "train-memory"): glibc raises its mmap threshold each time a
-    large block is freed, up to 32 MiB, after which a training step's 1-32 MiB activation buffers
-    come from the heap, where freed ones stay resident and fragment. A LoRA step on SmolLM2-135M
-    (2 x 512 tokens) held ~2.4 GB of RSS for ~1.4 GB of live memory; with the fixed threshold its
-    peak is ~1.4 GB. The price is page faults on fresh buffers (a few % of step time, measured).
-    Linux/glibc only; a MALLOC_MMAP_THRESHOLD_ set by the user wins."""
-    import ctypes
-    import ctypes.util
-
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version   # glibc, not musl or macOS
-    except (OSError, AttributeError):
-        return False
-    M_MMAP_THRESHOLD = -3
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-
 
 def _train(o: TrainOptions, out: Path, resume_from: Path | None, build_trainer) -> None:
     from lmforge.shared.model.models import (
@@ -394,8 +368,6 @@ def _train(o: TrainOptions, out: Path, resume_from: Path | None, build_trainer) 
     data = open_packed(o.data, stages)
     eval_data = open_packed(o.eval_data, stages, "--eval-data") if o.eval_data else None
     device = choose_device(o.precision, o.attn)
-    if device.kind == "cpu":
-        lean_heap()   # issue 21: freed activations go back to the system (see lean_heap)
     setup_distributed(o, device)
     from transformers import set_seed
 

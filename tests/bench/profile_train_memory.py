@@ -105,9 +105,8 @@ def main() -> None:
         trainer.add_callback(Steps(trainer))
         return trainer, collator
 
-    if "--glibc-default" in extra:   # compare: glibc's own (dynamic) mmap threshold, as before issue 21
+    if "--glibc-default" in extra:   # kept for the command lines in RESULTS.md: glibc's default is lmforge's
         extra.remove("--glibc-default")
-        training.lean_heap = lambda: False
     models.load_model = load_model
     methods.apply = apply_method
     training.build_default_trainer = build_default_trainer
