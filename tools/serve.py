@@ -17,11 +17,12 @@ def serve(model, adapter, template, name, host, port, api_key, backend, max_conc
     prefer_attention(attn)
 
     app.check_port(host, port)
+    media = app.media_dir_of(media_dir)   # checked before the model loads
     log.quiet_libraries()
     with log.stdout_guard():
         served = app.prepare(model, adapter, template, backend, max_concurrency, max_batch, api_key, name)
     served.max_request_bytes = max_request_bytes
-    served.media_dir = app.media_dir_of(media_dir)
+    served.media_dir = media
     import uvicorn
 
     log.info(f"serve: {served.name} ({served.renderer.name} template, {backend} backend) at http://{host}:{port}/v1"
