@@ -23,3 +23,23 @@ def test_chunked_loss_over_many_chunks_equals_the_plain_loss(monkeypatch):
     assert torch.allclose(chunked, plain, atol=1e-4)
     for got, want in zip(grads, expected):
         assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_chunked_loss_with_bf16_weights_matches_the_models_own_bf16_head(monkeypatch):
+    """A bf16 output layer (a bf16 base under LoRA): logits in bf16 upcast for the loss, as
+    transformers computes them; no fp32 copy of the weights, gradients back in bf16."""
+    from lmforge.shared.train import lossfn
+
+    monkeypatch.setattr(lossfn, "_CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(lossfn, "_CHUNK_MIN_ROWS", 3)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(37, 16, generator=g).bfloat16().requires_grad_()
+    weight = torch.randn(50, 16, generator=g).bfloat16()          # frozen, as under LoRA
+    targets = torch.randint(0, 50, (37,), generator=g)
+    chunked = lossfn.linear_cross_entropy(hidden, weight, None, targets)
+    (grad,) = torch.autograd.grad(chunked, (hidden,))
+    plain = torch.nn.functional.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
+    (want,) = torch.autograd.grad(plain, (hidden,))
+    assert chunked.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    torch.testing.assert_close(chunked, plain, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(grad.float(), want.float(), rtol=2e-2, atol=2e-2)

@@ -10,8 +10,9 @@ states) and the loss function computes, chunk by chunk and only for tokens that 
     dL/dh = dL/dlogits W          dL/dW = dL/dlogits^T h
 
 The gradients are computed in the forward pass (they are cheap once the chunk's softmax is
-there) and handed back in backward, so no chunk's logits outlive its iteration. fp32
-throughout; results equal the standard loss within rounding (tested). Not used with DeepSpeed
+there) and handed back in backward, so no chunk's logits outlive its iteration. Softmax and
+gradients in fp32 (logits computed in the output layer's precision, as the model's own head does);
+results equal the standard loss within rounding (tested, fp32 and bf16). Not used with DeepSpeed
 ZeRO-3 (which only gathers the output weights inside the layer's own forward) nor for models
 with logit soft-capping.
 """
@@ -36,17 +37,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets):
         n = hidden.shape[0]
         rows = max(_CHUNK_MIN_ROWS, _CHUNK_ELEMENTS // weight.shape[0])
-        w = weight.float()
+        # half-precision weights (a bf16 base under LoRA): the logits are computed in that precision and
+        # upcast, as the model's own head and loss do; no fp32 copy of the output matrix is made
+        w = weight if weight.dtype in (torch.bfloat16, torch.float16) else weight.float()
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(w) if need_w else None
+        grad_w = torch.zeros_like(w, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, rows):
-            h = hidden[start:start + rows].float()
+            h = hidden[start:start + rows].to(w.dtype)
             t = targets[start:start + rows]
-            logits = h @ w.T
+            logits = (h @ w.T).float()
             if bias is not None:
                 logits += bias.float()
             lse = torch.logsumexp(logits, dim=1)
@@ -54,9 +57,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs = logits.sub_(lse[:, None]).exp_()        # softmax, in place
             probs[torch.arange(len(t), device=t.device), t] -= 1.0  # minus the one-hot target
             if grad_h is not None:
-                grad_h[start:start + rows] = (probs @ w).to(hidden.dtype)
+                grad_h[start:start + rows] = (probs.to(w.dtype) @ w).to(hidden.dtype)
             if grad_w is not None:
-                grad_w.addmm_(probs.T, h)
+                grad_w.addmm_(probs.T, h.float())
             if grad_b is not None:
                 grad_b += probs.sum(0)
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_h, grad_w, grad_b)))

@@ -68,7 +68,7 @@ def install(model) -> str:
     name = PREFIX + base
     AttentionInterface.register(name, _s2_attention)
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])   # the masks `base` gets
-    _set_attention(model, name)
+    set_attention(model, name)
     return base
 
 
@@ -76,10 +76,10 @@ def uninstall(model) -> None:
     """Back to the model's own attention (before saving, and for whatever uses the model after)."""
     name = model.config._attn_implementation
     if name and name.startswith(PREFIX):
-        _set_attention(model, name[len(PREFIX):])
+        set_attention(model, name[len(PREFIX):])
 
 
-def _set_attention(model, name: str) -> None:
+def set_attention(model, name: str) -> None:
     # every (sub)config of the model: decoder layers read the config they were built with
     seen = set()
     for module in model.modules():

@@ -395,6 +395,12 @@ def _train(o: TrainOptions, out: Path, resume_from: Path | None, build_trainer) 
         shiftattn.check_model(model.config)
         shiftattn.install(model)
         log.info(f"train: S² attention (--shift-attn) while training, over {device.attn}")
+    from lmforge.shared.train import packedattn
+
+    packed_attention = not o.shift_attn and packedattn.applies(model, device.attn, data.meta.get("packing") == "neat")
+    if packed_attention:   # neat packing: one causal attention per example (undone before saving)
+        packedattn.install(model)
+        log.info("train: neat-packed rows attend example by example (sdpa per example)")
     if o.kernels == "liger":
         kernels.apply_liger(model)
     if o.quant:
@@ -572,10 +578,11 @@ def save_result(o: TrainOptions, trainer, model, tokenizer, data: PackedData, ou
     restore = getattr(trainer, "lmforge_restore", None)
     if restore is not None:
         restore()
-    if o.shift_attn:   # the saved model (and anything that reuses `model`) gets its own attention back
-        from lmforge.shared.train import shiftattn
+    from lmforge.shared.train import packedattn, shiftattn
 
-        shiftattn.uninstall(model)
+    # the saved model (and anything that reuses `model`) gets its own attention back
+    shiftattn.uninstall(model)
+    packedattn.uninstall(model)
     trainer.save_model(str(out))
     if not trainer.is_world_process_zero():
         return
