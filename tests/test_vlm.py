@@ -283,6 +283,29 @@ def test_full_and_freeze_keep_the_vision_tower_frozen_unless_asked(model):
     assert V.modules_to_save(net, True, False) == ["model.visual.merger"]
 
 
+@pytest.mark.parametrize("bits", ["4", "8"])
+def test_qlora_on_a_vlm_trains_the_language_model_over_quantized_weights(work, model, packed, bits):
+    """--quant 4|8 (bitsandbytes, which runs on CPUs): the base loads quantized, the adapter trains on
+    the language model only, the loss falls, and the adapter loads back on the unquantized model."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    out = work / f"qlora{bits}"
+    ok(["train", "sft", "-m", model, "-d", packed, "-o", out, "--quant", bits, "--max-steps", "6",
+        "--batch-size", "4", "--grad-accum", "1", "--learning-rate", "1e-2", "--logging-steps", "1"])
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert any("lora_A" in k and "language_model" in k for k in weights)
+    assert not any("visual" in k for k in weights)
+    assert json.loads((out / "lmforge.json").read_text())["hyperparameters"]["quant"] == int(bits)
+    losses = [json.loads(line)["loss"] for line in (out / "trainer_log.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert len(losses) >= 5 and min(losses[-2:]) < losses[0], losses
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(str(model)), str(out))
+
+
 # ----------------------------------------------------------------------------- it learns
 
 
@@ -370,4 +393,103 @@ def test_dpo_on_images(work, model):
         net(**{k: v for k, v in batch.items() if k != "completion_mask"})
     ok(["train", "dpo", "-m", model, "-d", packed, "-o", work / "dpo", "--max-steps", "1", "--batch-size", "4",
         "--grad-accum", "1"])
-    assert "images in rm data" in bad(["data", "pack", work / "pairs.arrow", "-m", model, "--stage", "rm"])
+    assert "images in ppo data" in bad(["data", "pack", work / "pairs.arrow", "-m", model, "--stage", "ppo"])
+
+
+def test_reward_model_on_images(work, model):
+    """rm pairs with images in the prompt pack like dpo's; the value model reads the images (its
+    score changes with the image alone), and train rm learns to prefer the right colour."""
+    import torch
+    from lmforge.shared.data.collate import PairCollator
+    from lmforge.shared.data.packed import PackedData
+    from lmforge.shared.model.value import ValueModel
+    from lmforge.shared.train.preference import VisionPairs
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    rng = random.Random(8)
+    rows = []
+    for i in range(24):
+        colour = sorted(COLOURS)[i % 3]
+        rows.append({"instruction": "<image>What colour is the square ?", "chosen": colour,
+                     "rejected": sorted(COLOURS)[(i + 1) % 3], "images": [data_url(square_png(colour, rng))]})
+    ok(["data", "align", write_jsonl(work / "rm-pairs.jsonl", rows), "-o", work / "rm-pairs.arrow"])
+    packed = work / "rm-packed.arrow"
+    ok(["data", "pack", work / "rm-pairs.arrow", "-m", model, "--stage", "rm", "-o", packed])
+    got, meta = read_rows(packed), read_meta(packed)
+    assert all(len(r["prompt_images"]) == 1 for r in got)
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    net = AutoModelForImageTextToText.from_pretrained(str(model)).eval()
+    value = ValueModel(net)
+    pairs = VisionPairs(PairCollator(0), str(model), net, tokenizer, PackedData(packed, meta, len(got), None))
+    batch = pairs(got[:2])
+    assert batch["input_ids"].shape[0] == 4 and batch["image_grid_thw"].shape[0] == 4 and pairs.tokens > 0
+    with torch.no_grad():
+        scores = value(**batch)
+        other = dict(batch, pixel_values=batch["pixel_values"].flip(0))   # the same text, other images
+        assert scores.shape == (4,) and not torch.allclose(value(**other), scores)
+    out = work / "rm"
+    ok(["train", "rm", "-m", model, "-d", packed, "-o", out, "--max-steps", "8", "--batch-size", "4",
+        "--grad-accum", "1", "--learning-rate", "5e-3", "--logging-steps", "1"])
+    assert (out / "adapter_model.safetensors").is_file()
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in log if "loss" in e]
+    assert len(losses) >= 6 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+
+
+def test_serve_with_the_vllm_backend_passes_images_through(model, monkeypatch):
+    """vLLM (a GPU extra) is replaced by a stand-in module that records what lmforge hands it: the
+    engine is started with room for images, and a request's images arrive decoded, beside prompt ids
+    that hold one placeholder per image (vLLM's processor gives each image its tokens)."""
+    import sys
+    import types
+
+    from fastapi.testclient import TestClient
+    from lmforge.shared.infer.app import create_app, prepare
+    from lmforge.shared.infer.engines import MAX_IMAGES
+    from transformers import AutoTokenizer
+
+    seen: dict = {}
+
+    class Output:
+        def __init__(self, ids):
+            self.prompt_token_ids = ids + [0] * 40      # as vLLM reports it: with the image tokens
+            self.outputs = [types.SimpleNamespace(index=0, text="red", finish_reason="stop", token_ids=[1, 2])]
+
+    class Engine:
+        async def generate(self, prompt, params, request_id, lora_request=None):
+            seen["prompt"] = prompt
+            yield Output(prompt["prompt_token_ids"])
+
+    fake = types.ModuleType("vllm")
+    fake.AsyncEngineArgs = lambda **kwargs: seen.setdefault("args", kwargs)
+    fake.AsyncLLMEngine = types.SimpleNamespace(from_engine_args=lambda args: Engine())
+    fake.SamplingParams = lambda **kwargs: kwargs
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+
+    served = prepare(str(model), None, "auto", "vllm", 2, 2, None, "vlm")
+    assert served.vision is not None and seen["args"]["limit_mm_per_prompt"] == {"image": MAX_IMAGES}
+    client = TestClient(create_app(served))
+    rng = random.Random(9)
+    parts = [{"type": "image_url", "image_url": {"url": data_url(square_png(c, rng, size))}}
+             for c, size in (("red", (56, 56)), ("blue", (84, 56)))]
+    ask = {"model": "vlm", "max_tokens": 3, "messages": [
+        {"role": "user", "content": [*parts, {"type": "text", "text": "What colour is the square ?"}]}]}
+    answer = client.post("/v1/chat/completions", json=ask)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"] == "red"
+    prompt = seen["prompt"]
+    images = prompt["multi_modal_data"]["image"]
+    assert [im.size for im in images] == [(56, 56), (84, 56)] and all(im.mode == "RGB" for im in images)
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert runs_of(prompt["prompt_token_ids"], pad) == [1, 1]         # one placeholder per image
+    assert answer.json()["usage"]["prompt_tokens"] == len(prompt["prompt_token_ids"]) + 40
+    # too many images for the engine's limit: a 400 naming it, nothing sent to vLLM
+    seen.pop("prompt")
+    ask["messages"][0]["content"] = [parts[0]] * (MAX_IMAGES + 1) + [{"type": "text", "text": "?"}]
+    refused = client.post("/v1/chat/completions", json=ask)
+    assert refused.status_code == 400 and "at most 8" in refused.text and "prompt" not in seen
+    # text-only requests keep the plain token prompt
+    ask["messages"][0]["content"] = "What colour is the square ?"
+    assert client.post("/v1/chat/completions", json=ask).status_code == 200
+    assert set(seen["prompt"]) == {"prompt_token_ids"}

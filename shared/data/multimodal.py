@@ -280,13 +280,17 @@ def rope_positions(get_rope_index: Callable, ids: list[int], image_token_id: int
 
 
 def generation_inputs(vision: Vision, renderer: Any, turns: list[dict], system: str, tools: str,
-                      encode: Callable[[str], tuple[list[int], str]]) -> tuple[list[int], str, list[bytes], str]:
+                      encode: Callable[[str], tuple[list[int], str]],
+                      expand: bool = True) -> tuple[list[int], str, list[bytes], str]:
     """A conversation with images -> (prompt ids with each image's tokens, lead, fitted images, prompt text),
-    the way `data pack` lays them out (for `serve`, `chat` and `eval generate`)."""
+    the way `data pack` lays them out (for `serve`, `chat` and `eval generate`). expand=False: each image
+    stays one placeholder in the ids (vLLM's processor expands them itself)."""
     from array import array
 
     textual, images = vision.textual(turns)
     prompt = renderer.generation_prompt(textual, system, tools)
     ids, lead = encode(prompt)
+    if not expand:
+        return ids, lead, [vision.fit(image, "the request")[0] for image in images], prompt
     expanded, _, _, fitted = vision.expand(array("i", ids), array("i", [IGNORE]) * len(ids), images, "the request")
     return list(expanded), lead, fitted, prompt

@@ -52,11 +52,12 @@ T = TypeVar("T")
 IMAGES = pa.list_(pa.binary())   # issue 17: packed vision-language rows carry their images
 
 
-IMAGE_COLUMNS = {"sft": "images", "dpo": "prompt_images"}   # (TRL's DPO takes a column named images as raw)
+IMAGE_COLUMNS = {"sft": "images", "dpo": "prompt_images", "rm": "prompt_images"}   # (TRL's DPO takes a column
+# named images as raw)
 
 
 def schema_for(stage: str, images: bool = False) -> pa.Schema:
-    """The packed schema of a stage (+ the images column of a vision-language model's sft or dpo data)."""
+    """The packed schema of a stage (+ the images column of a vision-language model's sft, dpo or rm data)."""
     base = SCHEMAS[stage]
     return base.append(pa.field(IMAGE_COLUMNS[stage], IMAGES)) if images and stage in IMAGE_COLUMNS else base
 
@@ -420,10 +421,11 @@ class Encoder:
         row_images: list[list[bytes]] = []
         for self._at, r in enumerate(rows):
             prompt, responses = turns_of(r["prompt"]), turns_of(r["response"])
-            if self.vision is not None:   # issue 17: dpo prompts may hold images
-                if (stage != "dpo" and any(m.get("parts") for m in prompt)) or any(m.get("parts") for m in responses):
-                    raise BadInput(f"images in {stage} data are not packed yet (images pack for sft and for "
-                                   "dpo prompts)", "align text-only data for this stage")
+            if self.vision is not None:   # issue 17: dpo and rm prompts may hold images
+                if (stage not in IMAGE_COLUMNS and any(m.get("parts") for m in prompt)) or any(
+                        m.get("parts") for m in responses):
+                    raise BadInput(f"images in {stage} data are not packed (images pack for sft, and in the prompts "
+                                   "of dpo and rm pairs)", "align text-only data for this stage")
                 prompt, images = self.vision.textual(prompt)
                 row_images.append(images)
             if stage == "ppo":  # the prompt, and a reference answer when there is a plain one

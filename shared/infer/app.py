@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmforge.shared.core.errors import BadInput
-from lmforge.shared.infer.engines import HFEngine, Job, VLLMEngine
+from lmforge.shared.infer.engines import MAX_IMAGES, HFEngine, Job, VLLMEngine
 from lmforge.shared.model.generation import encode_chat_prompt
 
 
@@ -159,7 +159,11 @@ def create_app(served: Served):
 
                 ids, lead, images, prompt = await run_in_threadpool(
                     generation_inputs, served.vision, renderer, asked.turns, asked.system, asked.tools or "",
-                    lambda text: encode_chat_prompt(served.tokenizer, text))
+                    lambda text: encode_chat_prompt(served.tokenizer, text),
+                    not isinstance(served.engine, VLLMEngine))   # vLLM expands the placeholders itself
+                if isinstance(served.engine, VLLMEngine) and len(images) > MAX_IMAGES:
+                    raise BadInput(f"{len(images)} images in one request; the vLLM backend takes at most {MAX_IMAGES}",
+                                   f"send at most {MAX_IMAGES} images per request")
             else:
                 prompt = await run_in_threadpool(renderer.generation_prompt, asked.turns, asked.system,
                                                   asked.tools or "")
@@ -376,6 +380,8 @@ def prepare(model_dir: str, adapter: str | None, template: str, backend: str, ma
     from lmforge.shared.model.generation import stop_token_ids
     from lmforge.shared.model.models import load_for_inference as load
 
+    from lmforge.shared.data import multimodal
+
     vision = None
     if backend == "vllm":
         from lmforge.shared.data.tokenizing import load_tokenizer
@@ -383,11 +389,12 @@ def prepare(model_dir: str, adapter: str | None, template: str, backend: str, ma
 
         tokenizer = load_tokenizer(adapter or model_dir)
         render = renderer_for(template, tokenizer, model_dir, adapter)
-        engine: HFEngine | VLLMEngine = VLLMEngine(model_dir, adapter, max_concurrency)
-        context = getattr(AutoConfig.from_pretrained(str(model_dir)), "max_position_embeddings", 4096) or 4096
+        # issue 17: a vision-language model's requests carry their images to vLLM's own processor
+        vision = multimodal.Vision(model_dir, tokenizer) if multimodal.is_vision_model(model_dir) else None
+        engine: HFEngine | VLLMEngine = VLLMEngine(model_dir, adapter, max_concurrency, images=vision is not None)
+        config = AutoConfig.from_pretrained(str(model_dir))
+        context = getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", 4096) or 4096
     else:
-        from lmforge.shared.data import multimodal
-
         model, tokenizer = load(model_dir, adapter)
         render = renderer_for(template, tokenizer, model_dir, adapter)
         vision = multimodal.Vision(model_dir, tokenizer) if multimodal.is_vision_model(model_dir) else None

@@ -226,12 +226,14 @@ _TRIM: Any = None  # libc's malloc_trim; False where there is none
 class VLLMEngine:
     """vLLM's async engine (GPU). The adapter, if any, is served as a LoRA request."""
 
-    def __init__(self, model_dir: str, adapter: str | None, max_concurrency: int):
+    def __init__(self, model_dir: str, adapter: str | None, max_concurrency: int, images: bool = False):
         try:
             from vllm import AsyncEngineArgs, AsyncLLMEngine
         except ImportError:
             raise BadInput("--backend vllm needs vllm, a GPU-only extra", "pip install 'lmforge[gpu]' on a CUDA machine") from None
-        args = AsyncEngineArgs(model=str(model_dir), enable_lora=adapter is not None, max_num_seqs=max_concurrency)
+        extra: dict[str, Any] = {"limit_mm_per_prompt": {"image": MAX_IMAGES}} if images else {}
+        args = AsyncEngineArgs(model=str(model_dir), enable_lora=adapter is not None, max_num_seqs=max_concurrency,
+                               **extra)
         self.engine = AsyncLLMEngine.from_engine_args(args)
         self.lora = None
         if adapter:
@@ -248,8 +250,7 @@ class VLLMEngine:
         sent: dict[int, str] = {}
         final: Any = None
         try:
-            async for output in self.engine.generate({"prompt_token_ids": job.prompt_ids}, params, request_id,
-                                                     lora_request=self.lora):
+            async for output in self.engine.generate(vllm_prompt(job), params, request_id, lora_request=self.lora):
                 for choice in output.outputs:
                     previous, text = sent.get(choice.index, ""), _visible(choice.text, job.lead)
                     if len(text) > len(previous) and text.startswith(previous):
@@ -261,7 +262,24 @@ class VLLMEngine:
             raise
         choices = [{"index": c.index, "text": _visible(c.text, job.lead), "finish_reason": c.finish_reason or "stop",
                     "completion_tokens": len(c.token_ids)} for c in final.outputs]
-        yield {"done": True, "choices": choices, "prompt_tokens": len(job.prompt_ids)}
+        prompt_tokens = len(getattr(final, "prompt_token_ids", None) or job.prompt_ids)   # with the image tokens
+        yield {"done": True, "choices": choices, "prompt_tokens": prompt_tokens}
+
+
+MAX_IMAGES = 8   # images one request may carry to vLLM (its limit_mm_per_prompt)
+
+
+def vllm_prompt(job: Job) -> dict:
+    """vLLM's prompt for a job: its token ids, and its images decoded (one placeholder each in the ids;
+    vLLM's processor for the model gives every image its tokens)."""
+    if not job.images:
+        return {"prompt_token_ids": job.prompt_ids}
+    import io
+
+    from PIL import Image
+
+    return {"prompt_token_ids": job.prompt_ids,
+            "multi_modal_data": {"image": [Image.open(io.BytesIO(b)).convert("RGB") for b in job.images]}}
 
 
 def _visible(text: str, lead: str) -> str:

@@ -11,6 +11,10 @@ from lmforge.shared.core.errors import BadInput
 HEAD_FILE = "value_head.safetensors"
 
 
+# what a vision-language model's batch adds (multimodal.Vision.pixels and .token_types)
+VISION_INPUTS = ("pixel_values", "image_grid_thw", "image_sizes", "mm_token_type_ids", "token_type_ids")
+
+
 class ValueModel(torch.nn.Module):
     """A causal LM's decoder (adapted or not) with a scalar value head on the last hidden state."""
 
@@ -28,8 +32,16 @@ class ValueModel(torch.nn.Module):
         inner = self.causal.get_base_model() if hasattr(self.causal, "get_base_model") else self.causal
         return inner.get_decoder()
 
-    def forward(self, input_ids, last_index, position_ids=None, **_):
-        hidden = self.decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    def forward(self, input_ids, last_index, position_ids=None, **inputs):
+        images = {k: v for k, v in inputs.items() if k in VISION_INPUTS and v is not None}
+        if images.get("pixel_values") is not None:
+            # a vision-language model with images in the batch (issue 17): its multimodal body (vision
+            # tower, projector, language model), not the language model alone
+            inner = self.causal.get_base_model() if hasattr(self.causal, "get_base_model") else self.causal
+            hidden = inner.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                 **images).last_hidden_state
+        else:
+            hidden = self.decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
         return self.head(picked.to(self.head.weight.dtype)).squeeze(-1)
 

@@ -109,7 +109,9 @@ def build_rm_trainer(o, model, tokenizer, args, data, eval_data):
     model = ValueModel(model)
     for p in model.head.parameters():
         p.requires_grad_(True)
-    collator = PairCollator(tokenizer.pad_token_id or 0)
+    collator: Any = PairCollator(tokenizer.pad_token_id or 0)
+    if data.meta.get("vision"):   # issue 17: the prompts' images, processed per batch
+        collator = VisionPairs(collator, o.model, model.causal, tokenizer, data)
     args.remove_unused_columns = False
     trainer = _reward_trainer_class()(model=model, args=args, train_dataset=data.dataset,
                                       eval_dataset=eval_data.dataset if eval_data else None,
@@ -294,6 +296,11 @@ class VisionPairs:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         batch.update(self.vision.token_types(base, batch["input_ids"]))
         return batch
+
+    def __getattr__(self, name):   # the wrapped collator's token counts (tokens, counts) for tokens/s
+        if name == "collate":
+            raise AttributeError(name)
+        return getattr(self.collate, name)
 
 
 def _init_fields(cls) -> set[str]:
