@@ -7,9 +7,10 @@ nearly full, so little is padded.
 - unpacked data and `--packing`: position ids 0..n-1 per row, so the fast causal attention
   kernel runs; with `--packing` the examples inside a row may attend to each other (as in
   LLaMA-Factory's plain packing);
-- `--neat-packing`: position ids restart at every example, and transformers turns the restarts
-  into a block-diagonal causal mask (sdpa/eager) or variable-length kernels (flash-attention):
-  no token attends across examples.
+- `--neat-packing`: position ids restart at every example, and training runs one causal sdpa
+  call per example (train/packedattn.py), or transformers turns the restarts into a block-diagonal
+  causal mask (other kernels) or variable-length kernels (flash-attention): no token attends
+  across examples.
 
 Loss: the first label of every example is set to -100, so one example's last token is never
 trained to predict the next example's first. The model shifts labels itself; the Trainer divides

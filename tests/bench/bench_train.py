@@ -196,11 +196,10 @@ def _median(values: list[float]) -> float:
 
 def main() -> None:
     global STEPS, REPEATS, PRECISION
-    STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else STEPS
-    REPEATS = int(sys.argv[2]) if len(sys.argv) > 2 else REPEATS
-    PRECISION = sys.argv[3] if len(sys.argv) > 3 else PRECISION
-    if PRECISION not in ("bf16", "fp32"):
-        sys.exit("precision: bf16 or fp32")
+    numbers = [int(a) for a in sys.argv[1:] if a.isdigit()]   # (run.py passes benchmark names: ignored)
+    STEPS = numbers[0] if numbers else STEPS
+    REPEATS = numbers[1] if len(numbers) > 1 else REPEATS
+    PRECISION = next((a for a in sys.argv[1:] if a in ("bf16", "fp32")), PRECISION)
     model = smollm2()
     WORK.mkdir(parents=True, exist_ok=True)
     aligned = WORK / "alpaca_aligned.arrow"
