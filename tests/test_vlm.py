@@ -394,6 +394,26 @@ def test_dpo_on_images(work, model):
     ok(["train", "dpo", "-m", model, "-d", packed, "-o", work / "dpo", "--max-steps", "1", "--batch-size", "4",
         "--grad-accum", "1"])
     assert "images in ppo data" in bad(["data", "pack", work / "pairs.arrow", "-m", model, "--stage", "ppo"])
+    # the reference-free losses take the images through the same batches (the model gets them), and
+    # train (kto data with images does not pack: refused like ppo's above)
+    import types
+
+    from lmforge.shared.train.preference import _ref_free_trainer_class
+
+    trainer = object.__new__(_ref_free_trainer_class())
+    trainer.loss_name, trainer.beta, trainer.gamma, trainer.ftx = "orpo", 0.1, 0.5, 0.0
+    trainer.record = lambda *args: None
+    seen: dict = {}
+
+    def fake_model(**kwargs):
+        seen.update(kwargs)
+        return types.SimpleNamespace(logits=torch.zeros(*kwargs["input_ids"].shape, len(tokenizer)))
+
+    trainer.compute_loss(fake_model, batch)
+    assert seen["pixel_values"] is batch["pixel_values"] and seen["image_grid_thw"].shape[0] == 6
+    for loss in ("orpo", "simpo"):
+        ok(["train", "dpo", "-m", model, "-d", packed, "-o", work / loss, "--loss", loss, "--max-steps", "1",
+            "--batch-size", "4", "--grad-accum", "1"])
 
 
 def test_reward_model_on_images(work, model):

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from lmforge.shared.core.errors import BadInput
 from lmforge.shared.data.collate import PairCollator
-from lmforge.shared.model.value import HEAD_FILE, ValueModel, save_value_model
+from lmforge.shared.model.value import HEAD_FILE, VISION_INPUTS, ValueModel, save_value_model
 
 IGNORE = -100
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
@@ -202,7 +202,9 @@ def _ref_free_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             ids, mask = inputs["input_ids"], inputs["completion_mask"]
-            logits = model(input_ids=ids, attention_mask=inputs["attention_mask"], use_cache=False).logits[:, :-1]
+            images = {k: inputs[k] for k in VISION_INPUTS if k in inputs}   # issue 17: VisionPairs' batch
+            logits = model(input_ids=ids, attention_mask=inputs["attention_mask"], use_cache=False,
+                           **images).logits[:, :-1]
             targets, keep = ids[:, 1:], mask[:, 1:].float()
             token_logps = torch.log_softmax(logits.float(), dim=-1).gather(2, targets[..., None]).squeeze(-1)
             mean_logps = (token_logps * keep).sum(1) / keep.sum(1).clamp(min=1)   # p: mean per-token log-prob
@@ -231,9 +233,9 @@ def build_dpo_trainer(o, model, tokenizer, args, data, eval_data):
     """The trainer for `train dpo --loss ...` (settings in o.extra)."""
     loss = o.extra["loss"]
     beta, ftx = o.extra["beta"], o.extra["ftx"]
-    if data.meta.get("vision") and loss not in DPO_LOSSES:   # issue 17
-        raise BadInput(f"--loss {loss} on vision-language data is not supported yet",
-                       f"use one of {', '.join(DPO_LOSSES)}")
+    if data.meta.get("vision") and loss == "kto":   # issue 17: TRL's KTOTrainer builds its own batches
+        raise BadInput("--loss kto on vision-language data is not supported",
+                       f"use one of {', '.join(DPO_LOSSES)}, orpo or simpo")
     kwargs = {k: v for k, v in args.to_dict().items() if k in _init_fields(type(args))}
     if loss in DPO_LOSSES:
         from trl import DPOConfig
@@ -257,7 +259,9 @@ def build_dpo_trainer(o, model, tokenizer, args, data, eval_data):
     else:
         from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-        collate = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id or 0)
+        collate: Any = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id or 0)
+        if data.meta.get("vision"):   # issue 17: the prompts' images, processed per batch
+            collate = VisionPairs(collate, o.model, model, tokenizer, data)
         args.remove_unused_columns = False
         counter = TokenCounter(collate)
         trainer = _ref_free_trainer_class()(model=model, args=args, train_dataset=data.dataset,
