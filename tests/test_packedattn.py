@@ -75,7 +75,14 @@ def test_per_example_attention_equals_the_block_diagonal_mask(name):
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=key)
     # and the mask matters: plain causal attention over the whole row gives another loss
     plain = {k: v for k, v in inputs.items() if k != "position_ids"}
-    assert not torch.allclose(loss_and_grads(model, plain)[0], want_loss, rtol=1e-4)
+    plain_loss = loss_and_grads(model, plain)[0]
+    assert not torch.allclose(plain_loss, want_loss, rtol=1e-4)
+    # without position ids (the model makes one shared row of them) it is plain causal attention
+    packedattn.install(model)
+    try:
+        torch.testing.assert_close(loss_and_grads(model, plain)[0], plain_loss, rtol=1e-5, atol=1e-6)
+    finally:
+        packedattn.uninstall(model)
 
 
 def test_segments_follow_the_position_restarts():

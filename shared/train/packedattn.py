@@ -76,11 +76,13 @@ def _packed_attention(module, query, key, value, attention_mask, dropout: float 
 
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise RuntimeError("packed attention: this model's attention is not plain softmax attention")
-    length = query.shape[2]
+    batch, length = query.shape[0], query.shape[2]
     if position_ids is None or key.shape[2] != length or position_ids.dim() != 2:
-        spans = [[(0, length)] for _ in range(query.shape[0])]
+        spans = [[(0, length)]] * batch
     else:
         spans = segments(position_ids)
+        if len(spans) == 1 and batch > 1:   # one row of positions shared by the batch (the model's own arange)
+            spans = spans * batch
     gqa = query.shape[1] != key.shape[1]
     rows = []
     for row, parts in enumerate(spans):
