@@ -48,6 +48,17 @@ def data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
+def image_pairs(n: int, seed: int) -> list[dict]:
+    """Alpaca-style preference rows: an image of a square, the right colour chosen, a wrong one rejected."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        colour = sorted(COLOURS)[i % 3]
+        rows.append({"instruction": "<image>What colour is the square ?", "chosen": colour,
+                     "rejected": sorted(COLOURS)[(i + 1) % 3], "images": [data_url(square_png(colour, rng))]})
+    return rows
+
+
 def runs_of(ids: list[int], token: int) -> list[int]:
     """Lengths of the runs of `token` in ids, in order."""
     out: list[int] = []
@@ -370,13 +381,7 @@ def test_dpo_on_images(work, model):
     from transformers import AutoModelForImageTextToText, AutoTokenizer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    rng = random.Random(7)
-    rows = []
-    for i in range(8):
-        colour = sorted(COLOURS)[i % 3]
-        rows.append({"instruction": "<image>What colour is the square ?", "chosen": colour,
-                     "rejected": sorted(COLOURS)[(i + 1) % 3], "images": [data_url(square_png(colour, rng))]})
-    ok(["data", "align", write_jsonl(work / "pairs.jsonl", rows), "-o", work / "pairs.arrow"])
+    ok(["data", "align", write_jsonl(work / "pairs.jsonl", image_pairs(8, seed=7)), "-o", work / "pairs.arrow"])
     packed = work / "pairs-packed.arrow"
     ok(["data", "pack", work / "pairs.arrow", "-m", model, "--stage", "dpo", "-o", packed])
     got = read_rows(packed)
@@ -426,13 +431,7 @@ def test_reward_model_on_images(work, model):
     from lmforge.shared.train.preference import VisionPairs
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-    rng = random.Random(8)
-    rows = []
-    for i in range(24):
-        colour = sorted(COLOURS)[i % 3]
-        rows.append({"instruction": "<image>What colour is the square ?", "chosen": colour,
-                     "rejected": sorted(COLOURS)[(i + 1) % 3], "images": [data_url(square_png(colour, rng))]})
-    ok(["data", "align", write_jsonl(work / "rm-pairs.jsonl", rows), "-o", work / "rm-pairs.arrow"])
+    ok(["data", "align", write_jsonl(work / "rm-pairs.jsonl", image_pairs(24, seed=8)), "-o", work / "rm-pairs.arrow"])
     packed = work / "rm-packed.arrow"
     ok(["data", "pack", work / "rm-pairs.arrow", "-m", model, "--stage", "rm", "-o", packed])
     got, meta = read_rows(packed), read_meta(packed)
