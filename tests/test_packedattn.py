@@ -85,6 +85,24 @@ def test_per_example_attention_equals_the_block_diagonal_mask(name):
         packedattn.uninstall(model)
 
 
+def test_generation_with_a_cache_while_installed_equals_sdpa():
+    """Installed only for training, but a model generating meanwhile (a KV cache: fewer queries than
+    keys) gets transformers' own sdpa."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", **{**BASE, "pad_token_id": 3})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    prompt = torch.randint(4, config.vocab_size, (1, 7))
+    want = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    packedattn.install(model)
+    try:
+        got = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    finally:
+        packedattn.uninstall(model)
+    assert torch.equal(got, want)
+
+
 def test_segments_follow_the_position_restarts():
     positions = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]])
     assert packedattn.segments(positions) == [[(0, 3), (3, 5), (5, 6), (6, 10)], [(0, 10)]]

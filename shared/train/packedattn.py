@@ -77,7 +77,12 @@ def _packed_attention(module, query, key, value, attention_mask, dropout: float 
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise RuntimeError("packed attention: this model's attention is not plain softmax attention")
     batch, length = query.shape[0], query.shape[2]
-    if position_ids is None or key.shape[2] != length or position_ids.dim() != 2:
+    if key.shape[2] != length:   # a KV cache (generation): transformers' own sdpa over all the keys
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
+                                              scaling=scaling, sliding_window=sliding_window, **kwargs)
+    if position_ids is None or position_ids.dim() != 2:
         spans = [[(0, length)]] * batch
     else:
         spans = segments(position_ids)
