@@ -122,8 +122,11 @@ def test_signals_clean_up_like_ctrl_c(big, tmp_path, sig, code):
     """A command blocked on its input, with a half-written output, stopped by a signal: the
     output's temporary is removed and the exit code says which signal."""
     reader = pa.ipc.open_stream(pa.memory_map(str(big)))
+    # the signals' default dispositions in the child: a SIGINT ignored by this process (as some earlier test
+    # or a background job's shell may leave it) would be inherited, and Python then installs no Ctrl-C handler
     proc = subprocess.Popen(LMFORGE + ["data", "merge", "-", "-o", str(tmp_path / "m.arrow")],
-                            stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (sig, signal.SIGINT)])
     assert proc.stdin is not None
     writer = pa.ipc.new_stream(proc.stdin, reader.schema)
     writer.write_batch(reader.read_next_batch())
