@@ -378,7 +378,7 @@ def _train(o: TrainOptions, out: Path, resume_from: Path | None, build_trainer) 
     if eval_data is not None:
         check_tokenizer(eval_data, tokenizer, o.model, "--eval-data")
     o.method.added_token_ids = tokenizer.convert_tokens_to_ids(added) if added and o.method.is_adapter else []
-    from lmforge.shared.train import kernels, shiftattn
+    from lmforge.shared.train import kernels, packedattn, shiftattn
 
     kernels.check(o.kernels, device.kind, o.method.method, o.quant)   # CUDA only: refused before loading
     if o.shift_attn and device.attn == "auto":
@@ -395,10 +395,8 @@ def _train(o: TrainOptions, out: Path, resume_from: Path | None, build_trainer) 
         shiftattn.check_model(model.config)
         shiftattn.install(model)
         log.info(f"train: S² attention (--shift-attn) while training, over {device.attn}")
-    from lmforge.shared.train import packedattn
-
-    packed_attention = not o.shift_attn and packedattn.applies(model, device.attn, data.meta.get("packing") == "neat")
-    if packed_attention:   # neat packing: one causal attention per example (undone before saving)
+    neat = data.meta.get("packing") == "neat"
+    if not o.shift_attn and packedattn.applies(model, device.attn, neat):   # one causal attention per example
         packedattn.install(model)
         log.info("train: neat-packed rows attend example by example (sdpa per example)")
     if o.kernels == "liger":
