@@ -398,9 +398,7 @@ def test_dpo_on_images(work, model):
         net(**{k: v for k, v in batch.items() if k != "completion_mask"})
     ok(["train", "dpo", "-m", model, "-d", packed, "-o", work / "dpo", "--max-steps", "1", "--batch-size", "4",
         "--grad-accum", "1"])
-    assert "images in ppo data" in bad(["data", "pack", work / "pairs.arrow", "-m", model, "--stage", "ppo"])
-    # the reference-free losses take the images through the same batches (the model gets them), and
-    # train (kto data with images does not pack: refused like ppo's above)
+    # the reference-free losses take the images through the same batches (the model gets them), and train
     import types
 
     from lmforge.shared.train.preference import _ref_free_trainer_class
@@ -421,7 +419,114 @@ def test_dpo_on_images(work, model):
             "--batch-size", "4", "--grad-accum", "1"])
 
 
-def test_reward_model_on_images(work, model):
+def test_kto_on_images(work, model, monkeypatch):
+    """KTO rows (one answer, desirable or not) with an image in the prompt pack with their images; the
+    batch carries them once for the answer rows, which the KL rows (the same prompts with a
+    neighbour's answer) share, with their own token types; the model takes both; train dpo --loss kto
+    runs. An image in an answer is refused at pack, naming the row."""
+    import torch
+    from lmforge.shared.data.packed import PackedData
+    from lmforge.shared.train.preference import VisionPairs
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
+    rows = [{"instruction": r["instruction"], "output": r["chosen"] if i % 2 else r["rejected"], "label": bool(i % 2),
+             "images": r["images"]} for i, r in enumerate(image_pairs(8, seed=9))]
+    ok(["data", "align", write_jsonl(work / "kto.jsonl", rows), "-o", work / "kto.arrow"])
+    packed = work / "kto-packed.arrow"
+    ok(["data", "pack", work / "kto.arrow", "-m", model, "--stage", "kto", "-o", packed])
+    got, meta = read_rows(packed), read_meta(packed)
+    assert all(len(r["prompt_images"]) == 1 for r in got) and sum(r["label"] for r in got) == 4
+    image_token = meta["vision"]["image_token_id"]
+    net = AutoModelForImageTextToText.from_pretrained(str(model)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    unpaired = VisionPairs(DataCollatorForUnpairedPreference(pad_token_id=0), str(model), net, tokenizer,
+                           PackedData(packed, meta, len(got), None), paired=False)
+    rows3 = [dict(r, completion_ids=r.pop("response_ids")) for r in got[:3]]
+    for i, r in enumerate(rows3):   # as TRL's KTO makes them: the neighbour's answer
+        r["KL_completion_ids"] = rows3[i - 1]["completion_ids"]
+    batch = unpaired(rows3)
+    assert batch["input_ids"].shape[0] == 3 and batch["image_grid_thw"].shape[0] == 3
+    assert torch.equal(batch["KL_mm_token_type_ids"], (batch["KL_input_ids"] == image_token).long())
+    with torch.no_grad():
+        net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+            image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=batch["mm_token_type_ids"])
+        net(input_ids=batch["KL_input_ids"], attention_mask=batch["KL_attention_mask"],
+            pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+            mm_token_type_ids=batch["KL_mm_token_type_ids"])
+    seen: list[set] = []
+    collate = VisionPairs.__call__
+    monkeypatch.setattr(VisionPairs, "__call__", lambda self, rows: seen.append(set(b := collate(self, rows))) or b)
+    ok(["train", "dpo", "-m", model, "-d", packed, "-o", work / "kto", "--loss", "kto", "--max-steps", "2",
+        "--batch-size", "4", "--grad-accum", "1"])
+    assert seen and all({"pixel_values", "KL_input_ids", "KL_mm_token_type_ids"} <= keys for keys in seen), seen
+    assert (work / "kto" / "adapter_model.safetensors").is_file()
+    answer_image = [{"messages": [{"role": "user", "content": "Which colour?"},
+                                  {"role": "assistant", "content": [{"type": "image_url", "image_url": {
+                                      "url": rows[0]["images"][0]}}]}], "label": True}]
+    ok(["data", "align", write_jsonl(work / "kto-bad.jsonl", answer_image), "-o", work / "kto-bad.arrow"])
+    assert "row 1: an image in an answer" in bad(["data", "pack", work / "kto-bad.arrow", "-m", model,
+                                                  "--stage", "kto"])
+
+
+@pytest.fixture(scope="module")
+def image_prompts(work, model, aligned_colours) -> Path:
+    """The colour rows packed as ppo-stage prompts (with their answers) for train grpo and ppo."""
+    packed = work / "image-prompts.arrow"
+    ok(["data", "pack", aligned_colours, "-m", model, "--stage", "ppo", "--cutoff", "256",
+        "--image-max-pixels", "12000", "-o", packed])
+    return packed
+
+
+def test_grpo_on_image_prompts(work, model, image_prompts, monkeypatch):
+    """ppo-stage prompts keep their images; train grpo samples with each prompt's images and gives
+    them to every log-prob pass (the loss, the reference with --kl-coef, the old policy with
+    --num-iterations 2), row by row however TRL shuffles its batches; a reward model is refused."""
+    from lmforge.shared.data import multimodal
+
+    packed = image_prompts
+    got = read_rows(packed)
+    assert all(len(r["prompt_images"]) == 1 and r["response_ids"] for r in got)
+    image_token = read_meta(packed)["vision"]["image_token_id"]
+    calls: list[tuple[int, int]] = []   # (rows, image tokens in their prompts) per processing
+    pixels = multimodal.PromptImages.pixels
+
+    def spy(self, rows):
+        out = pixels(self, rows)
+        calls.append((len(rows), sum(runs_of(got[r]["prompt_ids"], image_token)[0] for r in rows)))
+        assert out["num_images"] == [1] * len(rows)
+        grids = out["image_grid_thw"]   # Qwen: image tokens = the grid's patches / merge 2x2
+        assert int((grids.prod(-1) // 4).sum()) == calls[-1][1]
+        return out
+
+    monkeypatch.setattr(multimodal.PromptImages, "pixels", spy)
+    out = work / "grpo"
+    ok(["train", "grpo", "-m", model, "-d", packed, "-o", out, "--reward", "exact", "--max-steps", "2",
+        "--batch-size", "2", "--num-generations", "2", "--max-new-tokens", "4", "--kl-coef", "0.05",
+        "--num-iterations", "2", "--logging-steps", "1"])
+    assert (out / "adapter_model.safetensors").is_file()
+    # sampling (4 prompts: 2 x 2 generations), then old policy, reference and loss passes over them
+    assert calls and all(n == 4 for n, _ in calls), calls
+    assert len(calls) == 5, calls   # step 1: sampling, old policy, reference, loss; step 2 (2nd iteration): loss
+    rm = work / "no-rm"
+    rm.mkdir(exist_ok=True)
+    assert "a reward model scores text" in bad(["train", "grpo", "-m", model, "-d", packed, "-o", work / "grpo-rm",
+                                                "--reward", str(rm), "--max-steps", "1"])
+
+
+@pytest.fixture(scope="module")
+def image_rm(work, model) -> tuple[Path, Path]:
+    """rm pairs with an image in each prompt, packed, and a LoRA reward model trained on them."""
+    ok(["data", "align", write_jsonl(work / "rm-pairs.jsonl", image_pairs(24, seed=8)), "-o", work / "rm-pairs.arrow"])
+    packed = work / "rm-packed.arrow"
+    ok(["data", "pack", work / "rm-pairs.arrow", "-m", model, "--stage", "rm", "-o", packed])
+    out = work / "rm"
+    ok(["train", "rm", "-m", model, "-d", packed, "-o", out, "--max-steps", "8", "--batch-size", "4",
+        "--grad-accum", "1", "--learning-rate", "5e-3", "--logging-steps", "1"])
+    return packed, out
+
+
+def test_reward_model_on_images(work, model, image_rm):
     """rm pairs with images in the prompt pack like dpo's; the value model reads the images (its
     score changes with the image alone), and train rm learns to prefer the right colour."""
     import torch
@@ -431,9 +536,7 @@ def test_reward_model_on_images(work, model):
     from lmforge.shared.train.preference import VisionPairs
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-    ok(["data", "align", write_jsonl(work / "rm-pairs.jsonl", image_pairs(24, seed=8)), "-o", work / "rm-pairs.arrow"])
-    packed = work / "rm-packed.arrow"
-    ok(["data", "pack", work / "rm-pairs.arrow", "-m", model, "--stage", "rm", "-o", packed])
+    packed, out = image_rm
     got, meta = read_rows(packed), read_meta(packed)
     assert all(len(r["prompt_images"]) == 1 for r in got)
     tokenizer = AutoTokenizer.from_pretrained(str(model))
@@ -446,13 +549,39 @@ def test_reward_model_on_images(work, model):
         scores = value(**batch)
         other = dict(batch, pixel_values=batch["pixel_values"].flip(0))   # the same text, other images
         assert scores.shape == (4,) and not torch.allclose(value(**other), scores)
-    out = work / "rm"
-    ok(["train", "rm", "-m", model, "-d", packed, "-o", out, "--max-steps", "8", "--batch-size", "4",
-        "--grad-accum", "1", "--learning-rate", "5e-3", "--logging-steps", "1"])
-    assert (out / "adapter_model.safetensors").is_file()
+    assert (out / "adapter_model.safetensors").is_file()   # 8 steps of train rm (the fixture)
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     losses = [e["loss"] for e in log if "loss" in e]
     assert len(losses) >= 6 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+
+
+@pytest.mark.parametrize("layout", ["shared", "separate"])
+def test_ppo_on_image_prompts(work, model, image_rm, image_prompts, layout, monkeypatch):
+    """train ppo with a reward model trained on image pairs: sampling, the policy/value, reference
+    and reward passes and every update mini-batch get their rows' images (rows in order), in both
+    layouts; the run finishes with its adapter."""
+    from lmforge.shared.data import multimodal
+
+    got = read_rows(image_prompts)
+    image_token = read_meta(image_prompts)["vision"]["image_token_id"]
+    calls: list[int] = []
+    pixels = multimodal.PromptImages.pixels
+
+    def spy(self, rows):
+        out = pixels(self, rows)
+        calls.append(len(rows))
+        tokens = sum(runs_of(got[r]["prompt_ids"], image_token)[0] for r in rows)
+        assert int((out["image_grid_thw"].prod(-1) // 4).sum()) == tokens   # the rows' own images
+        return out
+
+    monkeypatch.setattr(multimodal.PromptImages, "pixels", spy)
+    out = work / f"ppo-{layout}"
+    ok(["train", "ppo", "-m", model, "--reward", image_rm[1], "-d", image_prompts, "-o", out, "--layout", layout,
+        "--max-steps", "2", "--batch-size", "4", "--mini-batch-size", "2", "--ppo-epochs", "1",
+        "--max-new-tokens", "4", "--overwrite"])
+    assert (out / "adapter_model.safetensors").is_file()
+    # per step: sampling (4 rows), the batch's passes (4), then 2 update mini-batches (2 each)
+    assert calls == [4, 4, 2, 2] * 2, calls
 
 
 def test_serve_with_the_vllm_backend_passes_images_through(model, monkeypatch):

@@ -268,6 +268,38 @@ def from_metadata(model: str, tokenizer: Any, meta: dict | None) -> Vision | Non
     return Vision(model, tokenizer, int(meta.get("max_pixels", 768 * 768)), int(meta.get("min_pixels", 32 * 32)))
 
 
+def for_packed(model: str, tokenizer: Any, data: Any) -> Vision:
+    """The Vision of packed image data, checked against the model that trains on it (issue 17)."""
+    meta = data.meta["vision"]
+    family = family_of(model)
+    if family != meta.get("family"):
+        raise BadInput(f"{data.path}: packed for a {meta.get('family')} model, not {family} ({model})",
+                       "pack the data with this model")
+    return Vision(model, tokenizer, int(meta.get("max_pixels", 768 * 768)), int(meta.get("min_pixels", 32 * 32)))
+
+
+class PromptImages:
+    """The images of packed prompts (ppo-stage rows), as model inputs for a batch of row numbers:
+    train grpo and train ppo (issue 17). Rows are read from the memory-mapped data when needed."""
+
+    def __init__(self, model_dir: str, model, tokenizer, data):
+        self.vision = for_packed(model_dir, tokenizer, data)
+        self.rows = data.dataset
+        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def prompt_ids(self, rows: list[int]) -> list[list[int]]:
+        return [list(self.rows[r]["prompt_ids"]) for r in rows]
+
+    def pixels(self, rows: list[int]) -> dict:
+        """pixel_values (+ image_grid_thw / image_sizes) of the rows' images in order, and num_images."""
+        images = [list(self.rows[r]["prompt_images"] or []) for r in rows]
+        flat = [b for row in images for b in row]
+        return {**(self.vision.pixels(flat) if flat else {}), "num_images": [len(row) for row in images]}
+
+    def token_types(self, ids) -> dict:
+        return self.vision.token_types(self.base, ids)
+
+
 def rope_positions(get_rope_index: Callable, ids: list[int], image_token_id: int, grids) -> Any:
     """Qwen's multimodal (3D) rotary positions of one example, by the model's own get_rope_index."""
     import torch

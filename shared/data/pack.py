@@ -52,12 +52,12 @@ T = TypeVar("T")
 IMAGES = pa.list_(pa.binary())   # issue 17: packed vision-language rows carry their images
 
 
-IMAGE_COLUMNS = {"sft": "images", "dpo": "prompt_images", "rm": "prompt_images"}   # (TRL's DPO takes a column
-# named images as raw)
+IMAGE_COLUMNS = {"sft": "images", "dpo": "prompt_images", "rm": "prompt_images", "kto": "prompt_images",
+                 "ppo": "prompt_images"}   # (TRL's trainers take a column named images as raw images)
 
 
 def schema_for(stage: str, images: bool = False) -> pa.Schema:
-    """The packed schema of a stage (+ the images column of a vision-language model's sft, dpo or rm data)."""
+    """The packed schema of a stage (+ the images column of a vision-language model's data)."""
     base = SCHEMAS[stage]
     return base.append(pa.field(IMAGE_COLUMNS[stage], IMAGES)) if images and stage in IMAGE_COLUMNS else base
 
@@ -422,10 +422,10 @@ class Encoder:
         for self._at, r in enumerate(rows):
             prompt, responses = turns_of(r["prompt"]), turns_of(r["response"])
             if self.vision is not None:   # issue 17: dpo and rm prompts may hold images
-                if (stage not in IMAGE_COLUMNS and any(m.get("parts") for m in prompt)) or any(
-                        m.get("parts") for m in responses):
-                    raise BadInput(f"images in {stage} data are not packed (images pack for sft, and in the prompts "
-                                   "of dpo and rm pairs)", "align text-only data for this stage")
+                if any(m.get("parts") for m in responses):
+                    raise BadInput(f"row {self._first_row + self._at + 1}: an image in an answer of {stage} data "
+                                   "(images pack in the prompts of rm, dpo, kto and ppo rows, anywhere in sft)",
+                                   "move the image into the prompt")
                 prompt, images = self.vision.textual(prompt)
                 row_images.append(images)
             if stage == "ppo":  # the prompt, and a reference answer when there is a plain one

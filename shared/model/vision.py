@@ -26,6 +26,16 @@ def is_vlm(model) -> bool:
     return bool(vision_modules(model))
 
 
+def require_vlm(model, model_dir: str, data) -> None:
+    """Packed image data trains only a vision-language model: one line otherwise."""
+    from lmforge.shared.core.errors import BadInput
+
+    if not is_vlm(model):
+        raise BadInput(f"{data.path}: the data holds images (packed for a {data.meta['vision'].get('family')} "
+                       f"model) and {model_dir} is a text model",
+                       "train a vision-language model on it, or pack text-only data")
+
+
 def vision_modules(model) -> list[str]:
     """Full names of the vision tower(s) (outermost only)."""
     names = [n for n, _ in _base(model).named_modules() if n.split(".")[-1] in VISION]

@@ -16,6 +16,13 @@ One GRPO step (TRL's maths, its defaults changed only where a flag says so):
 
 The data is `data pack --stage ppo` output: the prompt ids are used as they are (TRL never
 re-tokenizes them), the reference answer (response_ids) is decoded for the rewards.
+
+Images (issue 17): a vision-language model's prompts carry their images (`prompt_images`, image
+tokens already expanded at pack time). TRL's own image path wants raw conversations and re-renders
+them with the processor, so it stays unused; instead each prompt keeps its row number through TRL's
+batch ("lmforge_row"), and the rows' images are processed (pixel values, Qwen's grids, token types)
+where the model runs: for sampling (`_tokenize_prompts`), and for every log-prob pass (old policy,
+reference, the loss), whose batches TRL may shuffle and split but which keep the row numbers.
 """
 
 from __future__ import annotations
@@ -65,14 +72,16 @@ def validate(o) -> None:
 
 
 def prompts_dataset(data, tokenizer, stop_words: list[str]):
-    """Packed ppo rows -> the dataset TRL reads: prompt text (decoded, specials kept) and the
-    reference answer text; plus the map from prompt text back to its exact ids."""
+    """Packed ppo rows -> the dataset TRL reads: prompt text (decoded, specials kept), the
+    reference answer text (and, for image data, the row number); plus the map from prompt text back
+    to its exact ids."""
     import datasets
 
     ids_by_text: dict[str, list[int]] = {}
     prompts, references = [], []
     has_reference = False
-    for row in data.dataset:
+    for row in data.dataset.select_columns([c for c in ("prompt_ids", "response_ids")
+                                            if c in data.dataset.column_names]):
         text = tokenizer.decode(row["prompt_ids"], skip_special_tokens=False)
         ids_by_text.setdefault(text, list(row["prompt_ids"]))
         reference = tokenizer.decode(row.get("response_ids") or [], skip_special_tokens=True)
@@ -82,8 +91,10 @@ def prompts_dataset(data, tokenizer, stop_words: list[str]):
         has_reference = has_reference or bool(reference)
         prompts.append(text)
         references.append(reference or None)
-    dataset = datasets.Dataset.from_dict({"prompt": prompts, "reference": references})
-    return dataset, ids_by_text, has_reference
+    columns: dict = {"prompt": prompts, "reference": references}
+    if data.meta.get("vision"):   # two image prompts may read the same: the row tells them apart
+        columns["lmforge_row"] = list(range(len(prompts)))
+    return datasets.Dataset.from_dict(columns), ids_by_text, has_reference
 
 
 def _trainer_class():
@@ -93,14 +104,29 @@ def _trainer_class():
     class PackedGRPOTrainer(GRPOTrainer):
         """GRPOTrainer on packed prompts: the ids come from the data, not from re-tokenizing text."""
 
-        def __init__(self, *args, prompt_ids: dict, counter: TokenCount, **kwargs):
+        def __init__(self, *args, prompt_ids: dict, counter: TokenCount, images=None,
+                     **kwargs):
             self.lmforge_prompt_ids = prompt_ids
             self.lmforge_counter = counter
+            self.lmforge_images = images
+            self.lmforge_rows: list[int] | None = None   # the image rows of the batch the model runs on
             self.lmforge_group_std: list[float] = []
             self.lmforge_rewards: list[float] = []
             super().__init__(*args, **kwargs)
 
         def _tokenize_prompts(self, prompts: list):
+            rows, images = self.lmforge_rows, self.lmforge_images
+            if images is not None and rows is not None and len(rows) == len(prompts):
+                fields = images.pixels(rows)
+                fields.pop("num_images")   # sampling takes the batch's images whole
+                ids = images.prompt_ids(rows)
+                for name, types in images.token_types(torch.tensor([i for x in ids for i in x])).items():
+                    at = 0   # per prompt, as lists (TRL left-pads them like the ids)
+                    fields[name] = []
+                    for x in ids:
+                        fields[name].append(types[at:at + len(x)].tolist())
+                        at += len(x)
+                return ids, None, fields
             try:
                 return [self.lmforge_prompt_ids[p] for p in prompts], None, {}
             except KeyError:  # a prompt that is not in the data: TRL's own path
@@ -119,11 +145,40 @@ def _trainer_class():
             return per_func
 
         def _generate_and_score_completions(self, inputs):
-            out = super()._generate_and_score_completions(inputs)
+            if self.lmforge_images is None:
+                out = super()._generate_and_score_completions(inputs)
+            else:
+                self.lmforge_rows = [int(x["lmforge_row"]) for x in inputs]
+                try:
+                    out = super()._generate_and_score_completions(inputs)
+                finally:
+                    rows, self.lmforge_rows = self.lmforge_rows, None
+                out["lmforge_row"] = torch.tensor(rows)   # shuffled and split with the batch it belongs to
             for key in ("prompt_mask", "completion_mask"):
                 if isinstance(out.get(key), torch.Tensor):
                     self.lmforge_counter.tokens += int(out[key].sum())
             return out
+
+        def _compute_loss(self, model, inputs):
+            if self.lmforge_images is None or "lmforge_row" not in inputs:
+                return super()._compute_loss(model, inputs)
+            self.lmforge_rows = inputs["lmforge_row"].tolist()
+            try:
+                return super()._compute_loss(model, inputs)
+            finally:
+                self.lmforge_rows = None
+
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                               *args, **kwargs):
+            rows, images = self.lmforge_rows, self.lmforge_images
+            if images is not None and rows is not None and kwargs.get("pixel_values") is None:
+                if len(rows) != input_ids.size(0):
+                    raise RuntimeError(f"{input_ids.size(0)} sequences for {len(rows)} image prompts")
+                kwargs.update(images.pixels(rows))
+                kwargs.update(images.token_types(input_ids))   # the completions hold no image tokens
+                kwargs = {k: v.to(input_ids.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                              *args, **kwargs)
 
         def _save(self, output_dir=None, state_dict=None):
             from peft import PeftModel
@@ -161,12 +216,25 @@ def build_grpo_trainer(o, model, tokenizer, args, data, eval_data):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dataset, ids_by_text, has_reference = prompts_dataset(data, tokenizer, stop_words)
+    images = None
+    if data.meta.get("vision"):   # issue 17
+        from lmforge.shared.data.multimodal import PromptImages
+        from lmforge.shared.model.vision import require_vlm
+
+        require_vlm(model, o.model, data)
+        if x["vllm"]:
+            raise BadInput("--vllm with image prompts: the prompts' images do not reach vLLM here",
+                           "drop --vllm (transformers generates, with the images)")
+        images = PromptImages(o.model, model, tokenizer, data)
 
     rewards: list = []
     device = choose_device(o.precision)
     for spec in x["rewards"]:
         parsed = rewards_.parse(spec)
         if isinstance(parsed, Path):
+            if images is not None:
+                raise BadInput(f"--reward {spec}: a reward model scores text, and these prompts hold images",
+                               "use rewards that read the completion (exact, numeric, regex, cmd:, a Python function)")
             parsed = rewards_.RewardModel(parsed, model, o.model, tokenizer, device)
             parsed.prompt_ids = ids_by_text
         elif isinstance(parsed, (rewards_.Exact, rewards_.Numeric)) and not has_reference:
@@ -186,10 +254,12 @@ def build_grpo_trainer(o, model, tokenizer, args, data, eval_data):
         num_iterations=x["num_iterations"], scale_rewards=x["scale_rewards"],
         mask_truncated_completions=x["mask_truncated"], reward_weights=weights,
         use_vllm=x["vllm"], vllm_mode="colocate", shuffle_dataset=True, log_completions=False,
-        disable_dropout=True)
+        disable_dropout=True,
+        # an image token in an answer has no image: never sample one
+        generation_kwargs={"suppress_tokens": [images.vision.image_token_id]} if images is not None else None)
     counter = TokenCount()
     trainer = _trainer_class()(model=model, reward_funcs=rewards, args=config, train_dataset=dataset,
-                               processing_class=tokenizer, prompt_ids=ids_by_text, counter=counter)
+                               processing_class=tokenizer, prompt_ids=ids_by_text, counter=counter, images=images)
     log.info(f"grpo: {len(dataset):,} prompts x {x['num_generations']} completions; rewards "
              f"{', '.join(f'{w:g} x {r.__name__}' for w, r in zip(weights, rewards))}; loss {x['loss_type']}, "
              f"beta {x['kl_coef']:g}")

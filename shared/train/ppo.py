@@ -22,6 +22,11 @@ One PPO step on a batch of prompts x:
                 loss = policy loss + vf_coef value loss
  6. kl_coef     adaptive (Ziegler et al. 2019): coef *= 1 + clip(KL/target - 1, -0.2, 0.2) n/horizon,
                 or fixed with --kl-target 0
+
+Images (issue 17): with a vision-language model and prompts packed with their images, every pass
+(sampling, policy and value, reference, reward) gets the rows' pixel inputs and image-token types,
+processed per batch (per mini-batch in the update); the model computes its own positions (Qwen's
+3D ones from the images), and the value and reward heads read the whole multimodal body.
 """
 
 from __future__ import annotations
@@ -159,6 +164,22 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def inputs(ids, mask, images: dict | None) -> dict:
+    """Forward arguments: left-padded text counts its positions from its first real token; with
+    images the model computes them itself (Qwen: 3D positions from the images and the mask)."""
+    if images:
+        return {"input_ids": ids, "attention_mask": mask, "use_cache": False, **images}
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask), "use_cache": False}
+
+
+def last_hidden(model, ids, mask, images: dict | None) -> torch.Tensor:
+    """The last hidden states of the language model under `model`: its decoder alone for text, the
+    whole multimodal body (vision tower, projector, language model) when there are images."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = base.model if images else base.get_decoder()
+    return body(**inputs(ids, mask, images)).last_hidden_state
+
+
 class SharedRoles:
     """Policy, reference and reward from one base model, by switching LoRA adapters."""
 
@@ -173,22 +194,20 @@ class SharedRoles:
     def generator(self):
         return self.model
 
-    def policy(self, ids, mask):
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
-                         output_hidden_states=True)
+    def policy(self, ids, mask, images: dict | None = None):
+        out = self.model(**inputs(ids, mask, images), output_hidden_states=True)
         values = self.value_head(out.hidden_states[-1].to(self.value_head.weight.dtype)).squeeze(-1)
         return out.logits, values
 
     @torch.no_grad()
-    def reference_logits(self, ids, mask):
+    def reference_logits(self, ids, mask, images: dict | None = None):
         with self.model.disable_adapter():
-            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
+            return self.model(**inputs(ids, mask, images)).logits
 
     @torch.no_grad()
-    def score(self, ids, mask, last):
+    def score(self, ids, mask, last, images: dict | None = None):
         with adapter(self.model, "reward"):
-            decoder = self.model.get_base_model().get_decoder()
-            hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).last_hidden_state
+            hidden = last_hidden(self.model, ids, mask, images)
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.reward_head(picked.to(self.reward_head.weight.dtype)).squeeze(-1)
 
@@ -207,21 +226,18 @@ class SeparateRoles:
     def generator(self):
         return self.actor
 
-    def policy(self, ids, mask):
-        logits = self.actor(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
-        decoder = self.critic.get_base_model().get_decoder()
-        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).last_hidden_state
+    def policy(self, ids, mask, images: dict | None = None):
+        logits = self.actor(**inputs(ids, mask, images)).logits
+        hidden = last_hidden(self.critic, ids, mask, images)
         return logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
     @torch.no_grad()
-    def reference_logits(self, ids, mask):
-        return self.reference(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
+    def reference_logits(self, ids, mask, images: dict | None = None):
+        return self.reference(**inputs(ids, mask, images)).logits
 
     @torch.no_grad()
-    def score(self, ids, mask, last):
-        decoder = (self.reward_model.get_base_model() if hasattr(self.reward_model, "get_base_model")
-                   else self.reward_model).get_decoder()
-        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).last_hidden_state
+    def score(self, ids, mask, last, images: dict | None = None):
+        hidden = last_hidden(self.reward_model, ids, mask, images)
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.reward_head(picked.to(self.reward_head.weight.dtype)).squeeze(-1)
 
@@ -243,10 +259,9 @@ def adapter(model, name: str):
 
 def build(o: PPOOptions, tokenizer, device):
     """The roles for the layout, from --model/--sft/--reward."""
-    from lmforge.shared.model.models import load_model, resize_to
+    from lmforge.shared.model.models import load_model, model_class, resize_to
     from lmforge.shared.model.value import attach_reward_adapter, load_head
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     def sft_model():
         """W: the SFT model (the base with the --sft adapter merged in, or the --sft model itself)."""
@@ -283,7 +298,7 @@ def build(o: PPOOptions, tokenizer, device):
         if reward_is_adapter:
             reward_model = PeftModel.from_pretrained(sft_model(), str(reward_dir)).eval()
         else:
-            reward_model = AutoModelForCausalLM.from_pretrained(str(reward_dir), dtype=device.dtype).eval()
+            reward_model = model_class(reward_dir).from_pretrained(str(reward_dir), dtype=device.dtype).eval()
             resize_to(reward_model, tokenizer)
         for p in [*reference.parameters(), *reward_model.parameters()]:
             p.requires_grad_(False)
@@ -299,9 +314,10 @@ def build(o: PPOOptions, tokenizer, device):
 # ----------------------------------------------------------------------------- the loop
 
 class PPO:
-    def __init__(self, o: PPOOptions, roles, tokenizer, prompts, stop_ids: list[int]):
+    def __init__(self, o: PPOOptions, roles, tokenizer, prompts, stop_ids: list[int], images=None):
         self.o, self.roles, self.tokenizer = o, roles, tokenizer
         self.prompts = prompts                   # datasets.Dataset with prompt_ids
+        self.images = images                     # multimodal.PromptImages for image prompts, else None
         self.stop_ids = stop_ids
         self.pad_id = pad_id_of(tokenizer, stop_ids)
         self.optimizer = torch.optim.AdamW(roles.trainable(), lr=o.learning_rate)
@@ -322,15 +338,26 @@ class PPO:
         random.Random(self.o.seed + epoch).shuffle(order)
         return order[within * self.o.batch_size:(within + 1) * self.o.batch_size]
 
+    def pixels(self, rows: list[int], ids: torch.Tensor) -> dict:
+        """The image inputs of these rows (in this order) for the sequences `ids`; {} for text."""
+        if self.images is None:
+            return {}
+        out = self.images.pixels(rows)
+        out.pop("num_images")
+        out.update(self.images.token_types(ids))
+        return {k: v.to(self.device) for k, v in out.items()}
+
     @torch.no_grad()
-    def rollout(self, prompts: list[list[int]]):
+    def rollout(self, prompts: list[list[int]], rows: list[int]):
         """Sample responses; returns padded sequences, attention mask and response mask."""
         ids, mask = left_pad(prompts, self.pad_id, self.device)
         width = ids.shape[1]
         model = self.roles.generator()
         kwargs = dict(max_new_tokens=self.o.max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
                       use_cache=True, **sampling_args(self.o.temperature, self.o.top_p, self.o.top_k))
-        out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        if self.images is not None:   # an image token in an answer has no image: never sample one
+            kwargs["suppress_tokens"] = [self.images.vision.image_token_id]
+        out = model.generate(input_ids=ids, attention_mask=mask, **self.pixels(rows, ids), **kwargs)
         response = out[:, width:]
         # the response runs to its first stop token (included); anything after is padding
         is_stop = torch.isin(response, self.stops)
@@ -344,22 +371,24 @@ class PPO:
     def step_once(self) -> dict:
         o = self.o
         started = time.monotonic()
-        batch = self.prompts[self.batch_indices(self.step)]["prompt_ids"]
+        rows = self.batch_indices(self.step)
+        batch = self.prompts[rows]["prompt_ids"]
         for m in (self.roles.generator(),):
             m.eval()
-        sequences, mask, response_mask, width, finished = self.rollout(batch)
+        sequences, mask, response_mask, width, finished = self.rollout(batch, rows)
         lengths = response_mask.sum(-1)
         keep = lengths > 0
+        images = self.pixels(rows, sequences)
         with torch.no_grad():
-            logits, values = self.roles.policy(sequences, mask)
-            ref_logits = self.roles.reference_logits(sequences, mask)
+            logits, values = self.roles.policy(sequences, mask, images)
+            ref_logits = self.roles.reference_logits(sequences, mask, images)
             # token t of the response is predicted at position width + t - 1
             tokens = sequences[:, width:]
             old_logp = logprobs_of(logits[:, width - 1:-1], tokens)
             ref_logp = logprobs_of(ref_logits[:, width - 1:-1], tokens)
             old_values = values[:, width - 1:-1]
             last = width + lengths.clamp(min=1) - 1
-            raw = self.roles.score(sequences, mask, last)
+            raw = self.roles.score(sequences, mask, last, images)
             entropy = masked_mean(entropy_of(logits[:, width - 1:-1]), response_mask.float())
         score = raw.clone()
         if o.missing_eos_penalty is not None:
@@ -385,7 +414,8 @@ class PPO:
             order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(o.seed + self.step)).to(self.device)
             for start in range(0, len(batch), o.mini_batch_size):
                 part = order[start:start + o.mini_batch_size]
-                logits, values = self.roles.policy(sequences[part], mask[part])
+                logits, values = self.roles.policy(sequences[part], mask[part],
+                                                   self.pixels([rows[i] for i in part.tolist()], sequences[part]))
                 logp = logprobs_of(logits[:, width - 1:-1], tokens[part])
                 vpred = values[:, width - 1:-1]
                 m = rmask[part]
@@ -499,7 +529,14 @@ def _train(o: PPOOptions, out: Path, resume_from: Path | None) -> None:
     stop_words = data.meta.get("stop_words") or [tokenizer.eos_token]
     stop_ids = [i for i in tokenizer.convert_tokens_to_ids(stop_words) if i is not None]
     roles = build(o, tokenizer, device)
-    trainer = PPO(o, roles, tokenizer, data.dataset, stop_ids)
+    images = None
+    if data.meta.get("vision"):   # issue 17: image prompts
+        from lmforge.shared.data.multimodal import PromptImages
+        from lmforge.shared.model.vision import require_vlm
+
+        require_vlm(roles.generator(), o.model, data)
+        images = PromptImages(o.model, roles.generator(), tokenizer, data)
+    trainer = PPO(o, roles, tokenizer, data.dataset, stop_ids, images)
     trainable, total = count_parameters(roles.generator())
     steps = o.max_steps
     if o.epochs:

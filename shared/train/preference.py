@@ -9,7 +9,7 @@ DPO family (`--loss`):
 - sigmoid, ipo, hinge: TRL's DPOTrainer. With LoRA the reference model is the same weights with
   the adapter switched off (no second copy); with full tuning TRL keeps a frozen copy, or
   `--precompute-ref` computes reference log-probs once before training instead.
-- kto: TRL's KTOTrainer on KTO-labelled data (desirable / undesirable answers).
+- kto: TRL's KTOTrainer on KTO-labelled data (desirable / undesirable answers), images too.
 - orpo, simpo: reference-free, written here (TRL has them only in `trl.experimental`, built
   around raw text). With p_c, p_r the mean per-token log-probs of the chosen/rejected answers:
       ORPO   loss = -p_c + beta * -log sigmoid(log odds(p_c) - log odds(p_r)),
@@ -26,7 +26,6 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from lmforge.shared.core.errors import BadInput
 from lmforge.shared.data.collate import PairCollator
 from lmforge.shared.model.value import HEAD_FILE, VISION_INPUTS, ValueModel, save_value_model
 
@@ -189,6 +188,11 @@ def _kto_trainer_class():
                 dataset = dataset.map(rotate, batched=True, batch_size=args.per_device_train_batch_size)
             return dataset
 
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if self._signature_columns is not None and "prompt_images" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "prompt_images"]   # issue 17
+
     return PackedKTOTrainer
 
 
@@ -233,9 +237,6 @@ def build_dpo_trainer(o, model, tokenizer, args, data, eval_data):
     """The trainer for `train dpo --loss ...` (settings in o.extra)."""
     loss = o.extra["loss"]
     beta, ftx = o.extra["beta"], o.extra["ftx"]
-    if data.meta.get("vision") and loss == "kto":   # issue 17: TRL's KTOTrainer builds its own batches
-        raise BadInput("--loss kto on vision-language data is not supported",
-                       f"use one of {', '.join(DPO_LOSSES)}, orpo or simpo")
     kwargs = {k: v for k, v in args.to_dict().items() if k in _init_fields(type(args))}
     if loss in DPO_LOSSES:
         from trl import DPOConfig
@@ -271,34 +272,35 @@ def build_dpo_trainer(o, model, tokenizer, args, data, eval_data):
         return trainer, counter
     pairs: Any = trainer.data_collator
     if data.meta.get("vision"):   # issue 17: the prompts' images, processed per batch
-        pairs = VisionPairs(pairs, o.model, model, tokenizer, data)
+        pairs = VisionPairs(pairs, o.model, model, tokenizer, data, paired=loss != "kto")
     counter = TokenCounter(pairs)
     trainer.data_collator = counter
     return trainer, counter
 
 
 class VisionPairs:
-    """TRL's preference batch ([chosen rows; rejected rows]) + each prompt's images, twice in that
-    order, processed by the model's image processor (issue 17)."""
+    """A preference batch + each prompt's images, processed by the model's image processor (issue 17).
+    Paired (dpo, rm: rows [chosen; rejected]) the images go twice, in that order; unpaired (kto) once,
+    for the answer rows and again for the KL rows (the same prompts with a neighbour's answer), which
+    get their own token types (KL_*)."""
 
-    def __init__(self, collate, model_dir: str, model, tokenizer, data):
+    def __init__(self, collate, model_dir: str, model, tokenizer, data, paired: bool = True):
         from lmforge.shared.data import multimodal
+        from lmforge.shared.model.vision import require_vlm
 
-        family = multimodal.family_of(model_dir)
-        if family != data.meta["vision"].get("family"):
-            raise BadInput(f"{data.path}: packed for a {data.meta['vision'].get('family')} model, not {family}",
-                           "pack the data with this model")
-        self.collate, self.model = collate, model
-        self.vision = multimodal.Vision(model_dir, tokenizer, int(data.meta["vision"]["max_pixels"]),
-                                        int(data.meta["vision"]["min_pixels"]))
+        require_vlm(model, model_dir, data)
+        self.collate, self.model, self.paired = collate, model, paired
+        self.vision = multimodal.for_packed(model_dir, tokenizer, data)
 
     def __call__(self, rows):
         images = [b for r in rows for b in r.get("prompt_images") or []]
         batch = self.collate([{k: v for k, v in r.items() if k != "prompt_images"} for r in rows])
         if images:
-            batch.update(self.vision.pixels(images + images))
+            batch.update(self.vision.pixels(images + images if self.paired else images))
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         batch.update(self.vision.token_types(base, batch["input_ids"]))
+        if "KL_input_ids" in batch:
+            batch.update({"KL_" + k: v for k, v in self.vision.token_types(base, batch["KL_input_ids"]).items()})
         return batch
 
     def __getattr__(self, name):   # the wrapped collator's token counts (tokens, counts) for tokens/s

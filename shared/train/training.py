@@ -536,15 +536,9 @@ def vision_collator(model_dir: str, model, tokenizer, data: PackedData):
     from lmforge.shared.data.collate import VisionCollator
     from lmforge.shared.model import vision
 
-    meta = data.meta["vision"]
-    if not vision.is_vlm(model):
-        raise BadInput(f"{data.path}: the data holds images (packed for a {meta.get('family')} model) and "
-                       f"{model_dir} is a text model", "train a vision-language model on it, or pack text-only data")
-    family = multimodal.family_of(model_dir)
-    if family != meta.get("family"):
-        raise BadInput(f"{data.path}: packed for a {meta.get('family')} model, not {family} ({model_dir})",
-                       "pack the data with this model")
-    images = multimodal.from_metadata(model_dir, tokenizer, meta)
+    vision.require_vlm(model, model_dir, data)
+    images = multimodal.for_packed(model_dir, tokenizer, data)
+    family = images.name
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner = getattr(base, "model", base)
     rope_index = getattr(inner, "get_rope_index", None) if family.startswith("qwen") else None
