@@ -100,6 +100,9 @@ def test_chunked_loss_only_where_exact_and_then_equal(tiny, name):
     model.train()
     labels = IDS.clone()
     standard = model(IDS, labels=labels).loss
+    # scaled logits reach the chunked loss through the model's forward; code that calls the output
+    # layer itself (the DPO-family forward, preference.completion_logps) steps aside for them
+    assert archrules.logits_scaled(model.config) == (name in ("granite", "cohere"))
     restore = lossfn.install(model)
     if name == "gemma2":   # soft-capped: not a candidate
         assert restore is None and not archrules.chunked_loss_exact(model.config)

@@ -107,6 +107,87 @@ def test_every_dpo_loss_runs_and_the_margin_grows(prefs, tmp_path, loss):
         assert record["hyperparameters"]["ftx"] == 0.5
 
 
+def _exact_dpo(model, ref, batch, loss: str, beta: float, ftx: float):
+    """DPO written out on full logits: log_softmax over the vocabulary at every position."""
+    import torch
+    import torch.nn.functional as F
+
+    def logps(net):
+        logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        token = torch.log_softmax(logits, -1).gather(2, batch["input_ids"][:, 1:, None]).squeeze(-1)
+        keep = batch["completion_mask"][:, 1:].float()
+        return (token * keep).sum(1), keep.sum(1)
+
+    (c, r), (nc, nr) = (x.chunk(2) for x in logps(model))
+    with torch.no_grad():
+        rc, rr = logps(ref)[0].chunk(2)
+    delta = (c - rc) - (r - rr)
+    per = {"sigmoid": lambda: -F.logsigmoid(beta * delta), "hinge": lambda: torch.relu(1 - beta * delta),
+           "ipo": lambda: ((c - rc) / nc - (r - rr) / nr - 1 / (2 * beta)) ** 2}[loss]()
+    return per.mean() + ftx * -c.sum() / nc.sum()
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge"])
+def test_lean_dpo_equals_the_definition_and_trls_forward(prefs, tmp_path, loss):
+    """lmforge's DPO forward (the output layer only at completion positions, in chunks) gives, on one
+    batch with the SFT term of --ftx: with LoRA (the adapter moved away from TRL's reference copy of
+    it), TRL's own loss, gradients and metrics; with full tuning (the output layer trains: its
+    gradient is recomputed in backward), the loss and gradients of DPO written out on full logits."""
+    import torch
+    from lmforge.shared.data.packed import open_packed
+    from lmforge.shared.train.preference import _dpo_trainer_class
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(prefs["base"]))
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    data = open_packed(prefs["dpo_train"], ("dpo",))
+    for full in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(str(prefs["base"]))
+        if not full:
+            model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+        config = DPOConfig(output_dir=str(tmp_path / "out"), loss_type=[loss, "sft"], loss_weights=[1.0, 0.5],
+                           beta=0.1, max_length=None, per_device_train_batch_size=3, report_to=[], use_cpu=True,
+                           bf16=False)   # (TRL would wrap its reference copy in bf16 autocast on this CPU)
+        trainer = _dpo_trainer_class()(model=model, args=config, train_dataset=data.dataset,
+                                       processing_class=tokenizer, ftx=0.5)
+        assert trainer._lean
+        batch = trainer.data_collator([data.dataset[i] for i in range(3)])
+        with torch.no_grad():   # the policy moves away from the reference (TRL's copy of the adapter / model)
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.02)
+        trainer.model.train()
+        results = []
+        for way in ("lean", "other"):
+            trainer._lean = way == "lean"
+            trainer._metrics["train"].clear()
+            trainer.model.zero_grad()
+            if way == "other" and full:
+                value = _exact_dpo(trainer.model, trainer.ref_model, batch, loss, 0.1, 0.5)
+            else:
+                value = trainer._compute_loss(trainer.model, batch, False)
+            value.backward()
+            grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+            metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()
+                       if k.startswith(("rewards/", "logps/", "sft_loss"))}
+            results.append((float(value), grads, metrics))
+        (lean_loss, lean_grads, lean_metrics), (other_loss, other_grads, other_metrics) = results
+        assert lean_loss == pytest.approx(other_loss, rel=1e-4, abs=1e-5)
+        assert lean_grads.keys() == other_grads.keys() and lean_grads
+        if full:
+            assert any("embed" in n or "lm_head" in n for n in lean_grads)   # the (tied) output layer trains
+        for name, grad in lean_grads.items():
+            assert torch.allclose(grad, other_grads[name], rtol=1e-3, atol=1e-6), name
+        if not full:
+            assert lean_metrics.keys() == other_metrics.keys() and "sft_loss" in lean_metrics
+            assert lean_metrics["rewards/margins"] != 0
+            for key, value in lean_metrics.items():
+                assert value == pytest.approx(other_metrics[key], rel=1e-4, abs=1e-5), key
+
+
 def test_kto_on_kto_en_demo(prefs, tmp_path):
     kto = tmp_path / "kto.arrow"
     ok(["data", "align", shared_path(f"{LF}/kto_en_demo.json"), "--max-samples", "48", "-o", tmp_path / "k.arrow"])

@@ -478,10 +478,11 @@ def image_prompts(work, model, aligned_colours) -> Path:
     return packed
 
 
-def test_grpo_on_image_prompts(work, model, image_prompts, monkeypatch):
+def test_grpo_on_image_prompts(work, model, image_prompts, image_rm, monkeypatch):
     """ppo-stage prompts keep their images; train grpo samples with each prompt's images and gives
     them to every log-prob pass (the loss, the reference with --kl-coef, the old policy with
-    --num-iterations 2), row by row however TRL shuffles its batches; a reward model is refused."""
+    --num-iterations 2) and to a reward model trained on image pairs, row by row however TRL
+    shuffles its batches."""
     from lmforge.shared.data import multimodal
 
     packed = image_prompts
@@ -501,17 +502,17 @@ def test_grpo_on_image_prompts(work, model, image_prompts, monkeypatch):
 
     monkeypatch.setattr(multimodal.PromptImages, "pixels", spy)
     out = work / "grpo"
-    ok(["train", "grpo", "-m", model, "-d", packed, "-o", out, "--reward", "exact", "--max-steps", "2",
+    ok(["train", "grpo", "-m", model, "-d", packed, "-o", out, "--reward", "exact", "--reward", image_rm[1],
+        "--max-steps", "2",
         "--batch-size", "2", "--num-generations", "2", "--max-new-tokens", "4", "--kl-coef", "0.05",
         "--num-iterations", "2", "--logging-steps", "1"])
     assert (out / "adapter_model.safetensors").is_file()
     # sampling (4 prompts: 2 x 2 generations), then old policy, reference and loss passes over them
     assert calls and all(n == 4 for n, _ in calls), calls
-    assert len(calls) == 5, calls   # step 1: sampling, old policy, reference, loss; step 2 (2nd iteration): loss
-    rm = work / "no-rm"
-    rm.mkdir(exist_ok=True)
-    assert "a reward model scores text" in bad(["train", "grpo", "-m", model, "-d", packed, "-o", work / "grpo-rm",
-                                                "--reward", str(rm), "--max-steps", "1"])
+    # step 1: sampling, old policy, reference, the reward model, loss; step 2 (2nd iteration): loss
+    assert len(calls) == 6, calls
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert any("rewards/rm/mean" in e for e in log), log
 
 
 @pytest.fixture(scope="module")

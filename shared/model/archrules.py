@@ -108,6 +108,18 @@ def attention_reason(config) -> str:
     return EAGER_ONLY.get(getattr(config, "model_type", ""), "")
 
 
+# config fields that scale the logits after the output layer (Cohere logit_scale, Granite and MiniCPM3
+# logits_scaling, Falcon-H1 lm_head_multiplier, output_multiplier), as TRL's fused head lists them
+LOGIT_SCALES = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
+
+
+def logits_scaled(config) -> bool:
+    """Does the model scale its logits after the output layer? (The chunked sft loss receives the
+    scaled hidden state through the model's forward; code that calls the output layer itself does not.)"""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return any(getattr(text, name, None) not in (None, 1, 1.0) for name in LOGIT_SCALES)
+
+
 def chunked_loss_exact(config) -> bool:
     """Can the loss be computed from the hidden state and the output layer alone (no soft-capping)?"""
     return not getattr(config, "final_logit_softcapping", None)

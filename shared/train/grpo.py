@@ -232,11 +232,9 @@ def build_grpo_trainer(o, model, tokenizer, args, data, eval_data):
     for spec in x["rewards"]:
         parsed = rewards_.parse(spec)
         if isinstance(parsed, Path):
-            if images is not None:
-                raise BadInput(f"--reward {spec}: a reward model scores text, and these prompts hold images",
-                               "use rewards that read the completion (exact, numeric, regex, cmd:, a Python function)")
             parsed = rewards_.RewardModel(parsed, model, o.model, tokenizer, device)
             parsed.prompt_ids = ids_by_text
+            parsed.images = images   # image prompts: the reward model reads them too
         elif isinstance(parsed, (rewards_.Exact, rewards_.Numeric)) and not has_reference:
             raise BadInput(f"--reward {spec} compares with reference answers, and {data.path} has none",
                            "pack prompts with their answers (`data pack --stage ppo` keeps one assistant answer)")

@@ -103,12 +103,8 @@ def install(model) -> Callable[[], None] | None:
     Returns a function that restores the original output layer and loss, or None when the model
     is not a candidate (no plain linear output layer, logit soft-capping)."""
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = causal.get_output_embeddings() if hasattr(causal, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Linear) or type(head) is not torch.nn.Linear:
-        return None  # quantized or adapted output layers keep the standard loss
-    from lmforge.shared.model import archrules
-
-    if not archrules.chunked_loss_exact(causal.config):  # soft-capped logits (archrules)
+    head = plain_head(causal)
+    if head is None:   # quantized or adapted output layers, soft-capped logits: the standard loss
         return None
     stand_in = HiddenHead(head)
     causal.set_output_embeddings(stand_in)
@@ -136,3 +132,79 @@ def install(model) -> Callable[[], None] | None:
             del causal._loss_function
 
     return restore
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    """Per-row log-probability of the target under softmax(hidden @ weight.T + bias), in chunks.
+
+    d logp_i / d h_i = W[y_i] - softmax_i W is computed in the forward pass (cheap once the chunk's
+    softmax is there) and scaled by the upstream gradient in backward; the output layer's own
+    gradient, needed only when it trains (full tuning), is recomputed chunk by chunk in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        rows = max(_CHUNK_MIN_ROWS, _CHUNK_ELEMENTS // weight.shape[0])
+        w = weight if weight.dtype in (torch.bfloat16, torch.float16) else weight.float()
+        need_h = ctx.needs_input_grad[0]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            h = hidden[start:start + rows].to(w.dtype)
+            t = targets[start:start + rows]
+            logits = (h @ w.T).float()
+            if bias is not None:
+                logits += bias.float()
+            lse = torch.logsumexp(logits, dim=1)
+            out[start:start + rows] = logits.gather(1, t[:, None]).squeeze(1) - lse
+            if grad_h is not None:
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0   # softmax - onehot = -d logp / d logits
+                grad_h[start:start + rows] = (probs.to(w.dtype) @ w).neg_().to(hidden.dtype)
+        ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0), hidden, weight,
+                              bias if bias is not None else torch.empty(0), targets)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, hidden, weight, bias, targets = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_w = grad_b = None
+        if need_w or (need_b and ctx.has_bias):
+            rows = max(_CHUNK_MIN_ROWS, _CHUNK_ELEMENTS // weight.shape[0])
+            w = weight if weight.dtype in (torch.bfloat16, torch.float16) else weight.float()
+            acc_w = torch.zeros_like(w, dtype=torch.float32)
+            acc_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
+            for start in range(0, hidden.shape[0], rows):
+                h = hidden[start:start + rows].to(w.dtype)
+                t = targets[start:start + rows]
+                logits = (h @ w.T).float()
+                if ctx.has_bias:
+                    logits += bias.float()
+                probs = torch.softmax(logits, dim=1)
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                g = probs.mul_(-grad_out[start:start + rows, None].float())   # d loss / d logits
+                acc_w.addmm_(g.T, h.float())
+                acc_b += g.sum(0)
+            grad_w = acc_w.to(weight.dtype) if need_w else None
+            grad_b = acc_b.to(bias.dtype) if need_b and ctx.has_bias else None
+        return (grad_h * grad_out[:, None].to(grad_h.dtype) if need_h else None, grad_w, grad_b, None)
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(hidden @ weight.T (+ bias))[target] per row, fp32, without materialising the
+    logits of more than one chunk of rows."""
+    return _LinearLogProbs.apply(hidden, weight, bias, targets)
+
+
+def plain_head(model) -> torch.nn.Linear | None:
+    """The output layer of a causal LM (PEFT-wrapped or not) when the chunked functions apply to it:
+    a plain linear layer (not quantized, not adapted) and no logit soft-capping."""
+    from lmforge.shared.model import archrules
+
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = causal.get_output_embeddings() if hasattr(causal, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or not archrules.chunked_loss_exact(causal.config):
+        return None
+    return head

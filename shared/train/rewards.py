@@ -291,15 +291,28 @@ class RewardModel(Reward):
         for p in self.head.parameters():
             p.requires_grad_(False)
         self.prompt_ids: dict[str, list[int]] = {}
+        self.images: Any = None     # multimodal.PromptImages when the prompts hold images (issue 17)
+        self._rows: list[int] | None = None
         self._torch = torch
+
+    def __call__(self, prompts, completions, completion_ids=None, reference=None, **kwargs):
+        self._rows = kwargs.get("lmforge_row")   # image prompts: their row numbers (grpo's dataset column)
+        try:
+            return super().__call__(prompts, completions, completion_ids, reference, **kwargs)
+        finally:
+            self._rows = None
 
     def score(self, prompts, completions, completion_ids, references):
         torch = self._torch
         from contextlib import nullcontext
 
-        from lmforge.shared.train.ppo import adapter, positions
+        from lmforge.shared.train.ppo import adapter, last_hidden
 
-        rows = [self.prompt_ids[p] + list(c) for p, c in zip(prompts, completion_ids)]
+        if self.images is not None and self._rows is not None:   # the exact ids of each row, and its images
+            heads = self.images.prompt_ids(list(self._rows))
+        else:
+            heads = [self.prompt_ids[p] for p in prompts]
+        rows = [h + list(c) for h, c in zip(heads, completion_ids)]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id or 0
         device = next(self.model.parameters()).device
@@ -309,11 +322,14 @@ class RewardModel(Reward):
         model = self.model
         was_training = model.training
         model.eval()
+        images: dict = {}
+        if self.images is not None and self._rows is not None:
+            images = self.images.pixels(list(self._rows))
+            images.pop("num_images")
+            images = {k: v.to(device) for k, v in {**images, **self.images.token_types(ids)}.items()}
         try:
             with torch.no_grad(), (adapter(model, "reward") if self.shared else nullcontext()):
-                base = model.get_base_model() if hasattr(model, "get_base_model") else model
-                hidden = base.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                                            use_cache=False).last_hidden_state
+                hidden = last_hidden(model, ids, mask, images)
         finally:
             model.train(was_training)
         picked = hidden[torch.arange(len(rows), device=device), last]
