@@ -173,7 +173,7 @@ def test_lean_dpo_equals_the_definition_and_trls_forward(prefs, tmp_path, loss):
             grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
             metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()
                        if k.startswith(("rewards/", "logps/", "sft_loss"))}
-            results.append((float(value), grads, metrics))
+            results.append((float(value.detach()), grads, metrics))
         (lean_loss, lean_grads, lean_metrics), (other_loss, other_grads, other_metrics) = results
         assert lean_loss == pytest.approx(other_loss, rel=1e-4, abs=1e-5)
         assert lean_grads.keys() == other_grads.keys() and lean_grads
