@@ -145,3 +145,43 @@ def test_matrix_covers_what_the_issue_asks():
     assert {"dense", "moe", "tied", "soft-capped logits", "sliding window", "no-RoPE layers"} <= covers
     untied = [n for n, (_, keys, _) in archmatrix.ARCHS.items() if not keys.get("tie_word_embeddings")]
     assert untied
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dpo_forward_equals_full_logits_or_steps_aside(matrix, name):
+    """train dpo's own forward (preference.completion_logps: the output layer only at completion
+    positions, in chunks) gives every architecture's summed completion log-probs and their gradients
+    as log_softmax over full logits does; models whose logits are soft-capped or scaled after the
+    output layer keep TRL's forward instead."""
+    import types
+
+    import torch
+    from lmforge.shared.train.preference import completion_logps, lean_applies
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(matrix["models"][name]), attn_implementation="eager")
+    trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(num_processes=1), is_deepspeed_enabled=False,
+                                    is_fsdp_enabled=False)
+    if not lean_applies(trainer, model):
+        assert "soft-capped logits" in archmatrix.ARCHS[name][2] or "scaled logits" in archmatrix.ARCHS[name][2]
+        return
+    model.eval()
+    torch.manual_seed(1)
+    ids = torch.randint(4, archmatrix.VOCAB, (4, 20))
+    lengths = torch.tensor([20, 17, 20, 12])      # right padding, as TRL's preference collator pads
+    positions = torch.arange(20)[None, :]
+    attention = (positions < lengths[:, None]).long()
+    completion = ((positions >= torch.tensor([6, 9, 4, 7])[:, None]) & attention.bool()).long()
+    ids = ids.masked_fill(attention == 0, 3)
+    batch = {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}
+    sums, counts = completion_logps(model, batch)
+    head = model.get_output_embeddings().weight
+    layer = next(p for n, p in model.named_parameters() if "layers.0" in n or ".h.0." in n)
+    lean_grads = torch.autograd.grad(sums.sum(), (head, layer))
+    full = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+    token = torch.log_softmax(full, -1).gather(2, ids[:, 1:, None]).squeeze(-1)
+    expected = (token * completion[:, 1:]).sum(1)
+    assert torch.equal(counts, completion[:, 1:].sum(1))
+    assert torch.allclose(sums, expected, rtol=1e-4, atol=1e-4), (sums, expected)
+    for got, want in zip(lean_grads, torch.autograd.grad(expected.sum(), (head, layer))):
+        assert torch.allclose(got, want, rtol=1e-3, atol=1e-5)

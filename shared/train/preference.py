@@ -132,7 +132,7 @@ def completion_logps(model, inputs: dict, autocast=nullcontext) -> tuple[torch.T
 
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = causal.get_output_embeddings()
-    body = getattr(causal, causal.base_model_prefix)   # the decoder; a VLM's whole multimodal body
+    body = causal.base_model   # the decoder (base_model_prefix); a VLM's whole multimodal body
     images = {k: inputs[k] for k in VISION_INPUTS if k in inputs}
     ids = inputs["input_ids"]
     with autocast():
