@@ -188,6 +188,61 @@ def test_lean_dpo_equals_the_definition_and_trls_forward(prefs, tmp_path, loss):
                 assert value == pytest.approx(other_metrics[key], rel=1e-4, abs=1e-5), key
 
 
+def test_lean_kto_equals_trls_forward(prefs, tmp_path):
+    """lmforge's KTO forward (completion_logps for the answer rows and the KL rows, policy and
+    reference) gives TRL's loss, gradients and metrics on one batch holding desirable and
+    undesirable answers, with the adapter moved away from TRL's reference copy of it."""
+    import torch
+    from lmforge.shared.data.packed import open_packed
+    from lmforge.shared.train.preference import _kto_trainer_class
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import KTOConfig
+
+    kto = tmp_path / "kto.arrow"
+    ok(["data", "align", shared_path(f"{LF}/kto_en_demo.json"), "--max-samples", "24", "-o", tmp_path / "k.arrow"])
+    ok(["data", "pack", tmp_path / "k.arrow", "-m", prefs["base"], "-t", "default", "-s", "kto", "--cutoff", "128",
+        "-o", kto])
+    tokenizer = AutoTokenizer.from_pretrained(str(prefs["base"]))
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(prefs["base"])),
+                           LoraConfig(r=4, target_modules="all-linear"))
+    config = KTOConfig(output_dir=str(tmp_path / "out"), beta=0.1, max_length=None, per_device_train_batch_size=4,
+                       report_to=[], use_cpu=True, bf16=False, train_sampling_strategy="sequential",
+                       desirable_weight=1.0, undesirable_weight=1.5)
+    trainer = _kto_trainer_class()(model=model, args=config, train_dataset=open_packed(kto, ("kto",)).dataset,
+                                   processing_class=tokenizer)
+    assert trainer._lean and trainer.calculate_KL
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    assert {r["label"] for r in rows} == {True, False}
+    batch = trainer.data_collator(rows)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    trainer.model.train()
+    results = []
+    for lean in (True, False):
+        trainer._lean = lean
+        trainer._metrics["train"].clear()
+        trainer.model.zero_grad()
+        value = trainer._compute_loss(trainer.model, batch, False)
+        value.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith(("rewards/", "logps/", "kl"))}
+        results.append((float(value.detach()), grads, metrics))
+    (lean_loss, lean_grads, lean_metrics), (trl_loss, trl_grads, trl_metrics) = results
+    assert lean_loss == pytest.approx(trl_loss, rel=1e-4, abs=1e-6)
+    assert lean_grads.keys() == trl_grads.keys() and lean_grads
+    for name, grad in lean_grads.items():
+        assert torch.allclose(grad, trl_grads[name], rtol=1e-3, atol=1e-6), name
+    assert lean_metrics["kl"] > 0   # the KL rows count (not clamped away)
+    assert lean_metrics.keys() == trl_metrics.keys() and "rewards/margins" in lean_metrics
+    for key, value in lean_metrics.items():
+        assert value == pytest.approx(trl_metrics[key], rel=1e-4, abs=1e-6), key
+
+
 def test_kto_on_kto_en_demo(prefs, tmp_path):
     kto = tmp_path / "kto.arrow"
     ok(["data", "align", shared_path(f"{LF}/kto_en_demo.json"), "--max-samples", "48", "-o", tmp_path / "k.arrow"])

@@ -10,6 +10,8 @@ DPO family (`--loss`):
   the adapter switched off (no second copy); with full tuning TRL keeps a frozen copy, or
   `--precompute-ref` computes reference log-probs once before training instead.
 - kto: TRL's KTOTrainer on KTO-labelled data (desirable / undesirable answers), images too.
+- sigmoid, ipo, hinge, kto, orpo, simpo: lmforge's forward (completion_logps) where it applies: the
+  output layer only at the positions that predict a completion token, in chunks.
 - orpo, simpo: reference-free, written here (TRL has them only in `trl.experimental`, built
   around raw text). With p_c, p_r the mean per-token log-probs of the chosen/rejected answers:
       ORPO   loss = -p_c + beta * -log sigmoid(log odds(p_c) - log odds(p_r)),
@@ -271,7 +273,67 @@ def _kto_trainer_class():
     from trl import KTOTrainer
 
     class PackedKTOTrainer(KTOTrainer):
-        """TRL's KTO on data `lmforge data pack --stage kto` already tokenized."""
+        """TRL's KTO on data `lmforge data pack --stage kto` already tokenized, with lmforge's forward
+        (completion_logps) where it applies, as for DPO."""
+
+        def __init__(self, *args, lean: bool = True, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._lean = (lean and lean_applies(self, self.model) and not self.aux_loss_enabled
+                          and self.loss_type in ("kto", "apo_zero_unpaired"))
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            if not self._lean or return_outputs:
+                return super()._compute_loss(model, inputs, return_outputs)
+            from peft import PeftModel
+            from trl.trainer.utils import use_adapter
+
+            assert self.model is not None  # set from __init__ on
+            mode = "train" if self.model.training else "eval"
+            autocast, policy = self.accelerator.autocast, self.accelerator.unwrap_model(model)
+            kl_rows = _kl_view(inputs) if self.calculate_KL else None
+            if kl_rows is not None:
+                with torch.no_grad():
+                    kl_logps = completion_logps(policy, kl_rows, autocast)[0]
+            logps = completion_logps(policy, inputs, autocast)[0]
+            if self.precompute_ref_logps:
+                ref_logps, ref_kl_logps = inputs["ref_logps"], inputs.get("ref_KL_logps")
+            else:
+                with torch.no_grad():   # the reference: the adapter off (LoRA), or TRL's frozen copy
+                    if isinstance(self.model, PeftModel) and self.ref_model is None:
+                        unwrapped = self.accelerator.unwrap_model(self.model)
+                        with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                            ref_logps = completion_logps(policy, inputs, autocast)[0]
+                            ref_kl_logps = completion_logps(policy, kl_rows, autocast)[0] if kl_rows else None
+                    else:
+                        ref = self.accelerator.unwrap_model(self.ref_model)
+                        ref_logps = completion_logps(ref, inputs, autocast)[0]
+                        ref_kl_logps = completion_logps(ref, kl_rows, autocast)[0] if kl_rows else None
+            # KTO (TRL's maths): z = mean KL(policy || reference) over the mismatched pairs, >= 0, no gradient;
+            # desirable: 1 - sigmoid(beta (log ratio - z)), undesirable: 1 - sigmoid(beta (z - log ratio))
+            kl = ((kl_logps - ref_kl_logps).mean().detach().clamp(min=0) if kl_rows is not None
+                  else torch.zeros((), device=logps.device))
+            desirable = inputs["label"].to(logps.device).bool()
+            ratios = logps - ref_logps.to(logps.device)
+            chosen, rejected = ratios[desirable], ratios[~desirable]
+            if self.loss_type == "kto":
+                chosen_losses = 1 - F.sigmoid(self.beta * (chosen - kl))
+                rejected_losses = 1 - F.sigmoid(self.beta * (kl - rejected))
+            else:   # apo_zero_unpaired
+                chosen_losses = 1 - F.sigmoid(self.beta * chosen)
+                rejected_losses = F.sigmoid(self.beta * rejected)
+            loss = torch.cat((self.desirable_weight * chosen_losses, self.undesirable_weight * rejected_losses)).nanmean()
+            metrics = self._metrics[mode]
+            metrics["kl"].append(float(kl))
+            if mode == "train":
+                self._total_train_tokens += int(inputs["attention_mask"].sum())
+            metrics["num_tokens"] = [self._total_train_tokens]
+            for name, part, part_logps in (("chosen", chosen, logps[desirable]), ("rejected", rejected, logps[~desirable])):
+                if len(part):
+                    metrics[f"rewards/{name}"].append(float(self.beta * part.detach().nansum()) / len(part))
+                    metrics[f"logps/{name}"].append(float(part_logps.detach().nansum()) / len(part))
+            if len(chosen) and len(rejected):
+                metrics["rewards/margins"].append(metrics["rewards/chosen"][-1] - metrics["rewards/rejected"][-1])
+            return loss
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             # KTO pairs each answer with its neighbour's for the KL term, so batches are read in a
@@ -293,6 +355,18 @@ def _kto_trainer_class():
                 self._signature_columns = [*self._signature_columns, "prompt_images"]   # issue 17
 
     return PackedKTOTrainer
+
+
+def _kl_view(batch: dict) -> dict:
+    """A KTO batch's KL rows (each prompt with a neighbour's answer) as a batch of their own: the
+    same images, their own token types."""
+    view = {k: v for k, v in batch.items() if k in VISION_INPUTS}
+    for name in ("mm_token_type_ids", "token_type_ids"):
+        if "KL_" + name in batch:
+            view[name] = batch["KL_" + name]
+    view.update(input_ids=batch["KL_input_ids"], attention_mask=batch["KL_attention_mask"],
+                completion_mask=batch["KL_completion_mask"])
+    return view
 
 
 def _ref_free_trainer_class():
