@@ -43,3 +43,30 @@ def test_chunked_loss_with_bf16_weights_matches_the_models_own_bf16_head(monkeyp
     assert chunked.dtype == torch.float32 and grad.dtype == torch.bfloat16
     torch.testing.assert_close(chunked, plain, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(grad.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_per_row_log_probs_over_many_chunks_equal_log_softmax(monkeypatch):
+    """lossfn.linear_logprobs (train dpo's forward): per-row log-probabilities over several chunks,
+    and their gradients under per-row weights (hidden states from the forward pass; output weights
+    and bias recomputed in backward), equal log_softmax over the full logits."""
+    from lmforge.shared.train import lossfn
+
+    monkeypatch.setattr(lossfn, "_CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(lossfn, "_CHUNK_MIN_ROWS", 3)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    bias = torch.randn(50, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    upstream = torch.randn(37, generator=g)   # as a DPO loss weighs each row differently
+    got = lossfn.linear_logprobs(hidden, weight, bias, targets)
+    grads = torch.autograd.grad((got * upstream).sum(), (hidden, weight, bias))
+    plain = torch.log_softmax(hidden @ weight.T + bias, -1).gather(1, targets[:, None]).squeeze(1)
+    expected = torch.autograd.grad((plain * upstream).sum(), (hidden, weight, bias))
+    assert got.dtype == torch.float32 and torch.allclose(got, plain, atol=1e-5)
+    for mine, want in zip(grads, expected):
+        assert torch.allclose(mine, want, atol=1e-5)
+    frozen = lossfn.linear_logprobs(hidden, weight.detach(), None, targets)   # a frozen head (LoRA): no recompute
+    (grad_h,) = torch.autograd.grad(frozen.sum(), (hidden,))
+    plain = torch.log_softmax(hidden @ weight.detach().T, -1).gather(1, targets[:, None]).squeeze(1)
+    assert torch.allclose(grad_h, torch.autograd.grad(plain.sum(), (hidden,))[0], atol=1e-5)

@@ -32,32 +32,40 @@ _CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB of fp32)
 _CHUNK_MIN_ROWS = 256
 
 
+def _compute_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The output matrix as the logits are computed with: half-precision weights (a bf16 base under
+    LoRA) as they are, as the model's own head does (no fp32 copy of the matrix); others in fp32."""
+    return weight if weight.dtype in (torch.bfloat16, torch.float16) else weight.float()
+
+
+def _chunk_logits(hidden, w, bias, targets):
+    """(start, hidden rows in w's dtype, their targets, their fp32 logits), one chunk at a time."""
+    rows = max(_CHUNK_MIN_ROWS, _CHUNK_ELEMENTS // w.shape[0])
+    for start in range(0, hidden.shape[0], rows):
+        h = hidden[start:start + rows].to(w.dtype)
+        logits = (h @ w.T).float()
+        if bias is not None:
+            logits += bias.float()
+        yield start, h, targets[start:start + rows], logits
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets):
-        n = hidden.shape[0]
-        rows = max(_CHUNK_MIN_ROWS, _CHUNK_ELEMENTS // weight.shape[0])
-        # half-precision weights (a bf16 base under LoRA): the logits are computed in that precision and
-        # upcast, as the model's own head and loss do; no fp32 copy of the output matrix is made
-        w = weight if weight.dtype in (torch.bfloat16, torch.float16) else weight.float()
+        w = _compute_weight(weight)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(w, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, n, rows):
-            h = hidden[start:start + rows].to(w.dtype)
-            t = targets[start:start + rows]
-            logits = (h @ w.T).float()
-            if bias is not None:
-                logits += bias.float()
+        for start, h, t, logits in _chunk_logits(hidden, w, bias, targets):
             lse = torch.logsumexp(logits, dim=1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             probs = logits.sub_(lse[:, None]).exp_()        # softmax, in place
             probs[torch.arange(len(t), device=t.device), t] -= 1.0  # minus the one-hot target
             if grad_h is not None:
-                grad_h[start:start + rows] = (probs.to(w.dtype) @ w).to(hidden.dtype)
+                grad_h[start:start + len(t)] = (probs.to(w.dtype) @ w).to(hidden.dtype)
             if grad_w is not None:
                 grad_w.addmm_(probs.T, h.float())
             if grad_b is not None:
@@ -143,23 +151,17 @@ class _LinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets):
-        rows = max(_CHUNK_MIN_ROWS, _CHUNK_ELEMENTS // weight.shape[0])
-        w = weight if weight.dtype in (torch.bfloat16, torch.float16) else weight.float()
+        w = _compute_weight(weight)
         need_h = ctx.needs_input_grad[0]
         grad_h = torch.empty_like(hidden) if need_h else None
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], rows):
-            h = hidden[start:start + rows].to(w.dtype)
-            t = targets[start:start + rows]
-            logits = (h @ w.T).float()
-            if bias is not None:
-                logits += bias.float()
+        for start, _, t, logits in _chunk_logits(hidden, w, bias, targets):
             lse = torch.logsumexp(logits, dim=1)
-            out[start:start + rows] = logits.gather(1, t[:, None]).squeeze(1) - lse
+            out[start:start + len(t)] = logits.gather(1, t[:, None]).squeeze(1) - lse
             if grad_h is not None:
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0   # softmax - onehot = -d logp / d logits
-                grad_h[start:start + rows] = (probs.to(w.dtype) @ w).neg_().to(hidden.dtype)
+                grad_h[start:start + len(t)] = (probs.to(w.dtype) @ w).neg_().to(hidden.dtype)
         ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0), hidden, weight,
                               bias if bias is not None else torch.empty(0), targets)
         ctx.has_bias = bias is not None
@@ -171,19 +173,13 @@ class _LinearLogProbs(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_w = grad_b = None
         if need_w or (need_b and ctx.has_bias):
-            rows = max(_CHUNK_MIN_ROWS, _CHUNK_ELEMENTS // weight.shape[0])
-            w = weight if weight.dtype in (torch.bfloat16, torch.float16) else weight.float()
+            w = _compute_weight(weight)
             acc_w = torch.zeros_like(w, dtype=torch.float32)
             acc_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
-            for start in range(0, hidden.shape[0], rows):
-                h = hidden[start:start + rows].to(w.dtype)
-                t = targets[start:start + rows]
-                logits = (h @ w.T).float()
-                if ctx.has_bias:
-                    logits += bias.float()
+            for start, h, t, logits in _chunk_logits(hidden, w, bias if ctx.has_bias else None, targets):
                 probs = torch.softmax(logits, dim=1)
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                g = probs.mul_(-grad_out[start:start + rows, None].float())   # d loss / d logits
+                g = probs.mul_(-grad_out[start:start + len(t), None].float())   # d loss / d logits
                 acc_w.addmm_(g.T, h.float())
                 acc_b += g.sum(0)
             grad_w = acc_w.to(weight.dtype) if need_w else None
