@@ -104,8 +104,7 @@ def _trainer_class():
     class PackedGRPOTrainer(GRPOTrainer):
         """GRPOTrainer on packed prompts: the ids come from the data, not from re-tokenizing text."""
 
-        def __init__(self, *args, prompt_ids: dict, counter: TokenCount, images=None,
-                     **kwargs):
+        def __init__(self, *args, prompt_ids: dict, counter: TokenCount, images=None, **kwargs):
             self.lmforge_prompt_ids = prompt_ids
             self.lmforge_counter = counter
             self.lmforge_images = images
@@ -120,12 +119,9 @@ def _trainer_class():
                 fields = images.pixels(rows)
                 fields.pop("num_images")   # sampling takes the batch's images whole
                 ids = images.prompt_ids(rows)
-                for name, types in images.token_types(torch.tensor([i for x in ids for i in x])).items():
-                    at = 0   # per prompt, as lists (TRL left-pads them like the ids)
-                    fields[name] = []
-                    for x in ids:
-                        fields[name].append(types[at:at + len(x)].tolist())
-                        at += len(x)
+                for x in ids:   # token types per prompt, as lists: TRL left-pads them like the ids
+                    for name, types in images.token_types(torch.tensor(x)).items():
+                        fields.setdefault(name, []).append(types.tolist())
                 return ids, None, fields
             try:
                 return [self.lmforge_prompt_ids[p] for p in prompts], None, {}
