@@ -405,6 +405,7 @@ def test_dpo_on_images(work, model):
 
     trainer = object.__new__(_ref_free_trainer_class())
     trainer.loss_name, trainer.beta, trainer.gamma, trainer.ftx = "orpo", 0.1, 0.5, 0.0
+    trainer.accelerator = types.SimpleNamespace(unwrap_model=lambda m: m, num_processes=1)   # one process
     trainer.record = lambda *args: None
     seen: dict = {}
 

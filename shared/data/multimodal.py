@@ -299,6 +299,15 @@ class PromptImages:
     def token_types(self, ids) -> dict:
         return self.vision.token_types(self.base, ids)
 
+    def inputs(self, rows: list[int], ids, counts: bool = False) -> dict:
+        """The forward arguments the rows' images add for the sequences `ids` (the rows', in order):
+        pixel inputs and image-token types, on the sequences' device (+ num_images, with `counts`)."""
+        out = self.pixels(rows)
+        num_images = out.pop("num_images")
+        out.update(self.token_types(ids))
+        out = {k: v.to(ids.device) for k, v in out.items()}
+        return {**out, "num_images": num_images} if counts else out
+
 
 def rope_positions(get_rope_index: Callable, ids: list[int], image_token_id: int, grids) -> Any:
     """Qwen's multimodal (3D) rotary positions of one example, by the model's own get_rope_index."""

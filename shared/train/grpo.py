@@ -170,9 +170,8 @@ def _trainer_class():
             if images is not None and rows is not None and kwargs.get("pixel_values") is None:
                 if len(rows) != input_ids.size(0):
                     raise RuntimeError(f"{input_ids.size(0)} sequences for {len(rows)} image prompts")
-                kwargs.update(images.pixels(rows))
-                kwargs.update(images.token_types(input_ids))   # the completions hold no image tokens
-                kwargs = {k: v.to(input_ids.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+                # (the completions hold no image tokens); TRL slices the pixels per chunk by num_images
+                kwargs.update(images.inputs(rows, input_ids, counts=True))
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               *args, **kwargs)
 

@@ -340,12 +340,7 @@ class PPO:
 
     def pixels(self, rows: list[int], ids: torch.Tensor) -> dict:
         """The image inputs of these rows (in this order) for the sequences `ids`; {} for text."""
-        if self.images is None:
-            return {}
-        out = self.images.pixels(rows)
-        out.pop("num_images")
-        out.update(self.images.token_types(ids))
-        return {k: v.to(self.device) for k, v in out.items()}
+        return self.images.inputs(rows, ids) if self.images is not None else {}
 
     @torch.no_grad()
     def rollout(self, prompts: list[list[int]], rows: list[int]):

@@ -23,7 +23,7 @@ DPO family (`--loss`):
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, cast
 
@@ -147,6 +147,22 @@ def completion_logps(model, inputs: dict, autocast=nullcontext) -> tuple[torch.T
     return sums, scored.sum(1)
 
 
+@contextmanager
+def reference_of(trainer):
+    """The reference model of a TRL preference trainer, under no_grad: the policy with its adapter
+    off (or TRL's "ref" copy of an adapter it was given) for LoRA, else TRL's frozen copy."""
+    from peft import PeftModel
+    from trl.trainer.utils import use_adapter
+
+    with torch.no_grad():
+        if isinstance(trainer.model, PeftModel) and trainer.ref_model is None:
+            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+            with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                yield unwrapped
+        else:
+            yield trainer.accelerator.unwrap_model(trainer.ref_model)
+
+
 def lean_applies(trainer, model) -> bool:
     """completion_logps calls the model's body and output layer itself: only for a plain output
     layer (lossfn.plain_head) whose logits are not scaled after it, in one process without
@@ -225,9 +241,6 @@ def _dpo_trainer_class():
             return result
 
         def _lean_loss(self, model, inputs):
-            from peft import PeftModel
-            from trl.trainer.utils import use_adapter
-
             assert self.model is not None  # set from __init__ on
             mode = "train" if self.model.training else "eval"
             autocast = self.accelerator.autocast   # (the wrapped forward it bypasses would apply it)
@@ -237,13 +250,8 @@ def _dpo_trainer_class():
             if self.precompute_ref_logps:
                 ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
             else:
-                with torch.no_grad():   # the reference: the adapter off (LoRA), or TRL's frozen copy
-                    if isinstance(self.model, PeftModel) and self.ref_model is None:
-                        unwrapped = self.accelerator.unwrap_model(self.model)
-                        with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                            ref_logps, _ = completion_logps(self.model, inputs, autocast)
-                    else:
-                        ref_logps, _ = completion_logps(self.accelerator.unwrap_model(self.ref_model), inputs, autocast)
+                with reference_of(self) as ref:
+                    ref_logps, _ = completion_logps(ref, inputs, autocast)
                 ref_chosen, ref_rejected = ref_logps.chunk(2)
             loss = torch.zeros((), device=logps.device)
             sft = -chosen.sum() / n_chosen.sum().clamp(min=1)   # mean negative log-likelihood per chosen token
@@ -284,9 +292,6 @@ def _kto_trainer_class():
         def _compute_loss(self, model, inputs, return_outputs):
             if not self._lean or return_outputs:
                 return super()._compute_loss(model, inputs, return_outputs)
-            from peft import PeftModel
-            from trl.trainer.utils import use_adapter
-
             assert self.model is not None  # set from __init__ on
             mode = "train" if self.model.training else "eval"
             autocast, policy = self.accelerator.autocast, self.accelerator.unwrap_model(model)
@@ -298,16 +303,9 @@ def _kto_trainer_class():
             if self.precompute_ref_logps:
                 ref_logps, ref_kl_logps = inputs["ref_logps"], inputs.get("ref_KL_logps")
             else:
-                with torch.no_grad():   # the reference: the adapter off (LoRA), or TRL's frozen copy
-                    if isinstance(self.model, PeftModel) and self.ref_model is None:
-                        unwrapped = self.accelerator.unwrap_model(self.model)
-                        with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                            ref_logps = completion_logps(policy, inputs, autocast)[0]
-                            ref_kl_logps = completion_logps(policy, kl_rows, autocast)[0] if kl_rows else None
-                    else:
-                        ref = self.accelerator.unwrap_model(self.ref_model)
-                        ref_logps = completion_logps(ref, inputs, autocast)[0]
-                        ref_kl_logps = completion_logps(ref, kl_rows, autocast)[0] if kl_rows else None
+                with reference_of(self) as ref:
+                    ref_logps = completion_logps(ref, inputs, autocast)[0]
+                    ref_kl_logps = completion_logps(ref, kl_rows, autocast)[0] if kl_rows else None
             # KTO (TRL's maths): z = mean KL(policy || reference) over the mismatched pairs, >= 0, no gradient;
             # desirable: 1 - sigmoid(beta (log ratio - z)), undesirable: 1 - sigmoid(beta (z - log ratio))
             kl = ((kl_logps - ref_kl_logps).mean().detach().clamp(min=0) if kl_rows is not None
@@ -378,8 +376,8 @@ def _ref_free_trainer_class():
             self.loss_name, self.beta, self.gamma, self.ftx = loss, beta, gamma, ftx
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            unwrapped = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
-            if hasattr(self, "accelerator") and lean_applies(self, unwrapped):
+            unwrapped = self.accelerator.unwrap_model(model)
+            if lean_applies(self, unwrapped):
                 sums, counts = completion_logps(unwrapped, inputs, self.accelerator.autocast)
                 mean_logps = sums / counts.clamp(min=1)   # p: mean per-token log-prob
             else:   # the model's own output layer (quantized or adapted, soft-capped, several processes)

@@ -322,11 +322,7 @@ class RewardModel(Reward):
         model = self.model
         was_training = model.training
         model.eval()
-        images: dict = {}
-        if self.images is not None and self._rows is not None:
-            images = self.images.pixels(list(self._rows))
-            images.pop("num_images")
-            images = {k: v.to(device) for k, v in {**images, **self.images.token_types(ids)}.items()}
+        images = self.images.inputs(list(self._rows), ids) if self.images is not None and self._rows is not None else {}
         try:
             with torch.no_grad(), (adapter(model, "reward") if self.shared else nullcontext()):
                 hidden = last_hidden(model, ids, mask, images)
