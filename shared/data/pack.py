@@ -495,8 +495,24 @@ def encoded_batches(encoder: Encoder, batches: Iterator[tuple[int, pa.RecordBatc
 
     _WORKER = encoder
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one Rust thread per worker process
-    with mp.get_context("fork").Pool(num_proc) as pool:
+    pool = mp.get_context("fork").Pool(num_proc, initializer=_default_stop_signals)
+    try:
         yield from pool.imap(_work, batches, chunksize=1)
+        pool.close()   # done: the workers end on their own (no SIGTERM racing a worker that holds the queue's lock)
+    except BaseException:
+        pool.terminate()   # an error, Ctrl-C, or the reader stopped early
+        raise
+    finally:
+        pool.join()
+
+
+def _default_stop_signals() -> None:
+    """Pool workers die on SIGTERM/SIGHUP (Pool.terminate), instead of inheriting lmforge's handler,
+    which raises an exception to clean up: a worker blocked on a lock the pool holds would never end."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 # ----------------------------------------------------------------------------- rows out
