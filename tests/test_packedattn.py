@@ -141,3 +141,26 @@ def test_train_sft_on_neat_packed_data_uses_it_and_saves_plain_sdpa(tmp_path):
     assert "attend example by example" in result.stderr.decode()
     saved = json.loads((out / "config.json").read_text())
     assert saved.get("_attn_implementation", "sdpa") in ("sdpa", None)
+
+
+def test_bf16_on_a_cpu_attends_in_fp32_and_returns_bf16():
+    """On a CPU a bf16 model's examples are attended in fp32 (faster there) and handed back in bf16:
+    the loss and gradients match transformers' masked bf16 path within bf16's rounding."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", **{**BASE, "pad_token_id": 3})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").train()
+    inputs = batch(config.vocab_size)
+    want_loss, want = loss_and_grads(model, inputs)
+    seen = []
+    model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+    packedattn.install(model)
+    try:
+        got_loss, got = loss_and_grads(model, inputs)
+    finally:
+        packedattn.uninstall(model)
+    assert seen == [torch.bfloat16]
+    torch.testing.assert_close(got_loss, want_loss, rtol=2e-2, atol=2e-2)
+    for key in want:
+        assert ((got[key].float() - want[key].float()).norm() / want[key].float().norm()).item() < 5e-2, key

@@ -208,6 +208,9 @@ def _lora(model, o: MethodOptions):
         if missing:
             raise RunFailure(f"--lora-target all left {len(missing)} linear layer(s) without an adapter "
                              f"({', '.join(missing[:4])})", "name the layers with --lora-target")
+    from lmforge.shared.train import lorafused
+
+    lorafused.install(wrapped)   # the adapter products in the base's precision (mixed precision)
     return wrapped
 
 

@@ -12,10 +12,12 @@ The runs are interleaved (lmforge, TRL, LLaMA-Factory, then again) because the m
 and the table gives the median of REPEATS runs each.
 
 Precision: LLaMA-Factory loads a model in the dtype its config names (`torch_dtype="auto"`), and
-SmolLM2's is bf16, whatever the device; so `bf16` (the default) runs all three with bf16 base
-weights and fp32 LoRA weights, no autocast (lmforge `--precision bf16`; TRL with bf16=False on a
-bf16 model); `fp32` runs all three in fp32 (LLaMA-Factory on a copy of the model whose config
-says float32).
+SmolLM2's is bf16, whatever the device; so `bf16` (the default) runs all three in bf16 mixed
+precision: bf16 base weights, fp32 LoRA weights that the optimizer updates, the products in bf16
+-- LLaMA-Factory with `bf16: true` and TRL with `bf16=True` (their autocast, which ran 1.1-1.3x
+faster on this CPU than without), lmforge with `--precision bf16` (its fused LoRA path,
+shared/train/lorafused.py). `fp32` runs all three in fp32 (LLaMA-Factory on a copy of the model
+whose config says float32).
 
 tokens/s = real (non-padding) tokens trained / the Trainer's train_runtime (start-up excluded):
 lmforge and TRL count them themselves; LLaMA-Factory's own count includes its padding, so its
@@ -68,7 +70,7 @@ model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implem
 args = SFTConfig(output_dir=out, max_length=int(cutoff), packing=True, per_device_train_batch_size=int(batch),
                  gradient_checkpointing=gc == "on",
                  gradient_accumulation_steps=1, max_steps=int(steps), learning_rate=float(lr), logging_steps=5,
-                 report_to="none", use_cpu=True, bf16=False, fp16=False, save_strategy="no", seed=42, disable_tqdm=True,
+                 report_to="none", use_cpu=True, bf16=precision == "bf16", fp16=False, save_strategy="no", seed=42, disable_tqdm=True,
                  include_num_input_tokens_seen="non_padding", assistant_only_loss=False)
 peft = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
 trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft)
@@ -178,7 +180,7 @@ def llamafactory(model: Path, gc: bool) -> dict | None:
               "learning_rate": LR, "logging_steps": 5, "output_dir": str(work / "out"), "overwrite_output_dir": True,
               "report_to": "none", "save_strategy": "no", "use_cpu": True, "seed": 42,
               "include_num_input_tokens_seen": True, "preprocessing_num_workers": 1, "plot_loss": False,
-              "disable_gradient_checkpointing": not gc}
+              "disable_gradient_checkpointing": not gc, "bf16": PRECISION == "bf16"}
     (work / "config.yaml").write_text(yaml.safe_dump(config))
     run = measure_isolated([python, "-c", LF_RUN, work / "config.yaml", work / "real.json"], cwd=work,
                            env={"HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1", "CUDA_VISIBLE_DEVICES": ""})
@@ -237,8 +239,9 @@ def main() -> None:
         rows.append(["LLaMA-Factory 0.9.5", "", "not run (`make lf-venv` first)", "", "", "", "", "", ""])
     body = table(["trainer", "grad. ckpt", "tokens trained", "tokens/s (median)", "vs LLaMA-Factory",
                   "peak MiB (median)", "vs LLaMA-Factory", "final loss", "tokens/s of each run"], rows)
-    weights = ("bf16 base weights (the model's stored dtype, which LLaMA-Factory loads), fp32 LoRA weights, "
-               "no autocast" if PRECISION == "bf16" else "fp32 throughout")
+    weights = ("bf16 mixed precision: bf16 base weights (the model's stored dtype, which LLaMA-Factory loads), "
+               "fp32 LoRA weights, bf16 products (LLaMA-Factory bf16: true and TRL bf16=True: their autocast; "
+               "lmforge --precision bf16: its fused LoRA path)" if PRECISION == "bf16" else "fp32 throughout")
     body += (f"\n\nSmolLM2-135M-Instruct, alpaca_en_demo, LoRA r 8 / alpha 16 on all linear layers, lr {LR}, "
              f"cutoff {CUTOFF}, {BATCH} packed rows per step, {STEPS} steps, on the CPU: {weights}; gradient "
              f"checkpointing on and off for each; runs interleaved, median of {REPEATS} each. All three pack so that "
