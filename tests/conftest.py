@@ -180,3 +180,14 @@ def aligned(tmp: Path, name: str, rows: list[dict], *extra: str) -> Path:
     out = tmp / f"{name}.arrow"
     ok(["data", "align", src, "-o", out, *extra])
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face directory, materialized from its GGUF file once per
+    session (about 30 s each time); tests read it and never write into it."""
+    folder = shared_path("models/smollm2-135m-instruct")
+    target = tmp_path_factory.mktemp("smollm2") / "model"
+    subprocess.run([sys.executable, str(folder / "materialize.py"), str(target)], check=True, capture_output=True,
+                   timeout=600)
+    return target

@@ -177,13 +177,8 @@ def test_adapter_that_does_not_match_the_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_mmlu(tmp_path):
-    import subprocess
-    import sys
-
-    folder = shared_path("models/smollm2-135m-instruct")
-    model = tmp_path / "smollm2"
-    subprocess.run([sys.executable, str(folder / "materialize.py"), str(model)], check=True, capture_output=True)
+def test_smollm2_mmlu(smollm2):
+    model = smollm2
     report = json.loads(ok(["eval", "mmlu", "-m", model, "-d", shared_path("data/eval/mmlu/mmlu.zip"), "--split", "val",
                             "--subjects", "high_school_geography,marketing", "--shots", "5", "--json"]).stdout)
     assert all(s["questions"] > 0 for s in report["subjects"].values())

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -140,17 +138,14 @@ def test_stories260k_f16_and_q8_0_generate_as_transformers(tmp_path):
 @pytest.mark.slow
 @needs_converter
 @needs_llama
-def test_lora_tuned_smollm2_exports_with_its_template(tmp_path):
+def test_lora_tuned_smollm2_exports_with_its_template(tmp_path, smollm2):
     """SmolLM2-135M-Instruct + a LoRA trained with the smollm template: the GGUF (adapter merged on
     the way) generates greedily as transformers does, and its chat template renders as data pack."""
     import torch
     from lmforge.shared.data.templates import Renderer, get
     from lmforge.shared.model.merging import load_with_adapters
 
-    folder = shared_path("models/smollm2-135m-instruct")
-    model_dir = tmp_path / "smollm2"
-    subprocess.run([sys.executable, str(folder / "materialize.py"), str(model_dir)], check=True, capture_output=True,
-                   timeout=600)
+    model_dir = smollm2
     import demo
 
     demo.write(tmp_path / "raw", rows=40)

@@ -374,15 +374,12 @@ def test_deepspeed_zero_on_cpu(task, tmp_path, zero, method):
 
 
 @pytest.mark.slow
-def test_smollm2_sft_lora_merge_generate(tmp_path):
+def test_smollm2_sft_lora_merge_generate(tmp_path, smollm2):
     """The same pipeline on SmolLM2-135M-Instruct (materialized from its GGUF file)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = shared_path("models/smollm2-135m-instruct")
-    model_dir = tmp_path / "smollm2"
-    subprocess.run([sys.executable, str(folder / "materialize.py"), str(model_dir)], check=True, capture_output=True,
-                   timeout=600)
+    model_dir = smollm2
     import demo
 
     demo.write(tmp_path / "raw", rows=200)

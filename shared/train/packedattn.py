@@ -94,18 +94,22 @@ def _packed_attention(module, query, key, value, attention_mask, dropout: float 
         # a CPU's sdpa ran a bf16 example 25-30% slower than the same in fp32 (forward and backward,
         # 512-token rows, SmolLM2's heads; bench:train in RESULTS.md): upcast, attend, cast back
         query, key, value = query.float(), key.float(), value.float()
+    # unbind and split, not indexing: their backward writes each piece's gradient into one buffer,
+    # where a slice's backward would zero and fill a whole-tensor gradient per example
     rows = []
-    for row, parts in enumerate(spans):
+    for row_q, row_k, row_v, parts in zip(query.unbind(0), key.unbind(0), value.unbind(0), spans):
+        lengths = [end - start for start, end in parts]
         outs = []
-        for start, end in parts:
-            q, k, v = (t[row:row + 1, :, start:end] for t in (query, key, value))
-            n = end - start
+        for q, k, v in zip(row_q.split(lengths, dim=1), row_k.split(lengths, dim=1), row_v.split(lengths, dim=1)):
+            n = q.shape[1]
             mask = None
             if sliding_window and n > sliding_window:   # causal within the window
                 i = torch.arange(n, device=q.device)
                 mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < sliding_window)
-            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
-                                                       is_causal=mask is None and n > 1, enable_gqa=gqa))
+            outs.append(F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, dropout_p=dropout,
+                                                       scale=scaling, is_causal=mask is None and n > 1, enable_gqa=gqa))
         rows.append(outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
-    out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
-    return out.transpose(1, 2).to(low).contiguous(), None
+    out = (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)).transpose(1, 2)
+    if out.dtype == low:
+        return out.contiguous(), None
+    return torch.empty(out.shape, dtype=low, device=out.device).copy_(out), None   # cast and lay out: one copy

@@ -5,8 +5,9 @@ rows) under the policy and the reference.
 
 Both train a LoRA adapter (r 8, alpha 16, all linear layers) with the sigmoid loss, beta 0.1, on
 dpo_en_demo, cutoff 512, 2 pairs per step, the reference being the base model with the adapter
-switched off (no second copy of the weights), bf16 base weights and fp32 adapters (the dtype
-LLaMA-Factory loads SmolLM2 in), gradient checkpointing on and off. Runs interleaved, the median
+switched off (no second copy of the weights), in bf16 mixed precision: bf16 base weights (the
+dtype LLaMA-Factory loads SmolLM2 in), fp32 adapters, bf16 products (LLaMA-Factory `bf16: true`,
+its autocast; lmforge `--precision bf16`, its fused LoRA path), gradient checkpointing on and off. Runs interleaved, the median
 of REPEATS each. pairs/s = pairs trained / the Trainer's train_runtime; peak = the process's max
 RSS. With no LLaMA-Factory virtualenv (`make lf-venv`) only lmforge runs.
 
@@ -56,7 +57,8 @@ def llamafactory(model, gc: bool) -> dict | None:
               "per_device_train_batch_size": BATCH, "gradient_accumulation_steps": 1, "max_steps": STEPS,
               "learning_rate": LR, "logging_steps": 5, "output_dir": str(work / "out"), "overwrite_output_dir": True,
               "report_to": "none", "save_strategy": "no", "use_cpu": True, "seed": 42,
-              "preprocessing_num_workers": 1, "plot_loss": False, "disable_gradient_checkpointing": not gc}
+              "preprocessing_num_workers": 1, "plot_loss": False, "disable_gradient_checkpointing": not gc,
+              "bf16": True}
     (work / "config.yaml").write_text(yaml.safe_dump(config))
     run = measure_isolated([LF_VENV / "bin" / "llamafactory-cli", "train", work / "config.yaml"], cwd=work,
                            env={"HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1", "CUDA_VISIBLE_DEVICES": ""})
@@ -107,8 +109,8 @@ def main() -> None:
     body = table(["trainer", "grad. ckpt", f"{unit}/s (median)", "vs LLaMA-Factory", "peak MiB (median)",
                   "vs LLaMA-Factory", "peak of each run"], rows)
     body += (f"\n\nSmolLM2-135M-Instruct, {DATA[LOSS]}, LoRA r 8 / alpha 16 on all linear layers, {LOSS} loss, "
-             f"beta 0.1, lr {LR}, cutoff {CUTOFF}, {BATCH} {unit} per step, {STEPS} steps, on the CPU with bf16 base weights and fp32 "
-             "adapters; the reference is the base with the adapter off in both; runs interleaved, median of "
+             f"beta 0.1, lr {LR}, cutoff {CUTOFF}, {BATCH} {unit} per step, {STEPS} steps, on the CPU in bf16 mixed precision (bf16 "
+             "base weights, fp32 adapters, bf16 products: LLaMA-Factory bf16: true); the reference is the base with the adapter off in both; runs interleaved, median of "
              f"{REPEATS}. Versions (ours): {versions('torch', 'transformers', 'peft', 'trl')}.")
     if LOSS == "kto":
         record("kto-memory", "`train dpo --loss kto --method lora` on SmolLM2-135M: memory and speed against "
