@@ -7,12 +7,22 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import shared_path
+from conftest import run, shared_path
 
 sys.path.insert(0, str(Path(__file__).parent / "bench"))
 
 
-@pytest.mark.slow  # three training runs in fresh processes
+def in_this_process(cmd: list, allow_failure: bool = False, **kwargs) -> dict:
+    """The benchmark's `measure_isolated`, with its `lmforge` command run in this process (the
+    commands are what is checked here; a fresh process each cost ~10 s of imports)."""
+    result = run([str(c) for c in cmd[1:]])
+    stderr = result.stderr.decode()[-3000:]
+    if result.returncode and not allow_failure:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({result.returncode}):\n{stderr}")
+    return {"rc": result.returncode, "seconds": 0.0, "peak_mib": 0.0, "stderr": stderr}
+
+
+@pytest.mark.slow  # three training runs
 def test_gpu_benchmark_trains_every_method(tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes", reason="the qlora row needs bitsandbytes")
     model = shared_path("models/stories260K")
@@ -20,6 +30,7 @@ def test_gpu_benchmark_trains_every_method(tmp_path, monkeypatch):
     import bench_gpu
 
     monkeypatch.setattr(bench_gpu, "WORK", tmp_path)
+    monkeypatch.setattr(bench_gpu, "measure_isolated", in_this_process)
     rows = bench_gpu.train_methods(str(model), bench_gpu.pack(str(model), 64, "chatml"), steps=2, batch=2, peak=989.0)
     assert [r[0] for r in rows] == list(bench_gpu.METHODS)
     for name, tokens_per_second, _memory, loss, mfu in rows:

@@ -170,19 +170,18 @@ def test_one_writer_per_output(tmp_path):
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == b"ready"
         (tmp_path / "run" / "partial.bin").write_bytes(b"the running run's files")
-        for extra in ([], ["--overwrite"], ["--resume"]):
-            line = bad(["train", "sft", "-m", "m", "-d", "d.arrow", "-o", tmp_path / "run", *extra], fresh=True)
+        for extra in ([], ["--overwrite"], ["--resume"]):   # a fresh process once; in this one after
+            line = bad(["train", "sft", "-m", "m", "-d", "d.arrow", "-o", tmp_path / "run", *extra], fresh=not extra)
             assert f"another lmforge process (pid {holder.pid})" in line, line
         assert (tmp_path / "run" / "partial.bin").exists()   # --overwrite emptied nothing
-        line = bad(["data", "align", write_jsonl(tmp_path / "a.jsonl", ROWS[:2]), "-o", tmp_path / "x.arrow"],
-                   fresh=True)
+        line = bad(["data", "align", write_jsonl(tmp_path / "a.jsonl", ROWS[:2]), "-o", tmp_path / "x.arrow"])
         assert f"pid {holder.pid}" in line and not (tmp_path / "x.arrow").exists()
     finally:
         holder.kill()
         holder.wait()
     # the holder is gone: its lock went with it
     assert rundir.prepare(tmp_path / "run2", overwrite=False, resume=False) is None
-    ok(["data", "align", write_jsonl(tmp_path / "a.jsonl", ROWS[:2]), "-o", tmp_path / "x.arrow"], fresh=True)
+    ok(["data", "align", write_jsonl(tmp_path / "a.jsonl", ROWS[:2]), "-o", tmp_path / "x.arrow"])
     assert not (tmp_path / ".x.arrow.lock").exists()
 
 
