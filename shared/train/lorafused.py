@@ -68,13 +68,12 @@ class FusedLoraLinear(Linear):
                 or self.lora_B[adapter].bias is not None or torch.is_autocast_enabled(x.device.type)):
             return super().forward(x, *args, **kwargs)
         weight_a, weight_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        base_weight = getattr(self.base_layer, "weight", None)
         if (x.dtype == weight_a.dtype or not x.dtype.is_floating_point
+                or base_weight is None or base_weight.dtype != x.dtype   # y = base(x) comes out in x's dtype
                 or hasattr(weight_a, "ds_id") or hasattr(weight_b, "ds_id")):   # ds_id: ZeRO-3 partitioned
             return super().forward(x, *args, **kwargs)
-        y = self.base_layer(x)
-        if y.dtype != x.dtype:
-            return super().forward(x, *args, **kwargs)
-        return _LoraDelta.apply(x, y, weight_a, weight_b, float(self.scaling[adapter]))
+        return _LoraDelta.apply(x, self.base_layer(x), weight_a, weight_b, float(self.scaling[adapter]))
 
 
 def install(model) -> int:
