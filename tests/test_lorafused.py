@@ -48,16 +48,16 @@ def _worst(a: dict, b: dict, scale: dict) -> float:
 
 def test_one_layer_matches_the_definition_in_bf16():
     torch.manual_seed(0)
-    base = torch.nn.Linear(48, 40, bias=False).to(torch.bfloat16)
+    base = torch.nn.Linear(48, 40).to(torch.bfloat16).requires_grad_(False)
     a = torch.randn(8, 48, requires_grad=True)
     b = torch.randn(40, 8, requires_grad=True)
     x = torch.randn(3, 5, 48, dtype=torch.bfloat16, requires_grad=True)
-    y = lorafused._LoraDelta.apply(x, base(x), a, b, 2.0)
+    y = lorafused._LoraLinear.apply(x, base.weight, base.bias, a, b, 2.0)
     g = torch.randn_like(y)
     y.backward(g)
     # output and gradients against the same products in float64
     x64, a64, b64, g64 = (t.detach().double().requires_grad_() for t in (x, a, b, g))
-    ref = x64 @ base.weight.double().t() + 2.0 * (x64 @ a64.t()) @ b64.t()
+    ref = x64 @ base.weight.double().t() + base.bias.double() + 2.0 * (x64 @ a64.t()) @ b64.t()
     ref.backward(g64)
     assert y.dtype == torch.bfloat16 and ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
     for got, want in ((x.grad, x64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
@@ -146,8 +146,8 @@ def test_train_sft_in_bf16_runs_the_fused_path_and_saves_fp32_adapters(tmp_path,
 
     model = shared_path("models/stories260K")
     calls = []
-    apply_fused = lorafused._LoraDelta.apply
-    monkeypatch.setattr(lorafused._LoraDelta, "apply", lambda *a: calls.append(a[0].dtype) or apply_fused(*a))
+    apply_fused = lorafused._LoraLinear.apply
+    monkeypatch.setattr(lorafused._LoraLinear, "apply", lambda *a: calls.append(a[0].dtype) or apply_fused(*a))
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"instruction": f"Count to {i}.", "output": " ".join(map(str, range(i)))})
                               for i in range(1, 25)))

@@ -243,6 +243,13 @@ TRAIN_EFFICIENCY = (   # in TRAIN_COMMON's "how it trains" part (shared/train/sh
     Opt("shift_attn", type="bool", default=False, panel=O,
         help="S² attention (LongLoRA) while training: attention within groups of a quarter of the row, half the "
              "heads shifted by half a group; full attention in eval and generation. llama, qwen2, qwen3, mistral."),
+    Opt("checkpointing", choices=("full", "selective"), default="full", panel=O,
+        help="What --gradient-checkpointing keeps for backward: full (each layer's input; the whole layer runs "
+             "again) or selective (also the LoRA layers' and attention's outputs; only cheap operations run again: "
+             "near the speed without checkpointing at part of its memory). selective turns it on."),
+    Opt("checkpoint_every", type="int", default=1, min=1, panel=O,
+        help="With gradient checkpointing: checkpoint only every N-th decoder layer; the others keep their "
+             "activations (2: half the recompute, about half the memory saved)."),
     Opt("kernels", choices=KERNELS, default="none", panel=O,
         help="Fused GPU kernels (CUDA only): liger (Liger-Kernel: RMSNorm, RoPE, SwiGLU, fused linear "
              "cross-entropy) or unsloth (Unsloth's LoRA path)."),
@@ -401,7 +408,8 @@ TRAIN_GRPO = (
       if o.name == "data" else o
       for o in TRAIN_COMMON if o.name not in ("eval_data", "eval_steps", "neftune_alpha", "loraplus_ratio",
                                               "batch_size", "grad_accum", "epochs", "max_steps", "save_steps",
-                                              "logging_steps", "shift_attn", "kernels")],  # issue 21: not grpo
+                                              "logging_steps", "shift_attn", "checkpointing", "checkpoint_every",
+                                              "kernels")],  # issue 21: not grpo
     REWARD.but(many=True, panel=GR, flags=("--reward", "-r"),
                help="A reward (repeat for several): exact, numeric, format, regex:PATTERN, length:N, "
                     "cmd:COMMAND (JSON lines in, one number per line out), module:function or file.py:function, "

@@ -12,15 +12,16 @@ Here the adapter path runs the way mixed-precision training (autocast) runs it: 
 stay fp32 masters -- the optimizer updates them in fp32, so small updates are not lost -- and are
 rounded to the layer's dtype for the products, inside one autograd Function that
 
-    forward:   y = base(x);  h = x A^T;  y += h (s B)^T          (in place, in x's dtype)
-    backward:  gh = g (s B);  dx = gh A;  dA = gh^T x;  dB = s g^T h
+    forward:   h = x A^T;  y = x W^T + b + h (s B)^T                 (in x's dtype)
+    backward:  gh = g (s B);  dx = g W + gh A;  dA = gh^T x;  dB = s g^T h
 
-saving only x (which the base layer keeps anyway) and the rank-r h. The adapter weights' gradients
+for the frozen base weight W (a plain `nn.Linear`), saving only x and the rank-r h. The adapter weights' gradients
 are computed in the low precision and returned in fp32, as under autocast.
 
 It steps aside (PEFT's own forward runs) for everything else: adapters off or merged, several
 active adapters, mixed-adapter batches, DoRA and other variants, dropout, adapter biases, weights
-in the input's dtype already (nothing to gain), autocast on, and ZeRO-3's partitioned weights.
+in the input's dtype already (nothing to gain), autocast on, quantized or trained base layers, and
+ZeRO-3's partitioned weights.
 """
 
 from __future__ import annotations
@@ -28,32 +29,45 @@ from __future__ import annotations
 import torch
 from peft.tuners.lora.layer import Linear
 
+from lmforge.shared.train import checkpointing
 
-class _LoraDelta(torch.autograd.Function):
-    """y + x A^T (s B)^T, written into y (the base layer's output, which its own backward does not need)."""
+
+class _LoraLinear(torch.autograd.Function):
+    """x W^T + b + x A^T (s B)^T for a frozen base weight W (and bias b), in x's dtype.
+
+    Out of place, one product writing the output: the adapter's rank-r path first, the base
+    product added onto it last (addmm), so that the output is the base product's own result.
+    Selective checkpointing (shared/train/checkpointing.py) keeps exactly that output and recomputes
+    the cheap rank-r product; an in-place add onto the base product's output would corrupt the
+    output it keeps."""
 
     @staticmethod
-    def forward(ctx, x, y, weight_a, weight_b, scale):
+    def forward(ctx, x, weight, bias, weight_a, weight_b, scale):
         low = x.dtype
         a, b = weight_a.to(low), (weight_b * scale).to(low)
         x2 = x.reshape(-1, x.shape[-1])
         h = x2 @ a.t()
-        y.view(-1, y.shape[-1]).addmm_(h, b.t())
-        ctx.mark_dirty(y)
-        ctx.save_for_backward(x, h, weight_a, weight_b)
+        delta = h @ b.t()
+        if bias is not None:
+            delta += bias
+        with checkpointing.keep():   # the output selective checkpointing keeps
+            y = torch.addmm(delta, x2, weight.t())
+        ctx.save_for_backward(x, h, weight, weight_a, weight_b)
         ctx.scale = scale
-        return y
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x, h, weight_a, weight_b = ctx.saved_tensors
+        x, h, weight, weight_a, weight_b = ctx.saved_tensors
         low = x.dtype
         g2 = grad.reshape(-1, grad.shape[-1]).to(low)
         gh = g2 @ (weight_b * ctx.scale).to(low)
-        grad_x = (gh @ weight_a.to(low)).view(x.shape) if ctx.needs_input_grad[0] else None
-        grad_a = (gh.t() @ x.reshape(-1, x.shape[-1])).to(weight_a.dtype) if ctx.needs_input_grad[2] else None
-        grad_b = (g2.t() @ h).to(weight_b.dtype).mul_(ctx.scale) if ctx.needs_input_grad[3] else None
-        return grad_x, grad, grad_a, grad_b, None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.addmm(gh @ weight_a.to(low), g2, weight).view(x.shape)
+        grad_a = (gh.t() @ x.reshape(-1, x.shape[-1])).to(weight_a.dtype) if ctx.needs_input_grad[3] else None
+        grad_b = (g2.t() @ h).to(weight_b.dtype).mul_(ctx.scale) if ctx.needs_input_grad[4] else None
+        return grad_x, None, None, grad_a, grad_b, None
 
 
 class FusedLoraLinear(Linear):
@@ -68,12 +82,13 @@ class FusedLoraLinear(Linear):
                 or self.lora_B[adapter].bias is not None or torch.is_autocast_enabled(x.device.type)):
             return super().forward(x, *args, **kwargs)
         weight_a, weight_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-        base_weight = getattr(self.base_layer, "weight", None)
-        if (x.dtype == weight_a.dtype or not x.dtype.is_floating_point
-                or base_weight is None or base_weight.dtype != x.dtype   # y = base(x) comes out in x's dtype
-                or hasattr(weight_a, "ds_id") or hasattr(weight_b, "ds_id")):   # ds_id: ZeRO-3 partitioned
+        base = self.base_layer
+        if (type(base) is not torch.nn.Linear or base.weight.requires_grad   # quantized, or a trained base
+                or (base.bias is not None and base.bias.requires_grad)
+                or x.dtype == weight_a.dtype or base.weight.dtype != x.dtype or not x.dtype.is_floating_point
+                or any(hasattr(w, "ds_id") for w in (weight_a, weight_b, base.weight))):   # ZeRO-3 partitioned
             return super().forward(x, *args, **kwargs)
-        return _LoraDelta.apply(x, self.base_layer(x), weight_a, weight_b, float(self.scaling[adapter]))
+        return _LoraLinear.apply(x, base.weight, base.bias, weight_a, weight_b, float(self.scaling[adapter]))
 
 
 def install(model) -> int:

@@ -20,6 +20,7 @@ from lmforge.shared.core.meta import file_digest
 from lmforge.shared.data.packed import PackedData, check_tokenizer, open_packed
 from lmforge.shared.model.models import write_generation_config
 from lmforge.shared.train import reporting
+from lmforge.shared.train.checkpointing import checkpointing_kwargs
 from lmforge.shared.train.methods import MethodOptions
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -55,6 +56,8 @@ class TrainOptions:
     rope_scaling: str = _DEFAULTS["rope_scaling"]
     shift_attn: bool = _DEFAULTS["shift_attn"]   # issue 21: S² attention while training (shiftattn.py)
     kernels: str = _DEFAULTS["kernels"]          # issue 21: liger | unsloth | none (kernels.py)
+    checkpointing: str = _DEFAULTS["checkpointing"]   # issue 21: full | selective (checkpointing.py)
+    checkpoint_every: int = _DEFAULTS["checkpoint_every"]   # issue 21: checkpoint every N-th layer
     seed: int = _DEFAULTS["seed"]
     save_steps: int = _DEFAULTS["save_steps"]
     keep_checkpoints: bool = _DEFAULTS["keep_checkpoints"]
@@ -66,6 +69,10 @@ class TrainOptions:
     optim: str = _DEFAULTS["optim"]
     quant: int | None = _DEFAULTS["quant"]
     extra: dict = field(default_factory=dict)   # stage-specific settings, recorded as they are
+
+    def __post_init__(self):
+        if self.checkpointing == "selective":   # selective is a kind of gradient checkpointing: it turns it on
+            self.gradient_checkpointing = True
 
     def lr(self) -> float:
         if self.learning_rate is not None:
@@ -139,6 +146,20 @@ def validate(o: TrainOptions) -> None:
             raise BadInput(f"--shift-attn with --loss {o.extra.get('loss')} needs the reference to be the policy's own "
                            "layers (adapter methods, no --precompute-ref)",
                            "use --method lora, or a reference-free loss (--loss orpo or simpo)")
+    if o.checkpointing not in ("full", "selective"):
+        raise BadInput(f"--checkpointing {o.checkpointing}: use full or selective")
+    if o.checkpoint_every < 1:
+        raise BadInput(f"--checkpoint-every {o.checkpoint_every}: must be at least 1", "1 checkpoints every layer")
+    if o.checkpoint_every > 1 and not o.gradient_checkpointing:
+        raise BadInput(f"--checkpoint-every {o.checkpoint_every} without gradient checkpointing",
+                       "add --gradient-checkpointing (or --checkpointing selective)")
+    if o.checkpointing == "selective" and (o.deepspeed or "").startswith("z3"):
+        # PEFT under ZeRO-3 needs reentrant checkpointing (TRL forces it), which takes no selective policy
+        raise BadInput("--checkpointing selective does not run under --deepspeed z3 (ZeRO-3 checkpoints reentrantly)",
+                       "use --checkpointing full with ZeRO-3, or --deepspeed z2")
+    if o.checkpointing == "selective" and o.kernels == "unsloth":
+        raise BadInput("--checkpointing selective with --kernels unsloth: Unsloth checkpoints its own way",
+                       "drop --checkpointing selective (Unsloth's offloaded checkpointing runs)")
     if o.kernels not in catalog.KERNELS:
         raise BadInput(f"--kernels {o.kernels}: use {', '.join(catalog.KERNELS)}")
     if o.quant is not None and not o.method.is_adapter:
@@ -176,7 +197,7 @@ def _training_arguments(o: TrainOptions, device, out: Path, eval_data: PackedDat
         bf16=device.dtype_name == "bf16" and device.kind != "cpu", fp16=device.dtype_name == "fp16",
         seed=o.seed, data_seed=o.seed, report_to=_trackers(o) or "none", run_name=out.name,
         gradient_checkpointing=o.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if o.gradient_checkpointing else None,
+        gradient_checkpointing_kwargs=checkpointing_kwargs(o.checkpointing, o.checkpoint_every) if o.gradient_checkpointing else None,
         remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0, neftune_noise_alpha=o.neftune_alpha,
         use_cpu=device.kind == "cpu", save_only_model=False, ddp_find_unused_parameters=False,
     )
@@ -477,6 +498,8 @@ def run_parameters(o: TrainOptions, device) -> dict:
                                 "seed": o.seed, "precision": device.dtype_name, "optim": o.optim,
                                 "gradient_checkpointing": o.gradient_checkpointing, "quant": o.quant,
                                 "shift_attn": o.shift_attn, "kernels": o.kernels,   # issue 21
+                                "checkpointing": o.checkpointing if o.gradient_checkpointing else None,
+                                "checkpoint_every": o.checkpoint_every if o.gradient_checkpointing else None,
                                 "neftune_alpha": o.neftune_alpha,
                                 "deepspeed": o.deepspeed, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
                                 **{k: v for k, v in o.extra.items()

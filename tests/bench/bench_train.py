@@ -125,7 +125,14 @@ def fp32_copy(model: Path) -> Path:
     return target
 
 
-def ours(model: Path, aligned: Path, gc: bool) -> dict:
+# lmforge's checkpointing choices beside the all-or-nothing of the others (--checkpointing,
+# --checkpoint-every: shared/train/checkpointing.py)
+OURS_GC = {"on": ["--gradient-checkpointing"], "off": ["--no-gradient-checkpointing"],
+           "on, selective": ["--checkpointing", "selective"],
+           "on, every 3rd layer": ["--gradient-checkpointing", "--checkpoint-every", 3]}
+
+
+def ours(model: Path, aligned: Path, gc: str) -> dict:
     packed = WORK / "train_neat.arrow"
     if not packed.exists():
         measure_isolated([LMFORGE, "data", "pack", aligned, "-m", model, "-t", "smollm", "--cutoff", CUTOFF,
@@ -135,13 +142,13 @@ def ours(model: Path, aligned: Path, gc: bool) -> dict:
                             "--method", "lora", "--lora-rank", 8, "--lora-alpha", 16, "--max-steps", STEPS,
                             "--batch-size", BATCH, "--grad-accum", 1, "--lr", LR, "--logging-steps", 5,
                             "--precision", PRECISION,
-                            "--gradient-checkpointing" if gc else "--no-gradient-checkpointing", "-q"])
+                            *OURS_GC[gc], "-q"])
     metrics = json.loads((out / "lmforge.json").read_text())["metrics"]
     return {"tokens": metrics["tokens"], "runtime": metrics["runtime_seconds"], "peak": run["peak_mib"],
             "wall": run["seconds"], "loss": metrics["train_loss"]}
 
 
-def trl(model: Path, aligned: Path, gc: bool) -> dict:
+def trl(model: Path, aligned: Path, gc: str) -> dict:
     out = WORK / "train_trl"
     shutil.rmtree(out, ignore_errors=True)
     helper = ("import subprocess,sys,resource,json,time\nt=time.perf_counter()\n"
@@ -149,7 +156,7 @@ def trl(model: Path, aligned: Path, gc: bool) -> dict:
               "print(p.stdout.decode().strip().splitlines()[-1] if p.returncode==0 else json.dumps({'error': p.stderr.decode()[-2000:]}))\n"
               "print(json.dumps({'peak': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024, 'wall': w}))")
     res = subprocess.run([sys.executable, "-c", helper, sys.executable, "-c", TRL, str(model), str(aligned), str(out),
-                          str(STEPS), str(CUTOFF), str(BATCH), str(LR), "on" if gc else "off", PRECISION],
+                          str(STEPS), str(CUTOFF), str(BATCH), str(LR), gc, PRECISION],
                          capture_output=True,
                          timeout=3600)
     lines = res.stdout.decode().strip().splitlines()
@@ -159,7 +166,7 @@ def trl(model: Path, aligned: Path, gc: bool) -> dict:
     return {**result, **usage}
 
 
-def llamafactory(model: Path, gc: bool) -> dict | None:
+def llamafactory(model: Path, gc: str) -> dict | None:
     python = LF_VENV / "bin" / "python"
     if not (LF_VENV / "bin" / "llamafactory-cli").exists():
         return None
@@ -180,7 +187,7 @@ def llamafactory(model: Path, gc: bool) -> dict | None:
               "learning_rate": LR, "logging_steps": 5, "output_dir": str(work / "out"), "overwrite_output_dir": True,
               "report_to": "none", "save_strategy": "no", "use_cpu": True, "seed": 42,
               "include_num_input_tokens_seen": True, "preprocessing_num_workers": 1, "plot_loss": False,
-              "disable_gradient_checkpointing": not gc, "bf16": PRECISION == "bf16"}
+              "disable_gradient_checkpointing": gc == "off", "bf16": PRECISION == "bf16"}
     (work / "config.yaml").write_text(yaml.safe_dump(config))
     run = measure_isolated([python, "-c", LF_RUN, work / "config.yaml", work / "real.json"], cwd=work,
                            env={"HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1", "CUDA_VISIBLE_DEVICES": ""})
@@ -208,33 +215,38 @@ def main() -> None:
     measure_isolated([LMFORGE, "data", "align", shared("data/llamafactory/alpaca_en_demo.json"), "-o", aligned, "-q"])
     (WORK / "train_neat.arrow").unlink(missing_ok=True)
     have_lf = (LF_VENV / "bin" / "llamafactory-cli").exists()
-    tools = {"lmforge train sft (--neat-packing)": lambda gc: ours(model, aligned, gc),
-             "TRL SFTTrainer (packing, padding-free)": lambda gc: trl(model, aligned, gc)}
+    ours_name, lf_name = "lmforge train sft (--neat-packing)", "LLaMA-Factory 0.9.5 (neat_packing)"
+    runners = [(ours_name, "on", lambda: ours(model, aligned, "on")),
+               (ours_name, "on, selective", lambda: ours(model, aligned, "on, selective")),
+               (ours_name, "on, every 3rd layer", lambda: ours(model, aligned, "on, every 3rd layer")),
+               ("TRL SFTTrainer (packing, padding-free)", "on", lambda: trl(model, aligned, "on"))]
     if have_lf:
-        tools["LLaMA-Factory 0.9.5 (neat_packing)"] = lambda gc: llamafactory(model, gc)
-    runs: dict[tuple[str, bool], list[dict]] = {}
-    for repeat in range(REPEATS):          # interleaved: A B C (gc on), A B C (gc off), then again
-        for gc in (True, False):
-            for name, run in tools.items():
-                result = run(gc)
-                runs.setdefault((name, gc), []).append(result)
-                print(f"[{repeat + 1}/{REPEATS}] {name} gc={'on' if gc else 'off'}: "
-                      f"{result['tokens'] / result['runtime']:,.0f} tokens/s, {result['peak']:.0f} MiB",
-                      file=sys.stderr, flush=True)
+        runners.append((lf_name, "on", lambda: llamafactory(model, "on")))
+    runners += [(ours_name, "off", lambda: ours(model, aligned, "off")),
+                ("TRL SFTTrainer (packing, padding-free)", "off", lambda: trl(model, aligned, "off"))]
+    if have_lf:
+        runners.append((lf_name, "off", lambda: llamafactory(model, "off")))
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for repeat in range(REPEATS):          # interleaved: every configuration once, then again
+        for name, gc, run in runners:
+            result = run()
+            runs.setdefault((name, gc), []).append(result)
+            print(f"[{repeat + 1}/{REPEATS}] {name} gc={gc}: "
+                  f"{result['tokens'] / result['runtime']:,.0f} tokens/s, {result['peak']:.0f} MiB",
+                  file=sys.stderr, flush=True)
     rows = []
-    for gc in (True, False):
-        lf_name = "LLaMA-Factory 0.9.5 (neat_packing)"
-        lf_tps = _median([r["tokens"] / r["runtime"] for r in runs[(lf_name, gc)]]) if have_lf else None
-        lf_peak = _median([r["peak"] for r in runs[(lf_name, gc)]]) if have_lf else None
-        for name in tools:
-            got = runs[(name, gc)]
-            tps = _median([r["tokens"] / r["runtime"] for r in got])
-            peak = _median([r["peak"] for r in got])
-            loss = _median([r["loss"] for r in got if r.get("loss") is not None] or [float("nan")])
-            rows.append([name, "on" if gc else "off", f"{_median([r['tokens'] for r in got]):,.0f}",
-                         f"{tps:,.0f}", f"{tps / lf_tps:.2f}x" if lf_tps else "", f"{peak:,.0f}",
-                         f"{peak / lf_peak:.2f}x" if lf_peak else "", f"{loss:.3f}",
-                         " / ".join(f"{r['tokens'] / r['runtime']:,.0f}" for r in got)])
+    for name, gc, _ in runners:
+        lf_gc = "off" if gc == "off" else "on"   # each against LLaMA-Factory with or without its checkpointing
+        lf_tps = _median([r["tokens"] / r["runtime"] for r in runs[(lf_name, lf_gc)]]) if have_lf else None
+        lf_peak = _median([r["peak"] for r in runs[(lf_name, lf_gc)]]) if have_lf else None
+        got = runs[(name, gc)]
+        tps = _median([r["tokens"] / r["runtime"] for r in got])
+        peak = _median([r["peak"] for r in got])
+        loss = _median([r["loss"] for r in got if r.get("loss") is not None] or [float("nan")])
+        rows.append([name, gc, f"{_median([r['tokens'] for r in got]):,.0f}",
+                     f"{tps:,.0f}", f"{tps / lf_tps:.2f}x" if lf_tps else "", f"{peak:,.0f}",
+                     f"{peak / lf_peak:.2f}x" if lf_peak else "", f"{loss:.3f}",
+                     " / ".join(f"{r['tokens'] / r['runtime']:,.0f}" for r in got)])
     if not have_lf:
         rows.append(["LLaMA-Factory 0.9.5", "", "not run (`make lf-venv` first)", "", "", "", "", "", ""])
     body = table(["trainer", "grad. ckpt", "tokens trained", "tokens/s (median)", "vs LLaMA-Factory",
@@ -244,7 +256,7 @@ def main() -> None:
                "lmforge --precision bf16: its fused LoRA path)" if PRECISION == "bf16" else "fp32 throughout")
     body += (f"\n\nSmolLM2-135M-Instruct, alpaca_en_demo, LoRA r 8 / alpha 16 on all linear layers, lr {LR}, "
              f"cutoff {CUTOFF}, {BATCH} packed rows per step, {STEPS} steps, on the CPU: {weights}; gradient "
-             f"checkpointing on and off for each; runs interleaved, median of {REPEATS} each. All three pack so that "
+             f"checkpointing on and off for each (lmforge also with --checkpointing selective and --checkpoint-every 3, against LLaMA-Factory's checkpointing of every layer); runs interleaved, median of {REPEATS} each. All three pack so that "
              "each example attends only to itself: lmforge --neat-packing, TRL its best-fit decreasing packing into "
              "padding-free rows (its recommended setting), LLaMA-Factory neat_packing. Each trainer's real "
              "(non-padding) tokens are counted; tokens/s is the fair rate. "
