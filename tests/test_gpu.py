@@ -397,3 +397,16 @@ def test_unsloth_lora_trains_on_gpu(task, tmp_path):
 def test_shift_attn_trains_on_gpu(task, tmp_path):
     record = _train(task, tmp_path / "s2", "--method", "lora", "--shift-attn", "--max-steps", "6")
     assert record["hyperparameters"]["shift_attn"] is True and record["device"]["attention"] == "sdpa"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_selective_checkpointing_trains_on_gpu(task, tmp_path):
+    """Selective checkpointing on CUDA (the fused LoRA path steps aside under autocast there; the
+    attention kernels' outputs are kept): the loss falls as without it."""
+    out = tmp_path / "selective"
+    record = _train(task, out, "--method", "lora", "--checkpointing", "selective", "--checkpoint-every", "2",
+                    "--max-steps", "20", "--lr", "1e-2")
+    losses = _losses(out)
+    assert losses[-1] < losses[0], losses
+    assert record["hyperparameters"]["checkpointing"] == "selective"

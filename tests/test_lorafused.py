@@ -99,6 +99,20 @@ def test_it_steps_aside_where_it_does_not_apply():
         torch.manual_seed(5)
         two = _lora(model_base, False, **config)(input_ids=ids).logits
         assert torch.equal(one, two)
+    # a hook on a base layer (accelerate's offloading puts the weights in place there) or a trained
+    # base weight: PEFT's path, which calls the base layer, so the hook runs
+    hooked, calls = _lora(base, True), []
+    layers = [m for m in hooked.modules() if isinstance(m, lorafused.FusedLoraLinear)]
+    layers[0].base_layer.register_forward_pre_hook(lambda *args: calls.append("hook"))
+    layers[1].base_layer.weight.requires_grad_(True)
+    apply_fused = lorafused._LoraLinear.apply
+    lorafused._LoraLinear.apply = lambda *a: calls.append("fused") or apply_fused(*a)
+    try:
+        with torch.no_grad():
+            hooked(input_ids=ids)
+    finally:
+        lorafused._LoraLinear.apply = apply_fused
+    assert calls.count("hook") == 1 and calls.count("fused") == len(layers) - 2
 
 
 def test_it_saves_less_for_backward_and_survives_copies():

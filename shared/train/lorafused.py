@@ -85,6 +85,8 @@ class FusedLoraLinear(Linear):
         base = self.base_layer
         if (type(base) is not torch.nn.Linear or base.weight.requires_grad   # quantized, or a trained base
                 or (base.bias is not None and base.bias.requires_grad)
+                or base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook")   # offloading hooks
+                or base.weight.device != x.device
                 or x.dtype == weight_a.dtype or base.weight.dtype != x.dtype or not x.dtype.is_floating_point
                 or any(hasattr(w, "ds_id") for w in (weight_a, weight_b, base.weight))):   # ZeRO-3 partitioned
             return super().forward(x, *args, **kwargs)
