@@ -15,6 +15,7 @@ import pytest
 import torch
 from archmatrix import ARCHS, BASE
 from conftest import ok, shared_path
+from test_lorafused import counting_data
 from test_packedattn import batch
 
 from lmforge.shared.core.errors import BadInput
@@ -130,12 +131,7 @@ def test_refusals():
 
 def test_train_sft_with_selective_checkpointing_every_second_layer(tmp_path):
     model = shared_path("models/stories260K")
-    data = tmp_path / "d.jsonl"
-    data.write_text("\n".join(json.dumps({"instruction": f"Count to {i}.", "output": " ".join(map(str, range(i)))})
-                              for i in range(1, 25)))
-    aligned, packed, out = tmp_path / "a.arrow", tmp_path / "p.arrow", tmp_path / "out"
-    ok(["data", "align", data, "-o", aligned, "-q"])
-    ok(["data", "pack", aligned, "-m", model, "-t", "default", "--cutoff", "128", "--neat-packing", "-o", packed, "-q"])
+    packed, out = counting_data(tmp_path, model), tmp_path / "out"
     ok(["train", "sft", "-m", model, "-d", packed, "-o", out, "--method", "lora", "--precision", "bf16",
         "--checkpointing", "selective", "--checkpoint-every", "2", "--max-steps", "6", "--batch-size", "2",
         "--grad-accum", "1", "--lr", "5e-3", "--logging-steps", "1", "-q"])

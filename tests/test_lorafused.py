@@ -144,6 +144,22 @@ def test_it_saves_less_for_backward_and_survives_copies():
     assert not any(type(m).__name__ == "FusedLoraLinear" for m in merged.modules())
 
 
+def counting_data(tmp_path, model):
+    """24 "Count to N." examples aligned and neat-packed for `model` at cutoff 128 (also used by
+    tests/test_checkpointing.py)."""
+    import json
+
+    from conftest import ok
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"Count to {i}.", "output": " ".join(map(str, range(i)))})
+                              for i in range(1, 25)))
+    aligned, packed = tmp_path / "a.arrow", tmp_path / "p.arrow"
+    ok(["data", "align", data, "-o", aligned, "-q"])
+    ok(["data", "pack", aligned, "-m", model, "-t", "default", "--cutoff", "128", "--neat-packing", "-o", packed, "-q"])
+    return packed
+
+
 @pytest.mark.parametrize("method, fused", [("lora", 14), ("pissa", 14), ("dora", 0)])
 def test_train_methods_route_their_layers(method, fused):
     model = apply(_base(), MethodOptions(method=method, lora_rank=4))
@@ -162,12 +178,7 @@ def test_train_sft_in_bf16_runs_the_fused_path_and_saves_fp32_adapters(tmp_path,
     calls = []
     apply_fused = lorafused._LoraLinear.apply
     monkeypatch.setattr(lorafused._LoraLinear, "apply", lambda *a: calls.append(a[0].dtype) or apply_fused(*a))
-    data = tmp_path / "d.jsonl"
-    data.write_text("\n".join(json.dumps({"instruction": f"Count to {i}.", "output": " ".join(map(str, range(i)))})
-                              for i in range(1, 25)))
-    aligned, packed, out = tmp_path / "a.arrow", tmp_path / "p.arrow", tmp_path / "out"
-    ok(["data", "align", data, "-o", aligned, "-q"])
-    ok(["data", "pack", aligned, "-m", model, "-t", "default", "--cutoff", "128", "--neat-packing", "-o", packed, "-q"])
+    packed, out = counting_data(tmp_path, model), tmp_path / "out"
     ok(["train", "sft", "-m", model, "-d", packed, "-o", out, "--method", "lora", "--precision", "bf16",
         "--max-steps", "8", "--batch-size", "2", "--grad-accum", "1", "--lr", "5e-3", "--logging-steps", "1", "-q"])
     layers = 7 * 5   # stories260K: 5 layers of q, k, v, o, gate, up, down
