@@ -402,8 +402,8 @@ def test_shift_attn_trains_on_gpu(task, tmp_path):
 @pytest.mark.gpu
 @needs_cuda
 def test_selective_checkpointing_trains_on_gpu(task, tmp_path):
-    """Selective checkpointing on CUDA (the fused LoRA path steps aside under autocast there; the
-    attention kernels' outputs are kept): the loss falls as without it."""
+    """Selective checkpointing on CUDA (the fused LoRA path under the Trainer's autocast to the base's
+    dtype, the attention kernels' outputs kept): the loss falls."""
     out = tmp_path / "selective"
     record = _train(task, out, "--method", "lora", "--checkpointing", "selective", "--checkpoint-every", "2",
                     "--max-steps", "20", "--lr", "1e-2")

@@ -90,8 +90,23 @@ def test_it_steps_aside_where_it_does_not_apply():
     with torch.no_grad():
         with fused.disable_adapter(), plain.disable_adapter():      # adapters off: the base model exactly
             assert torch.equal(fused(input_ids=ids).logits, plain(input_ids=ids).logits)
-        with torch.autocast("cpu", dtype=torch.bfloat16):           # autocast on: PEFT's path
+        with torch.autocast("cpu", dtype=torch.float16):            # autocast to another dtype: PEFT's path
             assert torch.equal(fused(input_ids=ids).logits, plain(input_ids=ids).logits)
+        # autocast to the base's own dtype (bf16 on GPUs): the fused path, the same numbers as without it
+        layer = next(m for m in fused.modules() if isinstance(m, lorafused.FusedLoraLinear))
+        x = torch.randn(2, 5, layer.in_features, dtype=torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = layer(x)
+        assert torch.equal(under, layer(x))
+        calls = []
+        apply_fused = lorafused._LoraLinear.apply
+        lorafused._LoraLinear.apply = lambda *a: calls.append(1) or apply_fused(*a)
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                layer(x)
+        finally:
+            lorafused._LoraLinear.apply = apply_fused
+        assert calls == [1]
     # dropout, and an fp32 base (nothing to gain): PEFT's path, so the same numbers
     for model_base, config in ((base, {"lora_dropout": 0.1}), (_base(torch.float32), {})):
         torch.manual_seed(5)

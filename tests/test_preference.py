@@ -51,9 +51,10 @@ def prefs(tmp_path_factory):
     ok(["data", "pack", work / "prompts.arrow", "-m", base, "-t", "default", "-s", "ppo", "--cutoff", "64",
         "-o", paths["ppo"]])
     rm = work / "rm"
+    # (with selective checkpointing of every second layer: the value-head model takes it too)
     ok(["train", "rm", "-m", base, "-d", paths["rm_train"], "--eval-data", paths["rm_val"], "-o", rm,
         "--max-steps", "40", "--lr", "3e-3", "--batch-size", "8", "--grad-accum", "1", "--logging-steps", "10",
-        "--eval-steps", "40"])
+        "--eval-steps", "40", "--checkpointing", "selective", "--checkpoint-every", "2"])
     paths["rm"] = rm
     return paths
 
@@ -105,6 +106,19 @@ def test_every_dpo_loss_runs_and_the_margin_grows(prefs, tmp_path, loss):
     if loss == "sigmoid":  # DPO-ftx: the SFT term is there and nonzero
         assert all(e.get("sft_loss", 0) > 0 for e in log)
         assert record["hyperparameters"]["ftx"] == 0.5
+
+
+def test_dpo_with_selective_checkpointing_in_bf16(prefs, tmp_path):
+    """`train dpo --precision bf16 --checkpointing selective`: the policy's fused LoRA layers under
+    selective checkpointing, the reference pass (adapters off, no gradients) beside it; the margin grows."""
+    out = tmp_path / "selective"
+    ok(["train", "dpo", "-m", prefs["base"], "-d", prefs["dpo_train"], "-o", out, "--precision", "bf16",
+        "--checkpointing", "selective", "--max-steps", "12", "--lr", "2e-3", "--batch-size", "4", "--grad-accum", "1",
+        "--logging-steps", "4"])
+    log = [e for e in _log(out) if "rewards/margins" in e]
+    assert log[-1]["rewards/margins"] > log[0]["rewards/margins"] + 0.2, log
+    hyper = json.loads((out / "lmforge.json").read_text())["hyperparameters"]
+    assert hyper["checkpointing"] == "selective" and hyper["precision"] == "bf16"
 
 
 def _exact_dpo(model, ref, batch, loss: str, beta: float, ftx: float):

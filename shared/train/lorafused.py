@@ -20,8 +20,10 @@ are computed in the low precision and returned in fp32, as under autocast.
 
 It steps aside (PEFT's own forward runs) for everything else: adapters off or merged, several
 active adapters, mixed-adapter batches, DoRA and other variants, dropout, adapter biases, weights
-in the input's dtype already (nothing to gain), autocast on, quantized or trained base layers, and
-ZeRO-3's partitioned weights.
+in the input's dtype already (nothing to gain), autocast to another dtype than the input's (an fp32
+base under autocast), quantized, hooked or trained base layers, and ZeRO-3's partitioned weights.
+Under autocast to the input's dtype (a bf16 base with fp32 adapters under bf16 autocast: lmforge's
+bf16 on GPUs) it runs: its products are in that dtype already, which is what autocast would do.
 """
 
 from __future__ import annotations
@@ -79,7 +81,9 @@ class FusedLoraLinear(Linear):
         if (args or kwargs or adapter is None or self.disable_adapters or self.merged
                 or adapter not in self.lora_A or adapter in getattr(self, "lora_variant", {})
                 or not isinstance(self.lora_dropout[adapter], torch.nn.Identity)
-                or self.lora_B[adapter].bias is not None or torch.is_autocast_enabled(x.device.type)):
+                or self.lora_B[adapter].bias is not None
+                # autocast to another dtype than x's (an fp32 base under autocast): autocast's own arithmetic
+                or (torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype)):
             return super().forward(x, *args, **kwargs)
         weight_a, weight_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         base = self.base_layer
