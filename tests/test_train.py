@@ -361,11 +361,14 @@ def test_ddp_two_processes(task, tmp_path):
 def test_deepspeed_zero_on_cpu(task, tmp_path, zero, method):
     pytest.importorskip("deepspeed")
     out = tmp_path / zero
+    # ZeRO-2 with selective checkpointing (non-reentrant, policy contexts) in bf16 (the fused LoRA layers)
+    extra = ["--checkpointing", "selective", "--precision", "bf16"] if zero == "z2" else []
     result = _launch(2, ["train", "sft", "-m", task["base"], "-d", task["train"], "-o", out, "--deepspeed", zero,
-                         "--method", method, "--max-steps", "3", "--batch-size", "2", "--grad-accum", "1"])
+                         "--method", method, "--max-steps", "3", "--batch-size", "2", "--grad-accum", "1", *extra])
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     record = json.loads((out / "lmforge.json").read_text())
     assert record["hyperparameters"]["deepspeed"] == zero and record["hyperparameters"]["world_size"] == 2
+    assert record["hyperparameters"]["checkpointing"] == ("selective" if zero == "z2" else None)
     if method == "full":  # ZeRO-3 gathers the sharded weights into a whole model on save
         from transformers import AutoModelForCausalLM
 
