@@ -44,6 +44,7 @@ def keep():
         _MARK.on = was
 
 
+@functools.cache
 def _attention_ops() -> frozenset:
     import torch
 
