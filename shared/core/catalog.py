@@ -239,11 +239,12 @@ LOGGING_STEPS = Opt("logging_steps", type="int", default=10, help="Log every N s
 # ----------------------------------------------------------------------------- train: speed and memory (issue 21)
 
 KERNELS = ("none", "liger", "unsloth")
+CHECKPOINTING = ("full", "selective")
 TRAIN_EFFICIENCY = (   # in TRAIN_COMMON's "how it trains" part (shared/train/shiftattn.py, kernels.py)
     Opt("shift_attn", type="bool", default=False, panel=O,
         help="S² attention (LongLoRA) while training: attention within groups of a quarter of the row, half the "
              "heads shifted by half a group; full attention in eval and generation. llama, qwen2, qwen3, mistral."),
-    Opt("checkpointing", choices=("full", "selective"), default="full", panel=O,
+    Opt("checkpointing", choices=CHECKPOINTING, default="full", panel=O,
         help="What --gradient-checkpointing keeps for backward: full (each layer's input; the whole layer runs "
              "again) or selective (also the LoRA layers' and attention's outputs; only cheap operations run again: "
              "near the speed without checkpointing at part of its memory). selective turns it on."),

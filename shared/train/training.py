@@ -146,14 +146,14 @@ def validate(o: TrainOptions) -> None:
             raise BadInput(f"--shift-attn with --loss {o.extra.get('loss')} needs the reference to be the policy's own "
                            "layers (adapter methods, no --precompute-ref)",
                            "use --method lora, or a reference-free loss (--loss orpo or simpo)")
-    if o.checkpointing not in ("full", "selective"):
-        raise BadInput(f"--checkpointing {o.checkpointing}: use full or selective")
+    if o.checkpointing not in catalog.CHECKPOINTING:
+        raise BadInput(f"--checkpointing {o.checkpointing}: use {' or '.join(catalog.CHECKPOINTING)}")
     if o.checkpoint_every < 1:
         raise BadInput(f"--checkpoint-every {o.checkpoint_every}: must be at least 1", "1 checkpoints every layer")
     if o.checkpoint_every > 1 and not o.gradient_checkpointing:
         raise BadInput(f"--checkpoint-every {o.checkpoint_every} without gradient checkpointing",
                        "add --gradient-checkpointing (or --checkpointing selective)")
-    if o.checkpointing == "selective" and (o.deepspeed or "").startswith("z3"):
+    if o.checkpointing == "selective" and _zero3(o.deepspeed):
         # PEFT under ZeRO-3 needs reentrant checkpointing (TRL forces it), which takes no selective policy
         raise BadInput("--checkpointing selective does not run under --deepspeed z3 (ZeRO-3 checkpoints reentrantly)",
                        "use --checkpointing full with ZeRO-3, or --deepspeed z2")
@@ -543,6 +543,7 @@ def build_default_trainer(o: TrainOptions, model, tokenizer, args, data: PackedD
     trainer = Trainer(model=model, args=args, train_dataset=data.dataset,
                       eval_dataset=eval_data.dataset if eval_data else None, data_collator=collator,
                       optimizers=optimizers)
+    # ZeRO-3 only gathers a layer's weights inside that layer's forward: keep the standard loss there
     if not _zero3(o.deepspeed) and o.kernels in ("none", "", None):   # liger/unsloth fuse the loss themselves
         from lmforge.shared.train import lossfn
 
@@ -572,7 +573,7 @@ def vision_collator(model_dir: str, model, tokenizer, data: PackedData):
 
 
 def _zero3(spec: str | None) -> bool:
-    """ZeRO-3 only gathers a layer's weights inside that layer's forward: keep the standard loss."""
+    """Whether --deepspeed names ZeRO-3 (z3, z3-offload, or a config file of stage 3)."""
     if not spec:
         return False
     if spec.startswith("z3"):
