@@ -62,7 +62,8 @@ def client(workspace):
     from lmforge.tools.board import usage_error
 
     board = Board(workspace, check=usage_error)
-    with TestClient(create_app(board), base_url="http://127.0.0.1:7860") as c:
+    with TestClient(create_app(board), base_url="http://127.0.0.1:7860",
+                    headers={"Authorization": f"Bearer {board.token}"}) as c:
         c.board = board
         yield c
 
@@ -158,22 +159,169 @@ def test_paths_stay_inside_the_workspace(client, workspace, tmp_path):
         (workspace / "linkdir").unlink()
 
 
+SECRET = "s3cret-s3cret-s3cret"
+
+
 def test_a_token_guards_every_request_and_other_hosts_need_one(workspace):
     from fastapi.testclient import TestClient
     from lmforge.shared.board.server import Board, create_app
 
-    guarded = TestClient(create_app(Board(workspace, token="s3cret", host="0.0.0.0")), base_url="http://10.1.2.3:7860")
+    guarded = TestClient(create_app(Board(workspace, token=SECRET, host="0.0.0.0", port=7860)),
+                         base_url="http://10.1.2.3:7860")
     assert guarded.get("/").status_code == 401
     assert guarded.get("/api/catalog").status_code == 401
     assert guarded.get("/api/catalog", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert guarded.get("/api/catalog", headers={"Authorization": "Bearer s3cret"}).status_code == 200
-    first = guarded.get("/?token=s3cret")
-    assert first.status_code == 200 and "lmforge_board_token" in first.headers["set-cookie"]
-    assert guarded.get("/api/runs").status_code == 200   # the cookie carries it from then on
-    local = TestClient(create_app(Board(workspace)), base_url="http://evil.example:7860")
-    assert local.get("/api/catalog").status_code == 403   # DNS rebinding: only local host names
+    assert guarded.get("/api/catalog", headers={"Authorization": f"Bearer {SECRET}"}).status_code == 200
+    first = guarded.get(f"/?token={SECRET}", follow_redirects=False)
+    assert first.status_code == 303 and first.headers["location"] == "/"   # the token leaves the address bar
+    cookie = first.headers["set-cookie"]
+    assert cookie.startswith("lmforge_board_7860=") and "samesite=strict" in cookie.lower() and "httponly" in cookie.lower()
+    assert guarded.get("/").status_code == 200 and guarded.get("/api/runs").status_code == 200   # the cookie
     line = bad(["board", "--host", "0.0.0.0", "--workspace", workspace])
     assert "--token" in line
+
+
+def test_every_board_has_a_token_even_on_loopback(workspace):
+    from fastapi.testclient import TestClient
+    from lmforge.shared.board.server import Board, create_app
+
+    board = Board(workspace)
+    assert len(board.token) >= 16 and board.token != Board(workspace).token   # a new one per start
+    local = TestClient(create_app(board), base_url="http://127.0.0.1:7860")
+    assert local.get("/api/catalog").status_code == 401
+    assert local.get(f"/api/catalog?token={board.token}").status_code == 200
+    rebound = TestClient(create_app(board), base_url="http://evil.example:7860")
+    assert rebound.get(f"/api/catalog?token={board.token}").status_code == 403   # DNS rebinding
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:17860@evil.com", "localhost:evil.com", "evil.com", "evil.com:7860",
+                                  "127.0.0.1:7860:80", "127.0.0.1 :7860", "localhost.evil.com", "[::1]@evil.com",
+                                  "127.0.0.1:99999", ""])
+def test_host_header_tricks_are_refused(workspace, host):
+    from fastapi.testclient import TestClient
+    from lmforge.shared.board.server import Board, create_app
+
+    board = Board(workspace, port=7860)
+    answer = TestClient(create_app(board)).get("/api/catalog", headers={"host": host,
+                                                                       "Authorization": f"Bearer {board.token}"})
+    assert answer.status_code in (400, 403), (host, answer.status_code)
+
+
+def test_host_names_of_this_machine_are_answered(workspace):
+    from fastapi.testclient import TestClient
+    from lmforge.shared.board.server import Board, create_app
+
+    board = Board(workspace, port=7860)
+    client = TestClient(create_app(board))
+    for host in ("127.0.0.1:7860", "localhost:7860", "LOCALHOST:7860", "[::1]:7860", "127.0.0.1", "localhost."):
+        answer = client.get("/api/catalog", headers={"host": host, "Authorization": f"Bearer {board.token}"})
+        assert answer.status_code == 200, (host, answer.text)
+    assert client.get("/api/catalog", headers={"host": "127.0.0.1:7861",
+                                               "Authorization": f"Bearer {board.token}"}).status_code == 403
+
+
+def test_a_cross_origin_page_cannot_start_anything(workspace):
+    """The victim has the board open (its cookie is set); a page elsewhere makes the browser POST
+    a pipeline whose GRPO reward is a command of its choosing."""
+    from fastapi.testclient import TestClient
+    from lmforge.shared.board.server import Board, create_app
+
+    board = Board(workspace, port=7860)
+    victim = TestClient(create_app(board), base_url="http://127.0.0.1:7860")
+    assert victim.get(f"/?token={board.token}").status_code == 200   # the cookie is in the browser now
+    attack = json.dumps({**_config(), "stage": "grpo", "options": {"train grpo": {"reward": ["cmd:touch pwned"]}}})
+    own, evil = "http://127.0.0.1:7860", "http://127.0.0.1:8000"   # same site, another origin
+    before = set((workspace / "runs").iterdir()) if (workspace / "runs").exists() else set()
+    answers = [
+        victim.post("/api/runs", content=attack, headers={"content-type": "text/plain", "origin": evil}),
+        victim.post("/api/runs", content=attack, headers={"content-type": "text/plain"}),
+        victim.post("/api/runs", data={"stage": "grpo"}, headers={"origin": evil}),   # a form
+        victim.post("/api/runs", content=attack, headers={"content-type": "multipart/form-data; boundary=x",
+                                                          "origin": evil}),
+        victim.post("/api/runs", content=attack, headers={"content-type": "application/json", "origin": evil}),
+        victim.post("/api/runs", content=attack, headers={"content-type": "application/json", "origin": "null"}),
+        victim.post("/api/runs", content=attack, headers={"content-type": "application/json",
+                                                          "referer": evil + "/page.html"}),
+        victim.post("/api/runs", content=attack, headers={"content-type": "application/json"}),   # no Origin
+        victim.post("/api/runs/x/stop", content="{}", headers={"content-type": "text/plain", "origin": evil}),
+    ]
+    for answer in answers:
+        assert answer.status_code == 403, answer.text
+    after = set((workspace / "runs").iterdir()) if (workspace / "runs").exists() else set()
+    assert after == before and not (workspace / "pwned").exists()
+    # the board's own page (same origin, JSON) is answered
+    plan = victim.post("/api/pipeline", content=json.dumps(_config()),
+                       headers={"content-type": "application/json", "origin": own})
+    assert plan.status_code == 200, plan.text
+    plan = victim.post("/api/pipeline", content=json.dumps(_config()),
+                       headers={"content-type": "application/json; charset=utf-8", "referer": own + "/"})
+    assert plan.status_code == 200, plan.text
+
+
+@pytest.mark.parametrize("token", [" ", "", "short-token", " " * 20, "padded-token-abcdef "])
+def test_weak_tokens_are_refused_at_start(workspace, token):
+    line = bad(["board", "--workspace", workspace, "--token", token])
+    assert "--token" in line and "16 characters" in line
+    line = bad(["board", "--workspace", workspace], env={"LMFORGE_BOARD_TOKEN": token}) if token else line
+    assert "16 characters" in line
+
+
+def test_hostile_bodies_get_a_400_naming_the_field(client):
+    deep = "[" * 100_000 + "]" * 100_000
+    cases = [
+        ("/api/pipeline", deep, "nested too deeply"),
+        ("/api/pipeline", '{"data": ' + deep + "}", "nested too deeply"),
+        ("/api/pipeline", json.dumps({**_config(), "data": "demo/tasks.jsonl"}), "data"),
+        ("/api/pipeline", json.dumps({**_config(), "run": 5}), "run"),
+        ("/api/pipeline", json.dumps({**_config(), "options": "x"}), "options"),
+        ("/api/pipeline", json.dumps({**_config(), "options": {"train sft": {"lr": {"a": 1}}}}), "options"),
+        ("/api/pipeline", json.dumps({**_config(), "surprise": 1}), "surprise"),
+        ("/api/pipeline", "[1, 2]", "not a JSON object"),
+        ("/api/pipeline", "{", "not JSON"),
+        ("/api/runs/x/eval", json.dumps({"kind": ["generate"]}), "kind"),
+        ("/api/chat", json.dumps({"run": "x", "messages": [{"role": "user", "content": "hi"}],
+                                  "max_tokens": "ten"}), "max_tokens"),
+        ("/api/chat", json.dumps({"run": "x", "messages": [{"role": "user", "content": "hi"}],
+                                  "temperature": "hot"}), "temperature"),
+        ("/api/chat", json.dumps({"run": "x", "messages": [{"role": "user", "content": "hi"}],
+                                  "max_tokens": -5}), "max_tokens"),
+        ("/api/chat", '{"run": "x", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+         "temperature"),
+        ("/api/chat", json.dumps({"run": "x", "messages": [{"role": "wizard", "content": "hi"}]}), "role"),
+        ("/api/chat", json.dumps({"run": 3, "messages": []}), "run"),
+        ("/api/runs/x/stop", json.dumps({"now": True}), "now"),
+    ]
+    for path, body, words in cases:
+        answer = client.post(path, content=body, headers={"content-type": "application/json"})
+        assert answer.status_code == 400, (path, body[:80], answer.status_code, answer.text[:300])
+        assert words in answer.json()["error"], (path, answer.json())
+    huge = json.dumps({**_config(), "run": "x" * (2 << 20)})
+    answer = client.post("/api/pipeline", content=huge, headers={"content-type": "application/json"})
+    assert answer.status_code == 413 and "larger than" in answer.json()["error"]
+
+
+def test_a_reward_file_must_stay_in_the_workspace(client, workspace, tmp_path):
+    outside = tmp_path / "reward.py"
+    outside.write_text("def reward(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    (workspace / "reward_link.py").symlink_to(outside)
+    (workspace / "reward_here.py").write_text(outside.read_text())
+    try:
+        for spec in ("reward_link.py:reward", f"{outside}:reward", "../reward.py:reward"):
+            config = {**_config(), "stage": "grpo", "options": {"train grpo": {"reward": [spec]}}}
+            answer = client.post("/api/pipeline", json=config)
+            assert answer.status_code == 400, (spec, answer.text)
+            assert "outside the board's workspace" in answer.json()["error"]
+        error = client.post("/api/pipeline", json={**_config(), "stage": "grpo", "options": {
+            "train grpo": {"reward": ["reward_link.py:reward"]}}}).json()["error"]
+        assert "is a symbolic link to" in error   # says why a name inside the workspace is outside
+        config = {**_config(), "stage": "grpo", "options": {"train grpo": {"reward": ["reward_here.py:reward",
+                                                                                      "exact"]}}}
+        answer = client.post("/api/pipeline", json=config)
+        assert answer.status_code == 200, answer.text
+        assert "--reward=reward_here.py:reward" in answer.json()["steps"][-1]["argv"]
+    finally:
+        (workspace / "reward_link.py").unlink()
+        (workspace / "reward_here.py").unlink()
 
 
 def test_every_page_string_is_in_every_locale():
@@ -219,7 +367,9 @@ def test_a_run_reattaches_after_a_restart_stops_and_resumes(client, workspace, p
               "data": {"files": [packed]}}
     assert client.post("/api/runs", json=config).json()["id"] == "long"
     # a new board on the same workspace (a restart) finds the run from its directory
-    with TestClient(create_app(Board(workspace)), base_url="http://127.0.0.1:7860") as again:
+    board = Board(workspace)
+    with TestClient(create_app(board), base_url="http://127.0.0.1:7860",
+                    headers={"Authorization": f"Bearer {board.token}"}) as again:
         detail = _wait(again, "long", lambda d: (workspace / "runs/long/model/checkpoints/checkpoint-20").is_dir()
                        or d["status"] != "running")
         assert detail["status"] == "running", detail["log"]
@@ -247,6 +397,42 @@ def test_a_run_reattaches_after_a_restart_stops_and_resumes(client, workspace, p
     assert "--data=data/packed.arrow" in evals["evals"][0]["command"]   # the run's own data
 
 
+@pytest.mark.slow
+def test_a_run_whose_runner_is_killed_is_adopted_not_lost(client, workspace, packed):
+    """kill -9 of the runner leaves its `train` child running: the board follows it (Resume waits,
+    Stop reaches it), and reports how it really ended."""
+    import signal
+
+    def killed_runner(run: str) -> dict:
+        config = {**_config(max_steps="150", save_steps="1000", logging_steps="50", batch_size="1"), "run": run,
+                  "data": {"files": [packed]}}
+        assert client.post("/api/runs", json=config).status_code == 200
+        detail = _wait(client, run, lambda d: d["steps"][0].get("pid") and d["log"].count("$ lmforge train"))
+        state = json.loads((workspace / "runs" / run / "board.json").read_text())
+        os.kill(state["pid"], signal.SIGKILL)
+        adopted = _wait(client, run, lambda d: json.loads((workspace / "runs" / run / "board.json").read_text())
+                        .get("adopted") or d["status"] != "running")
+        return {**detail, **adopted}
+
+    finished = killed_runner("orphan-done")
+    if finished["status"] == "running":
+        resume = client.post("/api/runs/orphan-done/resume", json={})
+        assert resume.status_code == 400 and "still running" in resume.json()["error"]
+    done = _wait(client, "orphan-done", lambda d: d["status"] != "running")
+    assert done["status"] == "done", done
+    assert done["steps"][0]["status"] == "done" and done["metrics"]["steps"] == 150
+    assert (workspace / "runs" / "orphan-done" / "model" / "lmforge.json").exists()
+
+    stopped = killed_runner("orphan-stop")
+    assert stopped["status"] == "running"
+    assert client.post("/api/runs/orphan-stop/stop", json={}).status_code == 200
+    stopped = _wait(client, "orphan-stop", lambda d: d["status"] != "running")
+    assert stopped["status"] == "stopped", stopped
+    assert client.post("/api/runs/orphan-stop/resume", json={}).status_code == 200   # no collision now
+    resumed = _wait(client, "orphan-stop", lambda d: d["status"] not in ("running", "starting"))
+    assert resumed["status"] == "done", resumed["log"][-2000:]
+
+
 # ----------------------------------------------------------------------------- the browser walk
 
 CHROMIUM = "/usr/bin/chromium"
@@ -268,12 +454,16 @@ def start_board(workspace: Path, *args: str) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "LMFORGE_LOG_INTERVAL": "1000"}
     proc = subprocess.Popen([*LMFORGE, "board", "--workspace", str(workspace), "--port", str(port), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    lines = []
+    while not (found := re.search(r"http://\S+\?token=(\S+)", lines[-1] if lines else "")):
+        lines.append(proc.stderr.readline().decode())   # "board: open http://127.0.0.1:PORT/?token=... (...)"
+        assert lines[-1] or proc.poll() is None, "".join(lines)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            urllib.request.urlopen(url + "api/catalog", timeout=1).read()
-            return proc, url
+            urllib.request.urlopen(f"{url}api/catalog?token={found.group(1)}", timeout=1).read()
+            return proc, f"{url}?token={found.group(1)}"
         except OSError:
             if proc.poll() is not None:
                 raise AssertionError(proc.stderr.read().decode()) from None
@@ -380,5 +570,51 @@ def test_a_user_walks_the_board_in_a_real_browser(workspace):
             page.screenshot(path=str(ARTIFACTS / "5-chat.png"), full_page=True)
             chrome.close()
     finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_page_elsewhere_cannot_make_the_browser_start_a_run(workspace, tmp_path):
+    """In a real browser: the user opens the board (its cookie is set), then visits a page on
+    another origin of the same site that submits a form and sends no-cors fetches to the board."""
+    import http.server
+    import threading
+
+    sync_playwright = browser()
+    proc, url = start_board(workspace)
+    board_origin = url.split("/?")[0]
+    attack = json.dumps({**_config(), "stage": "grpo", "run": "csrf",
+                         "options": {"train grpo": {"reward": [f"cmd:touch {tmp_path}/pwned"]}}})
+    page_html = f"""<html><body>
+<form id="f" method="POST" action="{board_origin}/api/runs" enctype="text/plain">
+<input name='{attack[:-1]}, "x": "' value='"}}'></form>
+<script>
+fetch("{board_origin}/api/runs", {{method: "POST", mode: "no-cors", body: {json.dumps(attack)},
+  headers: {{"Content-Type": "text/plain"}}, credentials: "include"}});
+fetch("{board_origin}/api/runs", {{method: "POST", mode: "no-cors", body: {json.dumps(attack)},
+  credentials: "include"}});
+setTimeout(() => document.getElementById("f").submit(), 500);
+</script></body></html>"""
+    (tmp_path / "index.html").write_text(page_html)
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    evil = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    try:
+        with sync_playwright() as p:
+            chrome = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = chrome.new_page()
+            page.goto(url)   # the user's own visit: the cookie is set
+            page.wait_for_selector("body[data-ready]")
+            other = chrome.new_page()
+            responses = []
+            other.on("response", lambda r: responses.append(r.status) if "/api/runs" in r.url else None)
+            other.goto(f"http://127.0.0.1:{evil.server_address[1]}/index.html")
+            other.wait_for_timeout(3000)
+            chrome.close()
+        assert responses and set(responses) <= {403}, responses
+        assert not (workspace / "runs" / "csrf").exists() and not (tmp_path / "pwned").exists()
+    finally:
+        evil.shutdown()
         proc.terminate()
         proc.wait(timeout=30)

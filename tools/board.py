@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from ._cli import declared
 
 
@@ -32,10 +34,13 @@ def usage_error(argv: list[str]) -> str | None:
 @declared("board")
 def board(host, port, workspace, token) -> None:
     """Fine-tune from a web page: configure, preview data, run, monitor, evaluate and chat."""
+    from lmforge.shared.board.guard import check_token, new_token
     from lmforge.shared.core import log
     from lmforge.shared.core.errors import BadInput
     from lmforge.shared.infer.app import check_port
 
+    if token is not None:
+        check_token(token)
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         raise BadInput(f"--host {host} listens beyond this machine", "give --token TOKEN (or LMFORGE_BOARD_TOKEN)")
     if not workspace.is_dir():
@@ -44,8 +49,11 @@ def board(host, port, workspace, token) -> None:
     import uvicorn
     from lmforge.shared.board.server import Board, create_app
 
-    state = Board(workspace, token=token, check=usage_error, host=host)
+    state = Board(workspace, token=token or new_token(), check=usage_error, host=host, port=port)
     shown = f"[{host}]" if ":" in host else host
-    log.info(f"board: http://{shown}:{port}/" + ("?token=..." if token else "") + f" (workspace {state.ws.root})")
+    # the address with its token is how the browser gets in: printed whole, as Jupyter prints its own
+    # (even with --quiet: without it nobody gets in)
+    print(f"board: open http://{shown}:{port}/?token={state.token} (workspace {state.ws.root})", file=sys.stderr,
+          flush=True)
     uvicorn.run(create_app(state), host=host, port=port, log_level="warning" if not log.debug() else "info",
                 access_log=log.debug())

@@ -8,6 +8,7 @@ declared tomorrow is in the board tomorrow."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -61,10 +62,19 @@ def _same(value: Any, default: Any) -> bool:
     return str(value).strip() == str(default)
 
 
+# values that carry a path inside them: a reward function's file (FILE.py:function)
+_FILE_IN_VALUE = re.compile(r"^(?P<path>.+\.py):(?P<name>[A-Za-z_]\w*)$")
+
+
 def _checked(ws: Workspace, o: Opt, value: str) -> str:
-    """A value that names a path (absolute, with '..', or an existing file) must stay in the workspace."""
+    """Every value that names a path, whole or in part (absolute, with '..', an existing file, a
+    reward's FILE.py), goes through the workspace's one confinement check (symbolic links
+    resolved) and is written as the commands will read it."""
+    inner = _FILE_IN_VALUE.match(value)
+    if inner and not value.startswith(("cmd:", "regex:")):
+        return f"{_checked(ws, o, inner.group('path'))}:{inner.group('name')}"
     if o.type == "path" or os.path.isabs(value) or ".." in Path(value).parts or value.startswith("~") \
-            or (value and (ws.root / value).exists()):
+            or (value and os.path.lexists(ws.root / value)):
         return ws.relative(ws.path(value, o.long))
     return value
 

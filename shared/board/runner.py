@@ -75,6 +75,9 @@ def run(run_dir: Path) -> int:
         with open(run_dir / LOG, "ab") as log, \
                 open(stdout_path if stdout_path is not None else os.devnull, "wb") as out:
             proc = subprocess.Popen(argv, cwd=workspace, stdin=subprocess.DEVNULL, stdout=out, stderr=log, env=env)
+            # the board adopts the step from its pid should this runner die before it (kill -9)
+            step.update(pid=proc.pid, log_offset=start)
+            write_json(run_dir / STATE, state)
             if stopping["now"]:   # stopped while it was starting: it missed the group's signal
                 proc.send_signal(signal.SIGTERM)
             while True:

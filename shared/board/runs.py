@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmforge.shared.board.runner import LOG, STATE, read_state
+from lmforge.shared.board.runner import LOG, STATE, error_line, read_state
 from lmforge.shared.board.workspace import RUN_ID, Workspace
 from lmforge.shared.core.errors import BadInput
 from lmforge.shared.core.rundir import LOG as TRAINER_LOG
@@ -67,8 +67,10 @@ class Runs:
         state = self.state(run_dir)
         if state["status"] not in ACTIVE or not state.get("pid"):
             raise BadInput(f"run {run_dir.name} is {state['status']}, not running", "nothing to stop")
-        try:
-            os.killpg(int(state["pid"]), signal.SIGTERM)   # the runner leads its own process group
+        state["stop_requested"] = True   # an adopted step that then ends unfinished was stopped, not lost
+        write_json(run_dir / STATE, state)
+        try:   # the runner leads its own process group; a step it left behind is still in that group
+            os.killpg(int(state["pid"]), signal.SIGTERM)
         except ProcessLookupError:
             pass
         return state
@@ -84,7 +86,7 @@ class Runs:
                 if step["name"].startswith("train ") and "--resume" not in step["argv"]:
                     step["argv"] = [*step["argv"], "--resume"]
                 step.update(status="pending", rc=None, error=None)
-        state.update(status="starting", pid=None, ended=None)
+        state.update(status="starting", pid=None, ended=None, stop_requested=False, adopted=False)
         write_json(run_dir / STATE, state)
         self.start(run_dir)
 
@@ -98,9 +100,51 @@ class Runs:
         if state["status"] in ACTIVE and state.get("pid") and not self._alive(run_dir, int(state["pid"])):
             state = read_state(run_dir)   # it may have just finished
             if state["status"] in ACTIVE:
-                state.update(status="lost", ended=time.time())   # killed outright (kill -9, a reboot)
-                write_json(run_dir / STATE, state)
+                state = self._adopt(run_dir, state)
         return state
+
+    def _adopt(self, run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
+        """The runner died without finishing (kill -9, a crash). Its running step may live on: while
+        it does, the run is running (adopted: Stop still reaches it through the process group, and
+        Resume waits); once it ends, its output says how it went, and the rest of the pipeline
+        carries on under a new runner. Without a step to follow, the run is lost."""
+        step = next((s for s in state["steps"] if s["status"] == "running"), None)
+        runner = int(state["pid"])
+        if step is not None and step.get("pid") and _in_group(int(step["pid"]), runner):
+            if not state.get("adopted"):
+                state["adopted"] = True
+                write_json(run_dir / STATE, state)
+            return state
+        now = time.time()
+        if step is None:
+            state.update(status="lost", ended=now)   # killed outright (kill -9, a reboot)
+        elif self._finished(step):
+            step.update(status="done", rc=0, ended=now, error=None)
+            if any(s["status"] != "done" for s in state["steps"]):
+                state.update(status="starting", pid=None, adopted=False)
+                write_json(run_dir / STATE, state)
+                self.start(run_dir)
+                return read_state(run_dir)
+            state.update(status="done", ended=now, adopted=False)
+        else:
+            stopped = bool(state.get("stop_requested"))
+            error = _step_error(run_dir, step) or ("stopped" if stopped else "ended when its runner was killed")
+            step.update(status="stopped" if stopped else "failed", rc=None, ended=now, error=error)
+            state.update(status=step["status"], ended=now, adopted=False)
+        write_json(run_dir / STATE, state)
+        return state
+
+    def _finished(self, step: dict[str, Any]) -> bool:
+        """A step whose process is gone finished if it wrote its output (whole) after it started."""
+        target = self.ws.root / step.get("target", "")
+        try:
+            if not target.is_file() or target.stat().st_mtime < float(step.get("started") or 0):
+                return False
+            if target.suffix == ".json":   # a record or a result: written last, and whole
+                json.loads(target.read_text())
+            return True
+        except (OSError, ValueError):
+            return False
 
     def _alive(self, run_dir: Path, pid: int) -> bool:
         child = self.children.get(str(run_dir))
@@ -163,6 +207,27 @@ class Runs:
             out.append({"id": job["id"], "status": job["status"], "command": job["steps"][0]["argv"],
                         "error": job["steps"][0].get("error"), "result": result})
         return out
+
+
+def _in_group(pid: int, group: int) -> bool:
+    """`pid` is alive (not a zombie) and still in process group `group` (not a reused pid)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        try:
+            return os.getpgid(pid) == group
+        except OSError:
+            return False
+    return fields[0] != "Z" and int(fields[2]) == group
+
+
+def _step_error(run_dir: Path, step: dict[str, Any]) -> str | None:
+    try:
+        with open(run_dir / LOG, "rb") as f:
+            f.seek(int(step.get("log_offset") or 0))
+            return error_line(f.read().decode(errors="replace"))
+    except OSError:
+        return None
 
 
 def _record(model_dir: Path) -> dict[str, Any]:

@@ -4,13 +4,14 @@ engine's generate, the template's generation prompt)."""
 
 # no `from __future__ import annotations`: FastAPI resolves the route parameters' annotations at run time
 
-import hmac
 import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from lmforge.shared.board import pipeline
+from lmforge.shared.board.bodies import ChatBody, Empty, EvalBody, PipelineBody, TooLarge, parse
+from lmforge.shared.board.guard import Guard, new_token
 from lmforge.shared.board.runs import Runs
 from lmforge.shared.board.workspace import Workspace
 from lmforge.shared.core.errors import BadInput
@@ -19,8 +20,6 @@ PACKAGE = Path(__file__).resolve().parent
 STATIC = PACKAGE / "static"
 LOCALES = PACKAGE / "locales"
 LANGUAGES = ("en", "zh", "ru")
-COOKIE = "lmforge_board_token"
-LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 Check = Callable[[list[str]], Optional[str]]   # a command line -> the command's own usage error, or None
 
@@ -29,10 +28,11 @@ class Board:
     """What the app works on: the workspace, its runs, how to check a command line, loaded chat models."""
 
     def __init__(self, workspace: str | Path, token: str | None = None, check: Check | None = None,
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", port: int | None = None):
         self.ws = Workspace(workspace)
         self.runs = Runs(self.ws)
-        self.token = token
+        self.token = token or new_token()   # every board has one, loopback included (as Jupyter does)
+        self.guard = Guard(self.token, host, port)
         self.check = check
         self.host = host
         self.chat_models: dict[tuple[str, str | None], Any] = {}
@@ -48,26 +48,17 @@ class Board:
         return steps
 
 
-def _body(raw: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(raw or b"{}")
-    except ValueError:
-        raise BadInput("the request is not JSON") from None
-    if not isinstance(data, dict):
-        raise BadInput("the request is not a JSON object")
-    return data
-
-
 def create_app(board: Board):
     from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from fastapi.responses import (FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response,
+                                   StreamingResponse)
     from starlette.concurrency import run_in_threadpool
 
     app = FastAPI(title="lmforge board", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(BadInput)
     async def bad_input(request, exc: BadInput):
-        return JSONResponse({"error": exc.one_line()}, status_code=400)
+        return JSONResponse({"error": exc.one_line()}, status_code=413 if isinstance(exc, TooLarge) else 400)
 
     @app.exception_handler(Exception)
     async def unexpected(request, exc: Exception):
@@ -76,21 +67,21 @@ def create_app(board: Board):
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        host = _hostname(request.headers.get("host") or "")
-        if board.token:
-            given = (request.query_params.get("token") or request.cookies.get(COOKIE)
-                     or request.headers.get("authorization", "").removeprefix("Bearer ").strip())
-            if not given or not hmac.compare_digest(given.encode(), board.token.encode()):
-                return JSONResponse({"error": "this board needs its token: open it as http://HOST:PORT/?token=TOKEN"},
-                                    status_code=401)
-        elif host not in LOCAL_HOSTS | {board.host}:   # DNS rebinding: a page elsewhere naming this port
-            return JSONResponse({"error": f"host {host!r} refused: the board answers on {board.host} only"},
-                                status_code=403)
-        response = await call_next(request)
-        if board.token and request.query_params.get("token"):
-            response.set_cookie(COOKIE, board.token, httponly=True, samesite="strict")
+        query_token = request.query_params.get("token")
+        refused = board.guard.refusal(request.method, request.headers, query_token, request.cookies)
+        if refused is not None:
+            return JSONResponse({"error": refused.error}, status_code=refused.status)
+        if query_token and request.method == "GET" and request.url.path == "/":
+            # the printed address: keep the token in a cookie and out of the address bar and history
+            response: Response = RedirectResponse("/", status_code=303)
+        else:
+            response = await call_next(request)
+        if query_token:
+            response.set_cookie(board.guard.cookie, board.token, httponly=True, samesite="strict")
         response.headers["Cache-Control"] = "no-store"
         response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Frame-Options"] = "DENY"   # no other page may frame the board and click it
+        response.headers["Referrer-Policy"] = "same-origin"
         return response
 
     # ------------------------------------------------------------------ the page
@@ -136,7 +127,7 @@ def create_app(board: Board):
 
     @app.post("/api/pipeline")
     async def plan(request: Request):
-        config = _body(await request.body())
+        config = _pipeline(await request.body())
         run = board.runs.new_id(config.get("stage", "sft"), _method(config), config.get("run"))
         steps = board.validated(pipeline.train_steps(board.ws, config, run))
         return {"run": run, "steps": steps, "shell": pipeline.shell(steps), "makefile": pipeline.makefile(steps, run)}
@@ -145,7 +136,7 @@ def create_app(board: Board):
     async def data_preview(request: Request):
         from lmforge.shared.board.preview import preview
 
-        config = _body(await request.body())
+        config = _pipeline(await request.body())
         run = "PREVIEW"
         board.validated(pipeline.train_steps(board.ws, config, run)[:2])
         return await run_in_threadpool(preview, board.ws, config)
@@ -153,7 +144,7 @@ def create_app(board: Board):
     # ------------------------------------------------------------------ run
     @app.post("/api/runs")
     async def start(request: Request):
-        config = _body(await request.body())
+        config = _pipeline(await request.body())
         run = board.runs.new_id(config.get("stage", "sft"), _method(config), config.get("run"))
         steps = board.validated(pipeline.train_steps(board.ws, config, run))
         run_dir = board.runs.create(run, steps, config)
@@ -175,24 +166,26 @@ def create_app(board: Board):
             "Content-Disposition": f'attachment; filename="Makefile.{run}"'})
 
     @app.post("/api/runs/{run}/stop")
-    async def stop(run: str):
+    async def stop(run: str, request: Request):
+        parse(await request.body(), Empty, "stop")
         board.runs.stop(board.ws.run_dir(run))
         return {"id": run, "stopping": True}
 
     @app.post("/api/runs/{run}/resume")
-    async def resume(run: str):
+    async def resume(run: str, request: Request):
+        parse(await request.body(), Empty, "resume")
         await run_in_threadpool(board.runs.resume, board.ws.run_dir(run))
         return {"id": run, "resumed": True}
 
     # ------------------------------------------------------------------ evaluate, chat
     @app.post("/api/runs/{run}/eval")
     async def evaluate(run: str, request: Request):
-        body = _body(await request.body())
+        body = parse(await request.body(), EvalBody, "eval")
         run_dir = board.ws.run_dir(run)
         record = _finished(run_dir)
-        kind = str(body.get("kind") or "")
+        kind = body.kind
         name = f"{kind}-{time.strftime('%H%M%S')}-{int(time.time() * 1000) % 1000:03d}"
-        steps = board.validated(pipeline.eval_steps(board.ws, run_dir, record, kind, body.get("options") or {},
+        steps = board.validated(pipeline.eval_steps(board.ws, run_dir, record, kind, body.options,
                                                     name, board.runs.state(run_dir)["steps"]))
         job = board.runs.create(name, steps, {"kind": kind}, kind="eval", directory=run_dir / "evals" / name)
         await run_in_threadpool(board.runs.start, job)
@@ -200,23 +193,21 @@ def create_app(board: Board):
 
     @app.post("/api/chat")
     async def chat(request: Request):
-        body = _body(await request.body())
-        run_dir = board.ws.run_dir(str(body.get("run") or ""))
+        body = parse(await request.body(), ChatBody, "chat")
+        run_dir = board.ws.run_dir(body.run)
         served = await run_in_threadpool(_served, board, run_dir)
-        turns = [(str(m.get("role")), str(m.get("content") or "")) for m in body.get("messages") or []
-                 if isinstance(m, dict)]
+        turns = [(m.role, m.content) for m in body.messages]
         if not turns or turns[-1][0] != "user":
             raise BadInput("chat: the conversation must end with a user message")
         from lmforge.shared.infer.engines import Job
         from lmforge.shared.model.generation import encode_chat_prompt
 
-        prompt = served.renderer.generation_prompt(turns, str(body.get("system") or ""))
+        prompt = served.renderer.generation_prompt(turns, body.system)
         ids, lead = encode_chat_prompt(served.tokenizer, prompt)
         if len(ids) >= served.context:
             raise BadInput("chat: the conversation no longer fits the model's context", "start a new one")
-        max_tokens = min(int(body.get("max_tokens") or 128), served.context - len(ids))
-        job = Job(prompt_ids=ids, max_tokens=max_tokens, temperature=float(body.get("temperature") or 0.0),
-                  lead=lead)
+        max_tokens = min(body.max_tokens, served.context - len(ids))
+        job = Job(prompt_ids=ids, max_tokens=max_tokens, temperature=body.temperature, lead=lead)
 
         async def events():
             async for event in served.engine.generate(job):
@@ -234,11 +225,9 @@ def create_app(board: Board):
     return app
 
 
-def _hostname(header: str) -> str:
-    """The host of a Host header: 'localhost:7860' -> 'localhost', '[::1]:7860' -> '[::1]'."""
-    if header.startswith("["):
-        return header.split("]")[0] + "]"
-    return header.rsplit(":", 1)[0]
+def _pipeline(raw: bytes) -> dict[str, Any]:
+    """A pipeline body, checked field by field, as the plain dict the pipeline builder reads."""
+    return parse(raw, PipelineBody, "pipeline").model_dump()
 
 
 def _method(config: dict[str, Any]) -> str:

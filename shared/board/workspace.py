@@ -3,6 +3,7 @@ stay inside it; a name that does not is refused with one line, as a command refu
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -21,8 +22,13 @@ class Workspace:
         text = str(name).strip()
         if not text or "\x00" in text:
             raise BadInput(f"{what}: empty or invalid path", "name a file inside the workspace")
-        resolved = (self.root / text).resolve()
+        named = Path(os.path.normpath(self.root / os.path.expanduser(text)))
+        resolved = named.resolve()
         if not resolved.is_relative_to(self.root):
+            if named.is_relative_to(self.root):   # inside by its name, outside through a link
+                raise BadInput(f"{what} {text!r} is a symbolic link to {resolved}, outside the board's workspace "
+                               f"{self.root}", "copy the file into the workspace, or start the board with another "
+                               "--workspace")
             raise BadInput(f"{what} {text!r} is outside the board's workspace {self.root}",
                            "use a path inside it (or start the board with another --workspace)")
         return resolved

@@ -31,13 +31,14 @@ def main() -> None:
         port = s.getsockname()[1]
         s.close()
         start = time.perf_counter()
-        board = subprocess.Popen([LMFORGE, "board", "--workspace", ws, "--port", str(port)],
+        token = "bench-board-token-0123456789"
+        board = subprocess.Popen([LMFORGE, "board", "--workspace", ws, "--port", str(port), "--token", token],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  env={**os.environ, "LMFORGE_LOG_INTERVAL": "1000"})
-        url = f"http://127.0.0.1:{port}/"
+        url = f"http://127.0.0.1:{port}/?token={token}"
         while True:
             try:
-                urllib.request.urlopen(url, timeout=1).read()
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/catalog?token={token}", timeout=1).read()
                 break
             except OSError:
                 time.sleep(0.02)
