@@ -603,10 +603,12 @@ setTimeout(() => document.getElementById("f").submit(), 500);
     try:
         with sync_playwright() as p:
             chrome = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = chrome.new_page()
+            browsing = chrome.new_context()   # one profile: the board's cookie is there for every page
+            page = browsing.new_page()
             page.goto(url)   # the user's own visit: the cookie is set
             page.wait_for_selector("body[data-ready]")
-            other = chrome.new_page()
+            assert browsing.cookies()[0]["sameSite"] == "Strict"
+            other = browsing.new_page()
             responses = []
             other.on("response", lambda r: responses.append(r.status) if "/api/runs" in r.url else None)
             other.goto(f"http://127.0.0.1:{evil.server_address[1]}/index.html")
