@@ -185,12 +185,14 @@ bench: install $(if $(filter 0,$(LF)),,lf-venv)
 bench-gpu: install
 	$(BIN)/python tests/bench/run.py bench_gpu
 
-# ---------------------------------------------------------------- CUDA paths (issue 20)
-# gpu-wheels (here, with PyPI): the GPU machine's missing packages as CPython 3.12 wheels, at the
-# versions of .ci/constraints.txt, and the reference files the gpu tests read, into .whl/
-# (git-ignored; 64 MiB at most with the tree). gpu-check (on the GPU machine, no network): installs
-# the missing ones without dependencies, runs `pytest -m gpu` and bench_gpu within 8 minutes, one
-# log in $OUT (else .bench/). Without CUDA it runs through and the gpu tests skip, saying why.
+# ---------------------------------------------------------------- CUDA paths
+# gpu-wheels (here, with PyPI): what the GPU machine lacks, walked through the packages' own
+# metadata, as CPython 3.12 wheels at the versions installed here, and the reference files the gpu
+# tests read, into .whl/ (git-ignored; 64 MiB at most with the tree). gpu-check (on the GPU machine,
+# no network): installs the missing ones without dependencies, logs every import that fails and
+# why, runs `pytest -m gpu` and bench_gpu within 8 minutes (each step's processes killed with it
+# at its budget), one log and the benchmark's rows in $OUT (else .bench/). Without CUDA it runs
+# through and the gpu tests skip, saying why.
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 gpu-wheels: install
 	$(BIN)/python tests/gpu_check.py wheels

@@ -6,57 +6,235 @@ machine gets only its tokenizer and config: `make gpu-wheels`), a model of exact
 made by `model init` instead, which the table says: the speed and memory are the same, the loss is
 a random model's.
 
-Same data (alpaca_en_demo packed to 1024 tokens), 50 steps of 8 rows, bf16 where the GPU has it.
-Peak memory is torch.cuda.max_memory_allocated() inside the training run (lmforge.json's
-peak_gpu_memory_mib). MFU = tokens/s x FLOPs per token / the GPU's dense bf16 peak, with FLOPs
-per token = 6 x parameters for full training and 4 x parameters for adapter methods (frozen
-weights need no weight gradients); attention FLOPs are left out, as is usual. The peak comes
-from the GPU's name (H100/H200/A100/L40S/L4) or LMFORGE_PEAK_TFLOPS.
-On a machine without CUDA this benchmark skips, saying so."""
+Same data (alpaca_en_demo packed to 1024 tokens), 50 steps of 8 rows. Full fine-tuning runs in
+mixed precision as one trains for real: fp32 weights and optimizer state (`--precision fp32`) under
+bf16 autocast, since at lr 2e-5 most updates to bf16 weights would round away. LoRA and QLoRA run
+lmforge's `--precision auto` (bf16 on these GPUs): a bf16 (or nf4) base, fp32 adapter weights, bf16
+autocast.
+
+tokens/s and MFU are the steady state: each run is `lmforge train sft` in a process of its own
+with a callback that notes the end of every optimizer step (CUDA synchronised), and the figures
+count the steps after the first WARMUP (CUDA context, cuBLAS heuristics, allocator growth and the
+first data batches fall there), not the whole `trainer.train()`. Peak memory is
+torch.cuda.max_memory_allocated() over the whole run (lmforge.json's peak_gpu_memory_mib).
+MFU = tokens/s x training FLOPs per token / the GPU's dense bf16 peak (flops_per_token says what
+is counted; the peak comes from the GPU's name, or LMFORGE_PEAK_TFLOPS). Each row is appended to a
+JSON-lines file (LMFORGE_BENCH_ROWS, else WORK/gpu_rows.jsonl) and printed as it finishes, so a
+run cut short still leaves its figures. On a machine without CUDA this benchmark skips, saying so.
+
+    python tests/bench/bench_gpu.py                                   # the benchmark
+    python tests/bench/bench_gpu.py train TIMES plain|mixed ARGS...   # one timed `lmforge train ARGS`
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import re
 import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from bench_train import smollm2
 from common import LMFORGE, WORK, measure_isolated, record, shared, table, versions
 
 STEPS, CUTOFF, BATCH = 50, 1024, 8
+WARMUP = 5   # optimizer steps left out of tokens/s and MFU
 PARAMS = 134_515_008  # SmolLM2-135M
+
+
+@dataclass(frozen=True)
+class Method:
+    args: list[str]
+    weight_grads: bool   # full training computes weight gradients; adapters' frozen weights need none
+    mixed: bool = False  # fp32 weights under bf16 autocast
+
+
 METHODS = {
-    "full": (["--method", "full", "--lr", "2e-5"], 6),
-    "lora (r 8, all linear)": (["--method", "lora", "--lora-rank", "8", "--lora-target", "all", "--lr", "1e-4"], 4),
-    "qlora (nf4, r 8, all linear)": (["--method", "lora", "--lora-rank", "8", "--lora-target", "all", "--quant", "4",
-                                      "--lr", "1e-4"], 4),
+    "full (fp32 weights, bf16 autocast)": Method(["--method", "full", "--lr", "2e-5", "--precision", "fp32"], True,
+                                                 mixed=True),
+    "lora (r 8, all linear)": Method(["--method", "lora", "--lora-rank", "8", "--lora-target", "all", "--lr", "1e-4"],
+                                     False),
+    "qlora (nf4, r 8, all linear)": Method(["--method", "lora", "--lora-rank", "8", "--lora-target", "all",
+                                            "--quant", "4", "--lr", "1e-4"], False),
 }
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}  # dense bf16
+# Dense bf16 tensor-core peaks, TFLOP/s: NVIDIA's datasheets give them with 2:4 sparsity, so these
+# are half of those. The SXM parts (H100/H200 SXM, whose CUDA name is plain "NVIDIA H100 80GB HBM3"
+# or "NVIDIA H200") 989; the PCIe H100 756; the NVL cards (H100 NVL, H200 NVL: 1,671 sparse on
+# NVIDIA's product pages as we read them) 835 -- not re-checked against NVIDIA's own pages here,
+# so set LMFORGE_PEAK_TFLOPS where it matters. The first name found in the GPU's name wins, so a
+# variant comes before its family.
+PEAK_TFLOPS = [("H200 NVL", 835.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H800 PCIe", 756.0),
+               ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0),
+               ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0)]
 
 
 def peak_tflops(name: str) -> float | None:
     if os.environ.get("LMFORGE_PEAK_TFLOPS"):
-        return float(os.environ["LMFORGE_PEAK_TFLOPS"])
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        try:
+            value = float(os.environ["LMFORGE_PEAK_TFLOPS"])
+        except ValueError:
+            value = float("nan")
+        if not (math.isfinite(value) and value > 0):
+            sys.exit(f"LMFORGE_PEAK_TFLOPS={os.environ['LMFORGE_PEAK_TFLOPS']}: give the GPU's dense bf16 peak "
+                     "in TFLOP/s (a positive number)")
+        return value
+    return next((v for k, v in PEAK_TFLOPS if re.search(rf"\b{re.escape(k)}\b", name, re.I)), None)
 
 
-def train_methods(model: str, packed, steps: int, batch: int, peak: float | None,
-                  params: int = PARAMS) -> list[list[str]]:
-    """One `train sft` per method on `packed`; a table row each (a failure is a row, not an abort)."""
+def flops_per_token(params: int, layers: int, heads: int, head_dim: int, seq: float, weight_grads: bool) -> float:
+    """Training FLOPs per token (as in the PaLM paper's appendix B, with a causal mask).
+
+    Dense: 2N forward + 2N for the activation gradients + 2N for the weight gradients = 6N, or 4N
+    when the weights are frozen (adapters: their own weights are a rounding error). Attention
+    scores: per layer and token, QK^T and AV are 2·2·H·Q·T FLOPs forward over the whole T×T square,
+    12·L·H·Q·T with the backward (which needs both activation gradients, frozen weights or not);
+    a causal mask keeps half the square, and the kernels (sdpa, flash-attention) skip the other
+    half, so 6·L·H·Q·T. N: parameters, L: layers, H: query heads, Q: head size, T: row length."""
+    return (6 if weight_grads else 4) * params + 6 * layers * heads * head_dim * seq
+
+
+def attention_shape(model: str | Path) -> tuple[int, int, int]:
+    """(layers, query heads, head size) from a model folder's config.json."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    config = config.get("text_config", config)
+    heads = int(config["num_attention_heads"])
+    return int(config["num_hidden_layers"]), heads, int(config.get("head_dim") or config["hidden_size"] // heads)
+
+
+def steady_state(step_end_s: list[float], step_tokens: list[int], warmup: int = WARMUP) -> dict:
+    """Tokens/s over the optimizer steps after the first `warmup` (at least one step is kept).
+    step_end_s: seconds from the start of training to the end of each step; step_tokens: the
+    tokens each step trained."""
+    if not step_end_s or len(step_end_s) != len(step_tokens):
+        raise ValueError(f"{len(step_end_s)} step times for {len(step_tokens)} steps")
+    skip = min(warmup, len(step_end_s) - 1)
+    seconds = step_end_s[-1] - (step_end_s[skip - 1] if skip else 0.0)
+    if not seconds > 0:
+        raise ValueError(f"the timed steps took {seconds} s")
+    tokens = sum(step_tokens[skip:])
+    return {"tokens_per_second": tokens / seconds, "seconds": seconds, "steps": len(step_end_s) - skip,
+            "warmup_steps": skip, "tokens": tokens}
+
+
+# ----------------------------------------------------------------------------- one timed training run
+
+def _step_timer(collator, path: Path, accumulation: int):
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """The end of each optimizer step (after the GPU finished it), and its tokens, to `path`."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.batches_at_start = len(collator.counts)
+            self.ends: list[float] = []
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+            self.ends.append(time.perf_counter() - self.start)
+
+        def on_train_end(self, args, state, control, **kw):
+            counts = collator.counts[self.batches_at_start:]   # the loader reads ahead: what trained is a prefix
+            tokens = [sum(counts[i * accumulation:(i + 1) * accumulation]) for i in range(len(self.ends))]
+            path.write_text(json.dumps({"step_end_s": self.ends, "step_tokens": tokens}))
+
+    return StepTimer()
+
+
+@contextlib.contextmanager
+def timing(times: Path, mixed: bool):
+    """While inside: `lmforge train` (pt/sft) notes its step times in `times`, and with `mixed`
+    trains under bf16 autocast whatever its weights' precision (TrainingArguments' bf16)."""
+    from lmforge.shared.train import training
+
+    run = training.run
+
+    def timed_run(o, build_trainer=None):
+        builder = build_trainer or training.build_default_trainer
+
+        def build(o, model, tokenizer, args, data, eval_data):
+            trainer, collator = builder(o, model, tokenizer, args, data, eval_data)
+            trainer.add_callback(_step_timer(collator, times, args.gradient_accumulation_steps))
+            return trainer, collator
+
+        if mixed:
+            o.extra["training_arguments"] = {**o.extra.get("training_arguments", {}), "bf16": True}
+        return run(o, build)
+
+    training.run = timed_run
+    try:
+        yield
+    finally:
+        training.run = run
+
+
+def train_command(times: Path, mixed: bool, args: list) -> list[str]:
+    """`lmforge train ARGS` timed by this file in a fresh process."""
+    return [sys.executable, str(Path(__file__).resolve()), "train", str(times), "mixed" if mixed else "plain",
+            *map(str, args)]
+
+
+def timed_train(argv: list[str]) -> None:
+    from lmforge.tools.main import main as lmforge
+
+    with timing(Path(argv[0]), argv[1] == "mixed"):
+        lmforge(["train", *argv[2:]])
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+def rows_path() -> Path:
+    return Path(os.environ.get("LMFORGE_BENCH_ROWS") or WORK / "gpu_rows.jsonl")
+
+
+def log_row(row: dict) -> None:
+    """One finished row, appended and printed at once: a run cut short keeps what it measured."""
+    path = rows_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    print("bench_gpu: " + json.dumps(row), flush=True)
+
+
+def train_methods(model: str, packed, steps: int, batch: int, peak: float | None, params: int = PARAMS, *,
+                  label: str = "", warmup: int = WARMUP) -> list[list[str]]:
+    """One timed `train sft` per method on `packed`; a table row each (a failure is a row, not an abort)."""
+    layers, heads, head_dim = attention_shape(model)
     rows = []
-    for name, (args, flops_per_param) in METHODS.items():
-        out = WORK / "gpu_run"
-        run = measure_isolated([LMFORGE, "train", "sft", "-m", model, "-d", packed, "-o", out, "--overwrite",
-                                "--max-steps", steps, "--batch-size", batch, "--grad-accum", 1, "--save-steps", 10**6,
-                                "--logging-steps", 10, *args, "-q"], allow_failure=True)
-        if run["rc"] != 0:
-            rows.append([name, "failed: " + (run["stderr"].strip().splitlines() or ["?"])[-1][:120], "", "", ""])
+    for name, method in METHODS.items():
+        out, times = WORK / "gpu_run", WORK / "gpu_step_times.json"
+        times.unlink(missing_ok=True)
+        args = ["sft", "-m", model, "-d", packed, "-o", out, "--overwrite", "--max-steps", steps, "--batch-size", batch,
+                "--grad-accum", 1, "--save-steps", 10**6, "--logging-steps", 10, *method.args, "-q"]
+        run = measure_isolated(train_command(times, method.mixed, args), allow_failure=True)
+        row: dict = {"model": label or str(model), "method": name}
+        if run["rc"] != 0 or not times.exists():
+            last = (run["stderr"].strip().splitlines() or ["?"])[-1] if run["rc"] else "no step times written"
+            row["failed"] = last[:120]
+            log_row(row)
+            rows.append([name, "failed: " + row["failed"], "", "", ""])
             continue
         metrics = json.loads((out / "lmforge.json").read_text())["metrics"]
-        tps = metrics["tokens"] / metrics["runtime_seconds"]
-        mfu = f"{100 * tps * flops_per_param * params / (peak * 1e12):.1f}%" if peak else "n/a"
-        rows.append([name, f"{tps:,.0f}", f"{metrics.get('peak_gpu_memory_mib', float('nan')):,.0f}",
-                     f"{metrics['train_loss']:.3f}", mfu])
+        steady = steady_state(**json.loads(times.read_text()), warmup=warmup)
+        tps = steady["tokens_per_second"]
+        seq = steady["tokens"] / (steady["steps"] * batch)   # the rows' mean length
+        flops = flops_per_token(params, layers, heads, head_dim, seq, method.weight_grads)
+        mfu = 100 * tps * flops / (peak * 1e12) if peak else None
+        row.update({"tokens_per_second": round(tps, 1), "timed_steps": steady["steps"],
+                    "warmup_steps": steady["warmup_steps"], "run_seconds": metrics.get("runtime_seconds"),
+                    "peak_gpu_memory_mib": metrics.get("peak_gpu_memory_mib"), "train_loss": metrics["train_loss"],
+                    "mfu_percent": float(f"{mfu:.4g}") if mfu is not None else None})
+        log_row(row)
+        memory = row["peak_gpu_memory_mib"]
+        rows.append([name, f"{tps:,.0f}", f"{memory:,.0f}" if memory is not None else "n/a",
+                     f"{metrics['train_loss']:.3f}", f"{mfu:.1f}%" if mfu is not None else "n/a"])
     return rows
 
 
@@ -105,16 +283,22 @@ def main() -> None:
         sys.exit("needs a CUDA GPU (run `make bench-gpu` on a GPU machine)")
     gpu = torch.cuda.get_device_name(0)
     peak = peak_tflops(gpu)
+    rows_path().unlink(missing_ok=True)   # this run's rows only
     body = ""
     for label, model, params in models():
-        rows = train_methods(model, pack(model, CUTOFF), STEPS, BATCH, peak, params)
+        rows = train_methods(model, pack(model, CUTOFF), STEPS, BATCH, peak, params, label=label)
         body += f"**{label}**\n\n" + table(["method", "tokens/s", "peak GPU memory MiB", "train loss", "MFU"], rows)
         body += "\n\n"
-    body += (f"{gpu}; alpaca_en_demo packed to {CUTOFF} tokens, {STEPS} steps of {BATCH} rows. MFU against "
-             f"{peak or 'unknown'} TFLOP/s dense bf16. "
-             f"{versions('torch', 'transformers', 'peft', 'bitsandbytes', 'flash-attn')}.")
+    body += (f"{gpu}; alpaca_en_demo packed to {CUTOFF} tokens, {STEPS} steps of {BATCH} rows. tokens/s and MFU: "
+             f"steady state, steps {WARMUP + 1}-{STEPS} of each run (the first {WARMUP}, with CUDA and cuBLAS "
+             f"warm-up, left out). MFU: 6N (full) or 4N (adapters) + 6·L·H·Q·T (causal attention) FLOPs per "
+             f"token against {peak or 'unknown'} TFLOP/s dense bf16. Full fine-tuning: fp32 weights under bf16 "
+             f"autocast. {versions('torch', 'transformers', 'peft', 'bitsandbytes', 'flash-attn')}.")
     record("gpu", "GPU: sft full / lora / qlora on SmolLM2-135M and a ~1B model", "make gpu-check (bench_gpu)", body)
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["train"]:
+        timed_train(sys.argv[2:])
+    else:
+        main()

@@ -17,15 +17,32 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "tests" / "bench" / "RESULTS.md"
 SHARED = Path(os.environ.get("LMFORGE_SHARED", ROOT.parent / "shared")).resolve()
 BIN = Path(sys.executable).parent
-LMFORGE = str(BIN / "lmforge")
+
+
+def lmforge_command(bin_dir: Path = BIN) -> list[str]:
+    """How to run lmforge: its console script beside this Python, else the module (pip puts the
+    scripts of a system Python's --user or --target installs elsewhere), as tests/conftest.py does."""
+    script = bin_dir / "lmforge"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "lmforge.tools.main"]
+
+
+LMFORGE_CMD = lmforge_command()
+# the first word of a benchmark's lmforge command; command() expands it to LMFORGE_CMD
+LMFORGE = LMFORGE_CMD[0] if len(LMFORGE_CMD) == 1 else "lmforge"
 WORK = Path(os.environ.get("LMFORGE_BENCH_DIR", ROOT / ".bench"))
+
+
+def command(cmd: list) -> list[str]:
+    """`cmd` as strings, its first word LMFORGE replaced by the whole lmforge command."""
+    words = [str(c) for c in cmd]
+    return LMFORGE_CMD + words[1:] if words and words[0] == LMFORGE else words
 
 
 def measure(cmd: list[str], *, env: dict | None = None, stdin=None, stdout=subprocess.DEVNULL,
             cwd: Path | None = None) -> dict:
     """Run a command; return wall seconds and the peak RSS (MiB) of the process tree's largest member."""
     start = time.perf_counter()
-    proc = subprocess.Popen([str(c) for c in cmd], env={**os.environ, **(env or {})}, stdin=stdin,
+    proc = subprocess.Popen(command(cmd), env={**os.environ, **(env or {})}, stdin=stdin,
                             stdout=stdout, stderr=subprocess.PIPE, cwd=cwd)
     _, stderr = proc.communicate()
     wall = time.perf_counter() - start
@@ -44,11 +61,14 @@ def measure_isolated(cmd: list[str], allow_failure: bool = False, **kwargs) -> d
               "w=time.perf_counter()-t\n"
               "print(json.dumps({'rc':p.returncode,'seconds':w,'peak_mib':resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024,"
               "'stderr':p.stderr.decode()[-3000:]}))")
-    out = subprocess.run([sys.executable, "-c", helper, *map(str, cmd)], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", helper, *command(cmd)], capture_output=True,
                          env={**os.environ, **(kwargs.get("env") or {})}, cwd=kwargs.get("cwd"))
     import json
 
-    result = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    lines = out.stdout.decode().strip().splitlines()
+    if not lines:   # the helper itself failed: the command could not start
+        raise RuntimeError(f"{' '.join(command(cmd))} could not run:\n{out.stderr.decode()[-3000:]}")
+    result = json.loads(lines[-1])
     if result["rc"] != 0 and not allow_failure:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({result['rc']}):\n{result['stderr']}")
     return result
