@@ -68,7 +68,7 @@ def client(workspace):
         yield c
 
 
-def _wait(client, run: str, until, timeout: float = 120) -> dict:
+def _wait(client, run: str, until, timeout: float = 300) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         detail = client.get(f"/api/runs/{run}").json()
@@ -373,16 +373,16 @@ def test_a_run_reattaches_after_a_restart_stops_and_resumes(client, workspace, p
         detail = _wait(again, "long", lambda d: (workspace / "runs/long/model/checkpoints/checkpoint-20").is_dir()
                        or d["status"] != "running")
         assert detail["status"] == "running", detail["log"]
-        assert again.post("/api/runs/long/stop").status_code == 200
+        assert again.post("/api/runs/long/stop", json={}).status_code == 200
         stopped = _wait(again, "long", lambda d: d["status"] != "running")
     assert stopped["status"] == "stopped", stopped["log"]
     [train] = stopped["steps"]
     assert train["status"] == "stopped" and train["rc"] == 143 and train["error"] == "stopped by SIGTERM"
     assert train["argv"][:4] == ["lmforge", "train", "sft", "--model=models/stories260K"]
-    assert client.post("/api/runs/long/resume").status_code == 200
+    assert client.post("/api/runs/long/resume", json={}).status_code == 200
     done = _wait(client, "long", lambda d: d["status"] not in ("running", "starting"))
     assert done["status"] == "done", done["log"][-3000:]
-    assert done["steps"][0]["argv"][-1] == "--resume" and done["log"].count("$ lmforge train sft") == 2
+    assert done["steps"][0]["argv"][-2:] == ["--resume", "--overwrite"] and done["log"].count("$ lmforge train sft") == 2
     assert done["metrics"]["steps"] == 200 and [e["step"] for e in done["curve"]] == [1, *range(50, 201, 50)]
     assert done["progress"] == {"done": 200, "total": 200, "seconds_left": 0.0}
     listed = {r["id"]: r for r in client.get("/api/runs").json()["runs"]}

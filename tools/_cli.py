@@ -26,10 +26,18 @@ _invocation: dict[str, Any] = {"command": "", "options": {}, "given": set()}
 def _config_callback(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> None:
     if value is None:
         return
-    from lmforge.shared.core.config import load_config
+    from lmforge.shared.core.config import load_config, option_key
 
-    values = load_config(value)
     known = {p.name for p in ctx.command.params if p.expose_value}
+    # a key may also be a flag's spelling (`lr` for --lr): the option it names
+    spelled = {option_key(flag): p.name for p in ctx.command.params if p.expose_value
+               for flag in p.opts if flag.startswith("--")}
+    values: dict[str, object] = {}
+    for key, setting in load_config(value).items():
+        name = key if key in known else spelled.get(key, key)
+        if name in values:
+            raise BadInput(f"config file {value}: '{name.replace('_', '-')}' is set twice", "keep one of the keys")
+        values[name] = setting
     unknown = sorted(set(values) - known)
     if unknown:
         from lmforge.shared.core.errors import close_names
@@ -156,10 +164,16 @@ def typer_parameter(opt: Opt, **behaviour: Any) -> tuple[Any, Any]:
         kind = list[kind]
     if opt.default is None:
         kind = Optional[kind]
+    low, high = opt.min, opt.max
+    if opt.type == "float":
+        # every float, from the command line or --config alike, is finite and in range (Opt.number);
+        # Typer shows a closed range in --help, an open bound is named by the error only
+        behaviour = {"parser": opt.number, **behaviour}
+        low, high = (None if opt.min_open else low), (None if opt.max_open else high)
     if opt.argument:
         info = typer.Argument(help=opt.help, show_default=opt.show_default, rich_help_panel=opt.panel)
     else:
-        info = typer.Option(*opt.flags, help=opt.help, rich_help_panel=opt.panel, min=opt.min, max=opt.max,
+        info = typer.Option(*opt.flags, help=opt.help, rich_help_panel=opt.panel, min=low, max=high,
                             envvar=opt.envvar, show_default=opt.show_default, **behaviour)
     return Annotated[kind, info], inspect.Parameter.empty if opt.required else opt.default
 

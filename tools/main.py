@@ -1,7 +1,8 @@
 """The `lmforge` command: the root app, its command groups, and the error-to-exit-code policy.
 
 Exit codes: 0 ok; 2 bad input or usage (one line on stderr); 1 runtime failure; 130 interrupted
-(Ctrl-C), 143 stopped by SIGTERM, 129 by SIGHUP (after the same clean-up as Ctrl-C).
+(Ctrl-C), 143 stopped by SIGTERM, 129 by SIGHUP (after the same clean-up as Ctrl-C); 141, quietly,
+when the reader of stdout went away (a broken pipe), as for a tool killed by SIGPIPE.
 A traceback is shown only with --debug or LMFORGE_DEBUG=1.
 """
 
@@ -25,6 +26,7 @@ from lmforge.shared.core.errors import (
     BadInput,
     LmforgeError,
     Terminated,
+    no_space,
 )
 
 from . import adapter, board, completion, data, evaluation, model, serve, train
@@ -162,12 +164,21 @@ def main(argv: list[str] | None = None) -> None:
         _error("the input is nested too deeply to read; flatten it (JSON nested hundreds of levels deep)")
         code = EXIT_BAD_INPUT
     except BrokenPipeError:
-        # the reader went away (`| head`): stop quietly, like other Unix tools
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        code = 141
+        code = _reader_gone()
+    except SystemExit as exc:
+        # click turns a broken pipe (EPIPE) into a bare sys.exit(1), the error silently lost
+        cause = exc.__context__
+        if not (isinstance(cause, OSError) and cause.errno == errno.EPIPE):
+            raise
+        code = _reader_gone()
     except OSError as exc:  # the file system said no: name the path and the reason, no traceback
-        if log.debug() or not (exc.filename and exc.strerror):
+        if exc.errno == errno.ENOSPC and not log.debug():
+            from lmforge.shared.core.rundir import written_as
+
+            where = f"{written_as(str(exc.filename))}: " if exc.filename else ""
+            _error(f"{where}no space left on device; free some space and run again")
+            code = EXIT_FAILURE
+        elif log.debug() or not (exc.filename and exc.strerror):
             code = _unexpected(exc)
         else:
             from lmforge.shared.core.rundir import written_as
@@ -190,11 +201,29 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code)
 
 
+def _reader_gone() -> int:
+    """The reader of stdout went away (`| head`): stop quietly, as a Unix tool killed by SIGPIPE
+    would, with the shell's code for that (128 + SIGPIPE = 141) and no error line."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())   # nothing more reaches the closed pipe (the final flush included)
+    except (OSError, ValueError):
+        pass
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
+
+
 def _known_failure(exc: Exception) -> int | None:
     """Library errors whose cause is known: one line that says what to do, not the library's words."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if log.debug():
         return None
+    if no_space(exc):   # a full disk, whatever the library made of it (not a corrupt file)
+        _error(f"no space left on device ({type(exc).__name__}: {text[:200]}); free some space and run again")
+        return EXIT_FAILURE
+    if type(exc).__name__ == "SafetensorError" and "while serializing" in text.lower():   # writing, not reading
+        _error(f"writing a safetensors weights file failed ({text[:200]}); check the free space and run again")
+        return EXIT_FAILURE
     if type(exc).__name__ == "SafetensorError":   # safetensors: a truncated or garbage weights file
         _error(f"a safetensors weights file cannot be read ({text}); it is truncated or corrupt: "
                "save or download the model again")

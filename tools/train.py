@@ -105,7 +105,7 @@ def grpo(**opts) -> None:
     from lmforge.shared.train.grpo import build_grpo_trainer, validate
 
     _refuse_pt_sft_only_options("grpo", opts)
-    names = ("reward_weights", "num_generations", "max_new_tokens", "temperature", "top_p", "top_k", "kl_coef",
+    names = ("reward_weights", "reward_timeout", "num_generations", "max_new_tokens", "temperature", "top_p", "top_k", "kl_coef",
              "loss_type", "clip_range", "clip_range_high", "num_iterations", "scale_rewards", "mask_truncated", "vllm")
     extra = {"rewards": list(opts.pop("reward") or []), **{k: opts.pop(k) for k in names},
              "data_stages": ("ppo",)}

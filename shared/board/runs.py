@@ -84,7 +84,8 @@ class Runs:
         for step in state["steps"]:
             if step["status"] != "done":
                 if step["name"].startswith("train ") and "--resume" not in step["argv"]:
-                    step["argv"] = [*step["argv"], "--resume"]
+                    # from its last checkpoint, or afresh when it stopped before the first one
+                    step["argv"] = [*step["argv"], "--resume", "--overwrite"]
                 step.update(status="pending", rc=None, error=None)
         state.update(status="starting", pid=None, ended=None, stop_requested=False, adopted=False)
         write_json(run_dir / STATE, state)

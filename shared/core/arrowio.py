@@ -23,6 +23,7 @@ import io
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal
 
@@ -245,6 +246,21 @@ def check_output(path: str | Path | None) -> None:
         raise BadInput(f"{target}: directory {parent} does not exist", "create it first")
 
 
+@contextmanager
+def _named(path: Path | None):
+    """Write errors named by the user's output: a file object's write failure (a full disk) carries
+    no file name, and pyarrow's none either."""
+    import errno
+
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None or exc.errno == errno.EPIPE:
+            raise
+        raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno),
+                      str(path) if path is not None else "stdout") from exc
+
+
 class AtomicFile:
     """A binary file written under a temporary sibling name and renamed into place on success."""
 
@@ -265,7 +281,8 @@ class AtomicFile:
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self.handle is not None
         try:
-            self.handle.close()
+            with _named(self.path):
+                self.handle.close()
         finally:
             try:
                 if exc_type is None:
@@ -308,7 +325,8 @@ class ArrowOutput:
             return
         if data.schema.remove_metadata() != self.schema.remove_metadata():
             data = pa.record_batch(data.columns, schema=self.schema)
-        self._writer.write_batch(data)
+        with _named(self.path):
+            self._writer.write_batch(data)
         self.rows += data.num_rows
 
     def set_summary(self, summary: dict) -> None:
@@ -316,15 +334,16 @@ class ArrowOutput:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if exc_type is None:   # the end marker, with the summary of the pass
-                self._writer.write_batch(*end_batch(self.schema, self._summary))
-            if exc_type is None or self.path is not None:
-                self._writer.close()
-            else:
-                # A failed stream on stdout ends with a message no reader accepts, so the next
-                # tool in the pipe fails instead of taking half the data for all of it.
-                sys.stdout.buffer.write(_POISON)
-                sys.stdout.buffer.flush()
+            with _named(self.path):
+                if exc_type is None:   # the end marker, with the summary of the pass
+                    self._writer.write_batch(*end_batch(self.schema, self._summary))
+                if exc_type is None or self.path is not None:
+                    self._writer.close()
+                else:
+                    # A failed stream on stdout ends with a message no reader accepts, so the next
+                    # tool in the pipe fails instead of taking half the data for all of it.
+                    sys.stdout.buffer.write(_POISON)
+                    sys.stdout.buffer.flush()
         except BrokenPipeError:
             if exc_type is None:
                 raise

@@ -45,7 +45,7 @@ JSON_OUT = Opt("json_out", type="bool", default=False, help="Full results as JSO
 PRECISION = Opt("precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                 help="auto: bf16 on recent GPUs, fp16 on older ones, fp32 on CPU.")
 TEMPERATURE = Opt("temperature", type="float", default=0.7, help="Sampling temperature (0: greedy).", min=0)
-TOP_P = Opt("top_p", type="float", default=1.0, help="Nucleus sampling.")
+TOP_P = Opt("top_p", type="float", default=1.0, help="Nucleus sampling.", min=0, min_open=True, max=1)
 MAX_NEW_TOKENS = Opt("max_new_tokens", type="int", default=256, help="Longest answer.", min=1)
 BATCH_SIZE = Opt("batch_size", type="int", default=1, help="Rows per device per step (packed rows are long).")
 MAX_SAMPLES = Opt("max_samples", type="int", default=None, help="Only the first N examples.", min=1)
@@ -91,7 +91,8 @@ DATA_MERGE = (
 DATA_SPLIT = (
     INPUT.but(help="Dataset to split, or '-' for stdin."),
     OUTPUT.but(default=Path("split"), help="Directory to write train.arrow and val.arrow into."),
-    Opt("val_size", type="float", default=0.1, help="Validation share: a fraction below 1 (0.1) or a row count (500)."),
+    Opt("val_size", type="float", default=0.1, min=0, min_open=True,
+        help="Validation share: a fraction below 1 (0.1) or a row count (500)."),
     DATA_SEED,
 )
 DATA_SHOW = (
@@ -219,14 +220,16 @@ TRAIN_OUTPUT = OUTPUT.but(panel=P)
 TRAIN_OVERWRITE = OVERWRITE.but(help="Replace a non-empty output directory.", panel=P)
 RESUME = Opt("resume", type="bool", default=False, help="Continue an interrupted run from its last checkpoint.", panel=P)
 LORA_RANK = Opt("lora_rank", type="int", default=8, help="LoRA rank.", panel=L)
-LORA_ALPHA = Opt("lora_alpha", type="float", default=None, help="LoRA alpha (default 2 x rank).", panel=L)
+LORA_ALPHA = Opt("lora_alpha", type="float", default=None, help="LoRA alpha (default 2 x rank).", panel=L, min=0,
+                 min_open=True)
 LORA_TARGET = Opt("lora_target", default="all", panel=L,
                   help="Modules to adapt: all (every linear layer but the head) or names, e.g. q_proj,v_proj.")
-LEARNING_RATE = Opt("learning_rate", type="float", default=None, flags=("--learning-rate", "--lr"), panel=O,
+LEARNING_RATE = Opt("learning_rate", type="float", default=None, flags=("--learning-rate", "--lr"), panel=O, min=0,
+                    min_open=True,
                     help="Peak learning rate (default 1e-4 for adapters, 1e-5 otherwise).")
-EPOCHS = Opt("epochs", type="float", default=3.0, help="Passes over the data.", panel=O)
+EPOCHS = Opt("epochs", type="float", default=3.0, help="Passes over the data.", panel=O, min=0)
 MAX_STEPS = Opt("max_steps", type="int", default=-1, help="Stop after N optimizer steps (overrides --epochs).", panel=O)
-MAX_GRAD_NORM = Opt("max_grad_norm", type="float", default=1.0, help="Gradient clipping (0: none).", panel=O)
+MAX_GRAD_NORM = Opt("max_grad_norm", type="float", default=1.0, help="Gradient clipping (0: none).", panel=O, min=0)
 SAVE_STEPS = Opt("save_steps", type="int", default=500, help="Checkpoint every N steps (for --resume).", panel=R)
 KEEP_CHECKPOINTS = Opt("keep_checkpoints", type="bool", default=False, help="Keep checkpoints/ after a successful run.",
                        panel=R)
@@ -271,11 +274,12 @@ TRAIN_COMMON = (
         help="Load the base in 4 or 8 bits (bitsandbytes; QLoRA). Adapter methods only."),
     LORA_RANK,
     LORA_ALPHA,
-    Opt("lora_dropout", type="float", default=0.0, help="Dropout on the LoRA path.", panel=L),
+    Opt("lora_dropout", type="float", default=0.0, help="Dropout on the LoRA path.", panel=L, min=0, max=1,
+        max_open=True),
     LORA_TARGET,
     Opt("rslora", type="bool", default=False, help="Rank-stabilised scaling (alpha / sqrt(r)).", panel=L),
-    Opt("loraplus_ratio", type="float", default=None, help="LoRA+: learning rate of B = ratio x that of A (e.g. 16).",
-        panel=L),
+    Opt("loraplus_ratio", type="float", default=None, min=0, min_open=True, panel=L,
+        help="LoRA+: learning rate of B = ratio x that of A (e.g. 16)."),
     Opt("freeze_layers", type="int", default=2, help="freeze: train the last N decoder layers (negative: the first N).",
         panel=F),
     Opt("freeze_modules", default="all", panel=F,
@@ -284,7 +288,8 @@ TRAIN_COMMON = (
     Opt("expand_layers", type="int", default=0,
         help="llama-pro: number of new blocks to insert (must divide the layer count).", panel=F),
     Opt("galore_rank", type="int", default=16, help="galore: rank of the gradient projection.", panel=E),
-    Opt("galore_scale", type="float", default=0.25, help="galore: scale of the projected update.", panel=E),
+    Opt("galore_scale", type="float", default=0.25, help="galore: scale of the projected update.", panel=E, min=0,
+        min_open=True),
     Opt("galore_update_interval", type="int", default=200, help="galore: steps between projection updates.", panel=E),
     Opt("galore_target", default="all", help="galore: module name patterns (default: attention and MLP layers).",
         panel=E),
@@ -301,9 +306,9 @@ TRAIN_COMMON = (
     LEARNING_RATE,
     EPOCHS,
     MAX_STEPS,
-    Opt("warmup", type="float", default=0.0, help="Linear warm-up: a fraction of the steps (< 1) or a step count.",
-        panel=O),
-    Opt("weight_decay", type="float", default=0.0, help="Weight decay.", panel=O),
+    Opt("warmup", type="float", default=0.0, min=0, panel=O,
+        help="Linear warm-up: a fraction of the steps (< 1) or a step count."),
+    Opt("weight_decay", type="float", default=0.0, help="Weight decay.", panel=O, min=0),
     MAX_GRAD_NORM,
     BATCH_SIZE.but(panel=O),
     Opt("grad_accum", type="int", default=8, help="Gradient accumulation steps.", panel=O),
@@ -313,7 +318,7 @@ TRAIN_COMMON = (
         help="Optimizer: adamw, adamw8bit, paged_adamw8bit, adafactor, sgd, or any transformers name."),
     Opt("gradient_checkpointing", type="bool", default=False,
         help="Recompute activations in the backward pass (less memory).", panel=O),
-    Opt("neftune_alpha", type="float", default=None, panel=O,
+    Opt("neftune_alpha", type="float", default=None, panel=O, min=0, min_open=True,
         help="NEFTune (pt/sft): uniform noise of scale alpha / sqrt(row length x hidden) on the input embeddings "
              "while training, e.g. 5."),
     PRECISION.but(panel=O),
@@ -340,15 +345,17 @@ PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "orpo", "simpo", "kto")
 TRAIN_PREFERENCE = (
     Opt("loss", choices=PREFERENCE_LOSSES, default="sigmoid", panel=PREF,
         help="sigmoid (DPO), ipo, hinge: with a reference model; orpo, simpo: without; kto: on KTO-labelled data."),
-    Opt("beta", type="float", default=None, panel=PREF,
+    Opt("beta", type="float", default=None, panel=PREF, min=0, min_open=True,
         help="Strength of the preference term (default 0.1; 2.0 for simpo; ORPO's lambda for orpo)."),
-    Opt("ftx", type="float", default=0.0, panel=PREF,
+    Opt("ftx", type="float", default=0.0, panel=PREF, min=0,
         help="DPO-ftx: add FTX x the SFT loss on the chosen answer (logged as sft_loss)."),
     Opt("simpo_gamma", type="float", default=0.5, help="simpo: the target reward margin gamma.", panel=PREF),
     Opt("precompute_ref", type="bool", default=False, panel=PREF,
         help="Full tuning: compute reference log-probs once before training instead of keeping a frozen copy."),
-    Opt("desirable_weight", type="float", default=1.0, help="kto: weight of desirable examples.", panel=PREF),
-    Opt("undesirable_weight", type="float", default=1.0, help="kto: weight of undesirable examples.", panel=PREF),
+    Opt("desirable_weight", type="float", default=1.0, help="kto: weight of desirable examples.", panel=PREF, min=0,
+        min_open=True),
+    Opt("undesirable_weight", type="float", default=1.0, help="kto: weight of undesirable examples.", panel=PREF,
+        min=0, min_open=True),
 )
 
 G = "PPO"
@@ -377,16 +384,17 @@ TRAIN_PPO = (
     TEMPERATURE.but(default=1.0, min=None, panel=G),
     Opt("top_k", type="int", default=0, help="Top-k sampling (0: off).", panel=G),
     TOP_P.but(panel=G),
-    Opt("kl_coef", type="float", default=0.05, help="Initial per-token KL penalty coefficient.", panel=G),
-    Opt("kl_target", type="float", default=6.0, help="Adaptive KL target (0: fixed coefficient).", panel=G),
+    Opt("kl_coef", type="float", default=0.05, help="Initial per-token KL penalty coefficient.", panel=G, min=0),
+    Opt("kl_target", type="float", default=6.0, help="Adaptive KL target (0: fixed coefficient).", panel=G, min=0),
     Opt("kl_horizon", type="int", default=10000, help="Adaptive KL horizon.", panel=G),
-    Opt("gamma", type="float", default=1.0, help="Discount.", panel=G),
-    Opt("lam", type="float", default=0.95, help="GAE lambda.", panel=G),
-    Opt("clip_range", type="float", default=0.2, help="PPO ratio clipping.", panel=G),
-    Opt("clip_range_value", type="float", default=0.2, help="Value clipping.", panel=G),
-    Opt("vf_coef", type="float", default=0.1, help="Weight of the value loss.", panel=G),
+    Opt("gamma", type="float", default=1.0, help="Discount.", panel=G, min=0, max=1),
+    Opt("lam", type="float", default=0.95, help="GAE lambda.", panel=G, min=0, max=1),
+    Opt("clip_range", type="float", default=0.2, help="PPO ratio clipping.", panel=G, min=0, min_open=True, max=1,
+        max_open=True),
+    Opt("clip_range_value", type="float", default=0.2, help="Value clipping.", panel=G, min=0, min_open=True),
+    Opt("vf_coef", type="float", default=0.1, help="Weight of the value loss.", panel=G, min=0),
     Opt("reward_scale", type="float", default=1.0, help="Multiply scores by this.", panel=G),
-    Opt("reward_clip", type="float", default=None, help="Clip scores to +-this.", panel=G),
+    Opt("reward_clip", type="float", default=None, help="Clip scores to +-this.", panel=G, min=0, min_open=True),
     Opt("reward_norm", type="bool", default=False, help="Normalise scores by their running mean and std.", panel=G),
     Opt("missing_eos_penalty", type="float", default=None, panel=G,
         help="Subtract this from the score of answers that never stop."),
@@ -417,6 +425,8 @@ TRAIN_GRPO = (
                     "or a reward model directory (`train rm`)."),
     Opt("reward_weights", default=None, panel=GR,
         help="Weights of the --reward terms, comma-separated in their order (default: 1 each)."),
+    Opt("reward_timeout", type="float", default=60.0, min=0, min_open=True, panel=GR,
+        help="Seconds a cmd: reward may take per batch; one that takes longer is stopped with its children."),
     BATCH_SIZE.but(default=4, help="Prompts per device per micro-batch (each sampled --num-generations times).",
                    panel=GR),
     Opt("grad_accum", type="int", default=1, help="Gradient accumulation steps.", panel=GR),
@@ -425,16 +435,17 @@ TRAIN_GRPO = (
     EPOCHS.but(default=1.0, panel=GR),
     MAX_STEPS.but(panel=GR),
     MAX_NEW_TOKENS.but(default=64, help="Longest completion sampled.", panel=GR),
-    TEMPERATURE.but(default=1.0, panel=GR),
+    TEMPERATURE.but(default=1.0, min_open=True, help="Sampling temperature (above 0: GRPO samples).", panel=GR),
     TOP_P.but(panel=GR),
     Opt("top_k", type="int", default=0, help="Top-k sampling (0: off).", panel=GR),
     Opt("kl_coef", type="float", default=0.0, min=0, panel=GR,
         help="KL coefficient beta against the reference (the model without the adapter); 0: no reference pass."),
     Opt("loss_type", choices=GRPO_LOSSES, default="dapo", panel=GR,
         help="Loss aggregation (TRL): grpo (per sequence), dr_grpo (constant), dapo (per token), bnpo, cispo, sapo."),
-    Opt("clip_range", type="float", default=0.2, help="Ratio clipping epsilon.", panel=GR),
-    Opt("clip_range_high", type="float", default=None, help="Upper clipping epsilon (DAPO's clip-higher; default: --clip-range).",
-        panel=GR),
+    Opt("clip_range", type="float", default=0.2, help="Ratio clipping epsilon.", panel=GR, min=0, min_open=True,
+        max=1, max_open=True),
+    Opt("clip_range_high", type="float", default=None, min=0, min_open=True, panel=GR,
+        help="Upper clipping epsilon (DAPO's clip-higher; default: --clip-range)."),
     Opt("num_iterations", type="int", default=1, min=1, help="Updates per batch of completions (mu).", panel=GR),
     Opt("scale_rewards", choices=("group", "batch", "none"), default="group", panel=GR,
         help="Divide advantages by the reward std of the group, of the batch, or not at all (Dr. GRPO)."),
@@ -513,6 +524,12 @@ SERVE = (
     Opt("media_dir", default=None,
         help="Let requests name images by local path or file:// URL inside this directory (vision models); "
              "without it only data: URLs are read."),
+    Opt("max_images", type="int", default=8, min=1, help="Most images one request may carry; more get HTTP 400."),
+    Opt("max_image_bytes", type="int", default=20 << 20, min=1024,
+        help="Largest image file a request may carry; a larger one gets HTTP 413."),
+    Opt("max_image_pixels", type="int", default=4096 * 4096, min=1,
+        help="Largest image (width x height) a request may carry, read from its header before anything is "
+             "decoded; a larger one gets HTTP 413."),
 )
 CHAT = (
     MODEL,

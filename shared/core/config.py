@@ -6,6 +6,8 @@ the flag would take (a list for options that repeat or take several values).
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from lmforge.shared.core.errors import BadInput
@@ -23,14 +25,19 @@ def load_config(path: str | Path) -> dict[str, object]:
 
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):   # /dev/zero, a terminal: no option file
+                raise BadInput(f"config file {path}: a device, not a file", "give a YAML file of option values")
+            data = f.read(_MAX_BYTES + 1)   # never more: a huge file or an endless pipe must not fill the memory
+        if len(data) > _MAX_BYTES:
+            raise BadInput(f"config file {path}: more than {_MAX_BYTES:,} bytes, more than an option file needs",
+                           "give a file of `option-name: value` lines")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise BadInput(f"config file {path} not found", "check the path given to --config") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInput(f"config file {path} cannot be read ({exc})") from None
-    if len(text) > _MAX_BYTES:
-        raise BadInput(f"config file {path}: {len(text):,} bytes, more than an option file needs "
-                       f"({_MAX_BYTES:,} at most)", "give a file of `option-name: value` lines")
     try:
         # aliases (*name) refused: a few hundred bytes of nested aliases expand to gigabytes
         for event in yaml.parse(text, Loader=yaml.SafeLoader):

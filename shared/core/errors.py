@@ -62,3 +62,21 @@ def close_names(name: str, known: list[str] | tuple[str, ...], n: int = 3) -> st
     if close:
         return "did you mean " + " or ".join(repr(c) for c in close) + "?"
     return "known: " + ", ".join(sorted(known))
+
+
+def no_space(exc: BaseException | None) -> bool:
+    """Whether a failure is a full disk, however the library reports it: OSError ENOSPC, or the
+    words of a library that wraps it (safetensors' Rust "StorageFull", torch's "file write failed"
+    with errno 28), here or in the exception it was raised from."""
+    import errno
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        text = str(exc)
+        if any(words in text for words in ("No space left on device", "StorageFull", "os error 28")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -11,6 +11,7 @@ No Typer here (shared/ never imports it): tools/_cli.py turns an Opt into a Type
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -45,6 +46,8 @@ class Opt:
     argument: bool = False
     min: float | None = None
     max: float | None = None
+    min_open: bool = False        # the bound itself is refused: "above MIN" rather than "at least MIN"
+    max_open: bool = False
     envvar: str | None = None
     show_default: bool = True
 
@@ -65,6 +68,34 @@ class Opt:
             return self.name.upper()
         longs = [f for f in self.flags if f.startswith("--")]
         return longs[0] if longs else "--" + self.name.replace("_", "-")
+
+    def number(self, value: Any) -> float:
+        """A float option's value (from the command line or a --config file), checked: a finite number
+        inside the declared range. ValueError says what is wrong, for the option's usage error."""
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"{value!r} is not a number")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a number") from None
+        shown = value.strip() if isinstance(value, str) else f"{number:g}"
+        if not math.isfinite(number):   # nan and inf pass every comparison a range makes
+            raise ValueError(f"{shown}: must be a finite number")
+        low = self.min is not None and (number <= self.min if self.min_open else number < self.min)
+        high = self.max is not None and (number >= self.max if self.max_open else number > self.max)
+        if low or high:
+            raise ValueError(f"{shown}: must be {self.range_text()}")
+        return number
+
+    def range_text(self) -> str:
+        """The declared range in words: "above 0", "at least 0", "in [0, 1)"."""
+        if self.min is not None and self.max is not None:
+            return f"in {'(' if self.min_open else '['}{self.min:g}, {self.max:g}{')' if self.max_open else ']'}"
+        if self.min is not None:
+            return f"{'above' if self.min_open else 'at least'} {self.min:g}"
+        if self.max is not None:
+            return f"{'below' if self.max_open else 'at most'} {self.max:g}"
+        return "a finite number"
 
     def but(self, **changes: Any) -> Opt:
         """The same option as one command takes it (another default or help text)."""

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lmforge.shared import __version__
-from lmforge.shared.core.errors import BadInput
+from lmforge.shared.core.errors import BadInput, LmforgeError, RunFailure, no_space
 
 RECORD = "lmforge.json"
 LOG = "trainer_log.jsonl"
@@ -90,17 +90,54 @@ def lock(path: Path, what: str) -> None:
     key = str(path.resolve())
     if key in _held:
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise BadInput(f"{what}: another lmforge process (pid {holder}) is writing it",
-                       "wait for it to finish (or stop it), or choose another output") from None
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise BadInput(f"{what}: another lmforge process (pid {holder}) is writing it",
+                           "wait for it to finish (or stop it), or choose another output") from None
+        if _same_file(fd, path):
+            break
+        os.close(fd)   # its holder removed the file while we waited for it: lock the new one
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held[key] = fd
+    _remove_stale_locks(path.parent)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _remove_stale_locks(directory: Path) -> None:
+    """Remove the lock files in `directory` that nobody holds: those of processes killed before
+    they could remove theirs (kill -9). Whoever opened one of them just before it goes sees, once
+    it has the lock, that the file is no longer there (`_same_file`) and takes a new one."""
+    import fcntl
+
+    try:
+        entries = [e for e in directory.glob(".*.lock") if str(e.resolve()) not in _held]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            fd = os.open(entry, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _same_file(fd, entry):
+                entry.unlink()
+        except OSError:   # held by a live writer (or not ours to remove): leave it
+            pass
+        finally:
+            os.close(fd)
 
 
 def unlock(path: Path) -> None:
@@ -122,13 +159,25 @@ def prepare(out: Path, *, overwrite: bool, resume: bool) -> Path | None:
     """Make OUT ready and lock it for this run; returns the checkpoint to resume from (None for a
     fresh start). A directory left by a run that died before its first checkpoint (lmforge's
     mark, no checkpoint, no record) starts afresh, with a note, with or without --resume."""
-    from lmforge.shared.core import log
-
     if out.exists() and not out.is_dir():
         raise BadInput(f"{out}: exists and is not a directory", "give a directory to -o")
+    if resume and not overwrite and not out.exists():
+        raise BadInput(f"{out} has no checkpoint to resume", "drop --resume to start afresh")
     out.mkdir(parents=True, exist_ok=True)
     if _is_main_rank():   # before anything in OUT is touched: --overwrite of a running run is refused
         lock(out / LOCK, str(out))
+    try:
+        return _prepare_locked(out, overwrite=overwrite, resume=resume)
+    except BaseException:   # refused: OUT is left as it was, without our lock file
+        unlock(out / LOCK)
+        raise
+
+
+def _prepare_locked(out: Path, *, overwrite: bool, resume: bool) -> Path | None:
+    from lmforge.shared.core import log
+
+    if _is_main_rank():
+        clean_stale(out, ".*.tmp-*")   # the temporaries of a killed run are not what it left to resume
     contents = [c for c in out.iterdir() if c.name != LOCK]
     last = last_checkpoint(out)
     finished = (out / RECORD).exists()
@@ -137,12 +186,11 @@ def prepare(out: Path, *, overwrite: bool, resume: bool) -> Path | None:
         if _is_main_rank():
             _empty(out)
         return None
-    if resume:
-        if not contents:
-            return None  # nothing to resume: a fresh start
-        if last is None and not finished:
-            raise BadInput(f"{out}: has no checkpoint to resume from", "use --overwrite to start again")
+    if resume and (last is not None or finished):
         return last
+    if resume and not overwrite:   # starting afresh is what --overwrite asks for, not --resume
+        raise BadInput(f"{out} has no checkpoint to resume", "drop --resume to start afresh" if not contents
+                       else "pass --overwrite to replace what is there, or drop --resume")
     if contents:
         if not overwrite:
             raise BadInput(f"{out}: exists and is not empty",
@@ -179,10 +227,14 @@ def removed_on_failure(out: Path, *, fresh: bool, created: bool):
     directory stays, for --resume."""
     try:
         yield
-    except BaseException:
+    except BaseException as exc:
         if fresh and last_checkpoint(out) is None and not (out / RECORD).exists() \
                 and int(os.environ.get("RANK", "0")) == 0 and out.is_dir():
             shutil.rmtree(out, ignore_errors=True) if created else _empty(out)
+        if isinstance(exc, Exception) and not isinstance(exc, LmforgeError) and no_space(exc):
+            # whatever the library made of it (safetensors: "error while serializing"), say where
+            again = "run again with --resume" if last_checkpoint(out) is not None else "run again"
+            raise RunFailure(f"{out}: no space left on device", f"free some space and {again}") from exc
         raise
 
 

@@ -10,6 +10,7 @@ Merge strategies (the same ones as `datasets.interleave_datasets`):
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import numpy as np
@@ -59,10 +60,16 @@ def parse_probs(text: str | None, n: int) -> list[float] | None:
         raise BadInput(f"--probs {text!r}: not a list of numbers", "write e.g. --probs 0.7,0.3") from None
     if len(probs) != n:
         raise BadInput(f"--probs has {len(probs)} values for {n} inputs", "give one probability per input")
-    if any(p < 0 for p in probs) or sum(probs) <= 0:
-        raise BadInput(f"--probs {text!r}: probabilities must be >= 0 and not all 0")
+    if not all(math.isfinite(p) and p >= 0 for p in probs) or sum(probs) <= 0:
+        raise BadInput(f"--probs {text!r}: probabilities must be finite, >= 0 and not all 0")
     total = sum(probs)
-    return [p / total for p in probs]
+    if abs(total - 1) > _PROBS_TOLERANCE:   # a typo (0.7,0.7) is not silently rescaled to 0.5,0.5
+        raise BadInput(f"--probs {text!r}: probabilities must sum to 1 (these sum to {total:g})",
+                       "e.g. --probs 0.7,0.3")
+    return [p / total for p in probs]   # exactly 1 for numpy, whatever the rounding of the decimals
+
+
+_PROBS_TOLERANCE = 1e-6
 
 
 _DRAWS = 1000

@@ -131,11 +131,27 @@ def _decode(raw: bytes, where: str) -> str:
 
 
 _DECODER = json.JSONDecoder()
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")   # \uD800-\uDFFF: half of a UTF-16 pair
+
+
+def _refuse_lone_surrogates(value: Any, text: str, where: str) -> None:
+    """JSON may escape half of a UTF-16 surrogate pair alone ("\\ud800"): Python reads it, but no
+    UTF-8 text (nor Arrow) can hold it. Checked only where such an escape appears."""
+    if not _SURROGATE_ESCAPE.search(text):
+        return
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadInput(f"{where}: the escape \\u{ord(exc.object[exc.start]):x} is a lone UTF-16 surrogate, "
+                       "not a character", "fix or remove it (\\ud800-\\udfff escapes come in pairs)") from None
 
 
 def _loads_line(raw: bytes, source: RawSource, line: int) -> Any:  # a JSON value; non-objects are refused later
     try:
-        return _DECODER.decode(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        value = _DECODER.decode(text)
+        _refuse_lone_surrogates(value, text, source.where(line))
+        return value
     except UnicodeDecodeError as exc:
         raise BadInput(f"{source.where(line)}: not valid UTF-8 (byte {exc.start})",
                        "re-encode the file as UTF-8") from None
@@ -232,6 +248,7 @@ def _json_rows(source: RawSource) -> Iterator[tuple[dict, int]]:
                 raise BadInput(f"{source.name} line {line}: {reason} row {index + 1})",
                                "fix the JSON syntax") from None
         index += 1
+        _refuse_lone_surrogates(value, buf[pos:end], f"{source.name} line {line_base + buf.count(chr(10), 0, pos)}")
         yield value, index
         pos = end
         if pos > _CHUNK:  # drop what has been parsed, keeping line numbers right

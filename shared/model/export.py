@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from lmforge.shared.core import log, rundir
@@ -185,8 +185,20 @@ def _tool(args: list[str], what: str) -> None:
     if log.debug():
         sys.stderr.write(done.stdout + done.stderr)
     if done.returncode != 0:
-        lines = [ln for ln in (done.stderr or done.stdout).strip().splitlines() if ln.strip()]
-        raise RunFailure(f"{what} failed: {lines[-1][:300] if lines else f'exit {done.returncode}'}")
+        raise RunFailure(f"{what} failed: {_reason(done.stderr or done.stdout) or f'exit {done.returncode}'}")
+
+
+_PROGRESS = re.compile(r"\d+%\|")   # a tqdm bar ("Writing:  28%|###  | ...")
+_RAISED = re.compile(r"^[\w.]*(Error|Exception|Exit)\b(:|$)")   # a traceback's last line
+
+
+def _reason(output: str) -> str:
+    """What a failed tool said went wrong: the exception its traceback ends with, else its last
+    line that is not a progress bar (tqdm redraws its bar with carriage returns)."""
+    lines = [piece.strip() for line in output.splitlines() for piece in line.split("\r")]
+    lines = [ln for ln in lines if ln and not _PROGRESS.search(ln)]
+    raised = [ln for ln in lines if _RAISED.match(ln)]
+    return (raised or lines or [""])[-1][:300]
 
 
 def _quantize(src: Path, dst: Path, quant: str) -> None:
@@ -290,7 +302,11 @@ def export(model: str, adapter: str | None, output: Path, fmt: str = "gguf", qua
     stops = [s for s in dict.fromkeys(stops) if s]
     eot = _eot_token(tokenizer, stops)
 
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=output.parent))
+    # named by pid like every temporary: what a killed export leaves (a merged model, a GGUF) is
+    # removed by the next command that writes in that directory
+    work = rundir.temp_sibling(output.with_name(f"{output.name}.export"))
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
     final = rundir.temp_sibling(output)
     try:
         source = model_dir

@@ -67,6 +67,10 @@ def init_model(out: Path, arch: str, layers: int, hidden: int, heads: int, kv_he
                        "hidden must split into an even head size; heads must be a multiple of kv-heads")
     if min(layers, hidden, heads, vocab_size, max_position) < 1:
         raise BadInput("sizes must be positive")
+    smallest = 256 + len(SPECIALS)   # byte-level BPE starts from every byte, then adds the special tokens
+    if train_from and vocab_size < smallest:
+        raise BadInput(f"--vocab-size {vocab_size}: a byte-level BPE tokenizer needs at least {smallest} tokens "
+                       f"(256 bytes + {len(SPECIALS)} special tokens)", f"give --vocab-size {smallest} or more")
     busy = (out.is_dir() and any(out.iterdir())) or (out.exists() and not out.is_dir())
     if busy and not overwrite:
         raise BadInput(f"{out}: exists", "pass --overwrite to replace it")

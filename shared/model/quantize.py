@@ -60,6 +60,8 @@ def quantize(model: str, out: Path, method: str, bits: int | None, group_size: i
     if method == "awq" and device.kind != "cuda":
         raise BadInput("--method awq quantizes on a CUDA GPU only (GPTQModel's AWQ quantizer)",
                        "use gptq, bnb-int8 or bnb-nf4 on a CPU; AWQ checkpoints made elsewhere still load here")
+    if method == "gptq":   # before calibration: what GPTQModel cannot pack or run fails late (or kills the process)
+        _check_gptq_widths(config, bits, group_size, device.kind)
     tokenizer = load_tokenizer(model)
     torch.manual_seed(seed)
     measured = bool(calib or eval_data)   # bitsandbytes needs no data: perplexity only when some is given
@@ -135,6 +137,37 @@ def _bitsandbytes(model: str, target: Path, bits: int, device, kernel: str = "sd
     loaded = AutoModelForCausalLM.from_pretrained(str(model), quantization_config=config, attn_implementation=kernel,
                                                   device_map={"": 0} if device.kind == "cuda" else {"": "cpu"})
     loaded.save_pretrained(str(target))
+
+
+def _decoder_linears(config) -> list[tuple[str, int, int]]:
+    """(name, in_features, out_features) of the decoder layers' linear layers, the ones GPTQModel
+    quantizes, from the model built on the meta device (no weights read)."""
+    import re
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return [(name, m.in_features, m.out_features) for name, m in skeleton.named_modules()
+            if isinstance(m, torch.nn.Linear) and re.search(r"\.layers\.\d+\.", name) and "vis" not in name]
+
+
+def _check_gptq_widths(config, bits: int, group_size: int, device_kind: str) -> None:
+    """GPTQModel packs 3-bit weights in blocks of 32 output features (other widths abort the whole
+    process mid-way); on a CPU its 4-bit kernel needs outputs by 16 and groups that divide the inputs."""
+    if bits not in (3, 4) or (bits == 4 and device_kind != "cpu"):
+        return
+    for name, inputs, outputs in _decoder_linears(config):
+        if bits == 3 and outputs % 32:
+            raise BadInput(f"--bits 3: GPTQModel packs 3-bit weights in blocks of 32 outputs, and {name} has "
+                           f"{outputs}", "use --bits 2, 4 or 8")
+        if bits == 4 and outputs % 16:
+            raise BadInput(f"--bits 4 on a CPU: the 4-bit kernel needs layer widths divisible by 16, and {name} has "
+                           f"{outputs} outputs", "use --bits 2 or 8, or quantize on a GPU")
+        if bits == 4 and group_size > 0 and inputs % group_size:
+            raise BadInput(f"--group-size {group_size}: on a CPU the 4-bit kernel needs it to divide every layer's "
+                           f"input width, and {name} has {inputs}", "use a --group-size that divides it, e.g. 32")
 
 
 def _gptqmodel(model: str, target: Path, method: str, bits: int, group_size: int, calibration: list, device,

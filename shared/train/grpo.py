@@ -54,6 +54,8 @@ def validate(o) -> None:
         raise BadInput(f"--clip-range-high {x['clip_range_high']:g}: must be above 0")
     if x["kl_coef"] < 0:
         raise BadInput(f"--kl-coef {x['kl_coef']:g}: must be >= 0")
+    if not x["reward_timeout"] > 0:
+        raise BadInput(f"--reward-timeout {x['reward_timeout']:g}: must be above 0 seconds")
     if x["max_new_tokens"] < 1:
         raise BadInput("--max-new-tokens must be at least 1")
     if o.deepspeed or o.fsdp:
@@ -91,9 +93,9 @@ def prompts_dataset(data, tokenizer, stop_words: list[str]):
         has_reference = has_reference or bool(reference)
         prompts.append(text)
         references.append(reference or None)
-    columns: dict = {"prompt": prompts, "reference": references}
-    if data.meta.get("vision"):   # two image prompts may read the same: the row tells them apart
-        columns["lmforge_row"] = list(range(len(prompts)))
+    # the row number reaches the rewards: two image prompts may read the same (the row tells them
+    # apart), and a reward's error names the row
+    columns: dict = {"prompt": prompts, "reference": references, "lmforge_row": list(range(len(prompts)))}
     return datasets.Dataset.from_dict(columns), ids_by_text, has_reference
 
 
@@ -225,7 +227,7 @@ def build_grpo_trainer(o, model, tokenizer, args, data, eval_data):
     rewards: list = []
     device = choose_device(o.precision)
     for spec in x["rewards"]:
-        parsed = rewards_.parse(spec)
+        parsed = rewards_.parse(spec, x["reward_timeout"])
         if isinstance(parsed, Path):
             parsed = rewards_.RewardModel(parsed, model, o.model, tokenizer, device)
             parsed.prompt_ids = ids_by_text

@@ -45,6 +45,9 @@ def number_in(text: str) -> float | None:
     return float(found[-1]) if found else None
 
 
+_FLOAT32_MAX = 3.4028234663852886e38   # TRL holds rewards as float32: anything larger becomes inf
+
+
 class Reward:
     """A named reward function in TRL's calling convention."""
 
@@ -53,8 +56,17 @@ class Reward:
     def __call__(self, prompts: list, completions: list, completion_ids: list | None = None,
                  reference: list | None = None, **kwargs: Any) -> list[float]:
         references = reference if reference is not None else [None] * len(completions)
-        return self.score(list(prompts), list(completions), list(completion_ids or [[]] * len(completions)),
-                          list(references))
+        values = self.score(list(prompts), list(completions), list(completion_ids or [[]] * len(completions)),
+                            list(references))
+        # TRL sums the terms with nansum: a NaN would silently count as 0, an inf ruin the advantages
+        for i, value in enumerate(values):
+            if not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
+                rows = kwargs.get("lmforge_row")
+                where = (f"row {int(rows[i]) + 1} of the data (completion {i + 1} of the batch)"
+                         if rows is not None and i < len(rows) else f"completion {i + 1} of the batch")
+                raise BadInput(f"reward {self.__name__} gave {value!r} for {where}: not a finite number",
+                               "make the reward return finite numbers")
+        return values
 
     def score(self, prompts: list[str], completions: list[str], completion_ids: list[list[int]],
               references: list[str | None]) -> list[float]:
@@ -100,22 +112,30 @@ class Command(Reward):
 
     __name__ = "cmd"
 
-    def __init__(self, command: str, timeout: float = 600.0):
+    def __init__(self, command: str, timeout: float = 60.0):
         self.command, self.timeout = command, timeout
 
     def score(self, prompts, completions, completion_ids, references):
         lines = "".join(json.dumps({"prompt": p, "completion": c, "reference": r}, ensure_ascii=False) + "\n"
                         for p, c, r in zip(prompts, completions, references))
         where = f"reward command `{self.command}`"
+        # its own process group (session), so that stopping it stops whatever it started too
+        proc = subprocess.Popen(self.command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            done = subprocess.run(self.command, shell=True, input=lines, capture_output=True, text=True,
-                                  timeout=self.timeout)
+            stdout, stderr = proc.communicate(lines, timeout=self.timeout)
         except subprocess.TimeoutExpired:
-            raise RunFailure(f"{where}: no answer within {self.timeout:.0f}s") from None
-        if done.returncode != 0:
-            said = (done.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1][:200]
-            raise RunFailure(f"{where} failed (exit {done.returncode}): {said}", "run it by hand on a few JSON lines")
-        got = done.stdout.split("\n")
+            _stop(proc)
+            raise RunFailure(f"{where}: no answer within {self.timeout:g}s (--reward-timeout); stopped it",
+                             "make it faster, or raise --reward-timeout") from None
+        except BaseException:   # Ctrl-C, SIGTERM: the command goes with the run
+            _stop(proc)
+            raise
+        _stop(proc)   # what it left running in the background goes too: a reward runs per batch
+        if proc.returncode != 0:
+            said = (stderr.strip().splitlines() or ["(nothing on stderr)"])[-1][:200]
+            raise RunFailure(f"{where} failed (exit {proc.returncode}): {said}", "run it by hand on a few JSON lines")
+        got = stdout.split("\n")
         if got and got[-1] == "":
             got.pop()
         if len(got) != len(completions):
@@ -131,6 +151,28 @@ class Command(Reward):
         return out
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """Kill a command's whole process group and reap it, without reading its pipes further (a
+    child that left the group may hold them open)."""
+    import os
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        try:
+            if pipe is not None:
+                pipe.close()
+        except OSError:
+            pass
+
+
 class Function(Reward):
     """A Python function f(prompts, completions, references, **kwargs) -> list of numbers."""
 
@@ -144,6 +186,9 @@ class Function(Reward):
                                         completion_ids=completion_ids))
         except (BadInput, RunFailure):
             raise
+        except SystemExit as exc:   # would end the whole run, with its exit code (0: "success", no model)
+            raise BadInput(f"reward function {self.spec} called sys.exit({exc.code!r})",
+                           "return one number per completion; raise an exception to stop") from None
         except Exception as exc:  # the user's code: say where it failed, on one line
             raise RunFailure(f"reward function {self.spec} raised {type(exc).__name__}: {str(exc)[:200]}") from None
         if len(values) != len(completions):
@@ -175,6 +220,8 @@ def load_function(spec: str) -> Callable:
         module = importlib.util.module_from_spec(module_spec)
         try:
             module_spec.loader.exec_module(module)
+        except SystemExit as exc:
+            raise BadInput(f"--reward {spec}: {where} called sys.exit({exc.code!r}) on import") from None
         except Exception as exc:
             raise BadInput(f"--reward {spec}: {where} failed to import ({type(exc).__name__}: {str(exc)[:160]})") from None
     else:
@@ -182,6 +229,8 @@ def load_function(spec: str) -> Callable:
             sys.path.insert(0, "")
         try:
             module = importlib.import_module(where)
+        except SystemExit as exc:
+            raise BadInput(f"--reward {spec}: {where} called sys.exit({exc.code!r}) on import") from None
         except ImportError as exc:
             raise BadInput(f"--reward {spec}: cannot import {where} ({exc})",
                            "give module:function importable from here, or file.py:function") from None
@@ -191,9 +240,9 @@ def load_function(spec: str) -> Callable:
     return function
 
 
-def parse(spec: str) -> Reward | Path:
+def parse(spec: str, timeout: float = 60.0) -> Reward | Path:
     """One --reward spec -> a reward callable, or the Path of a reward model directory (loaded later,
-    when the policy model is known)."""
+    when the policy model is known). `timeout`: seconds a cmd: reward may take per batch."""
     head, _, rest = spec.partition(":")
     if spec == "exact":
         return Exact()
@@ -217,7 +266,7 @@ def parse(spec: str) -> Reward | Path:
     if head == "cmd":
         if not rest.strip():
             raise BadInput(f"--reward {spec}: no command after cmd:")
-        return Command(rest)
+        return Command(rest, timeout)
     if Path(spec).is_dir():
         return Path(spec)
     if head in BUILTINS:
@@ -237,6 +286,10 @@ def weights(text: str | None, count: int) -> list[float]:
     if len(values) != count:
         raise BadInput(f"--reward-weights {text}: {len(values)} weights for {count} --reward terms",
                        "give one weight per --reward, in order")
+    for n, value in enumerate(values, 1):
+        if not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
+            raise BadInput(f"--reward-weights {text}: weight {n} ({value:g}) is not a finite number",
+                           "give finite numbers, e.g. 1,0.5")
     return values
 
 

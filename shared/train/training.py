@@ -18,7 +18,7 @@ from lmforge.shared.core import log, rundir
 from lmforge.shared.core.errors import BadInput, RunFailure
 from lmforge.shared.core.meta import file_digest
 from lmforge.shared.data.packed import PackedData, check_tokenizer, open_packed
-from lmforge.shared.model.models import write_generation_config
+from lmforge.shared.model.models import check_context, write_generation_config
 from lmforge.shared.train import reporting
 from lmforge.shared.train.checkpointing import checkpointing_kwargs
 from lmforge.shared.train.methods import MethodOptions
@@ -388,6 +388,8 @@ def _train(o: TrainOptions, out: Path, resume_from: Path | None, build_trainer) 
     stages = (o.stage,) if o.stage in ("pt", "sft") else o.extra.get("data_stages", (o.stage,))
     data = open_packed(o.data, stages)
     eval_data = open_packed(o.eval_data, stages, "--eval-data") if o.eval_data else None
+    if o.rope_scaling == "none":   # positions past the model's context: refused before the model loads
+        check_context(o.model, {"--data": data, "--eval-data": eval_data}, o.extra.get("max_new_tokens", 0))
     device = choose_device(o.precision, o.attn)
     setup_distributed(o, device)
     from transformers import set_seed
