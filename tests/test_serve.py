@@ -142,6 +142,19 @@ def test_streaming_matches_and_ends_with_usage(server):
     assert raw.text.rstrip().endswith("data: [DONE]")
 
 
+def test_streaming_with_a_stop_string_across_tokens(server):
+    """The streamer decodes incrementally and looks for stops in the new text only: a stop string
+    that spans tokens still cuts the stream where the whole answer's text has it."""
+    client = server.client()
+    full = ask(client, max_tokens=40).choices[0].message.content
+    stop = full[len(full) // 2:len(full) // 2 + 5]   # mid-answer, across a token boundary or two
+    cut = ask(client, max_tokens=40, stop=[stop]).choices[0]
+    chunks = list(ask(client, max_tokens=40, stop=[stop], stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert cut.message.content == streamed == full[:full.index(stop)]
+    assert cut.finish_reason == "stop" and [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
 def test_completions_route(server):
     client = server.client()
     r = client.completions.create(model="stories", prompt="Once upon a time", max_tokens=10, temperature=0)

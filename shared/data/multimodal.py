@@ -84,16 +84,49 @@ def fit_size(width: int, height: int, max_pixels: int, min_pixels: int) -> tuple
     return max(1, int(width * scale)), max(1, int(height * scale))
 
 
+# what PIL raises on bytes that are not a readable image (some plugins raise SyntaxError or EOFError)
+_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError)
+
+
+class ImageTooLarge(BadInput):
+    """An image over a size limit, found from its header before anything is decoded."""
+
+
+def image_size(data: bytes, where: str = "image", max_pixels: int | None = None) -> tuple[int, int]:
+    """An image's (width, height), read from its header alone: PIL opens lazily and decodes no
+    pixels here, so a small file claiming a huge size (a decompression bomb) costs nothing.
+    ImageTooLarge above `max_pixels` (or above what PIL itself decodes); BadInput when the bytes
+    are not a readable image."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as exc:   # its header claims over twice PIL's own pixel limit
+        limit = f"; at most {max_pixels:,} pixels are taken" if max_pixels is not None else ""
+        raise ImageTooLarge(f"{where}: the image is too large to decode ({exc}){limit}",
+                            "send a smaller image") from None
+    except _UNREADABLE as exc:
+        raise BadInput(f"{where}: the image cannot be decoded ({exc})", "fix or drop the image") from None
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLarge(f"{where}: the image is {width} x {height} = {width * height:,} pixels; "
+                            f"at most {max_pixels:,} are taken", "send a smaller image")
+    return width, height
+
+
 def open_image(data: bytes, where: str = "image"):
-    """Bytes -> an RGB PIL image; unreadable bytes are a one-line BadInput."""
-    from PIL import Image, UnidentifiedImageError
+    """Bytes -> an RGB PIL image; unreadable bytes, or an image larger than PIL decodes (a
+    decompression bomb), are a one-line BadInput."""
+    from PIL import Image
 
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        return image.convert("RGB") if image.mode != "RGB" else image
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"{where}: the image is too large to decode ({exc})", "send a smaller image") from None
+    except _UNREADABLE as exc:
         raise BadInput(f"{where}: the image cannot be decoded ({exc})", "fix or drop the image") from None
-    return image.convert("RGB") if image.mode != "RGB" else image
 
 
 class Vision:
@@ -166,6 +199,11 @@ class Vision:
 
         image = open_image(data, where)
         width, height = fit_size(image.width, image.height, self.max_pixels, self.min_pixels)
+        try:
+            self.count(width, height)   # the image processor's own limits (Qwen's: an aspect ratio under 200)
+        except ValueError as exc:
+            raise BadInput(f"{where}: the model's image processor cannot take a {image.width} x {image.height} "
+                           f"image ({exc})", "crop or pad the image") from None
         if (width, height) == (image.width, image.height):
             return data, width, height
         out = io.BytesIO()

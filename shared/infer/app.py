@@ -16,9 +16,16 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmforge.shared.core.catalog import defaults
 from lmforge.shared.core.errors import BadInput
 from lmforge.shared.infer.engines import MAX_IMAGES, HFEngine, Job, VLLMEngine
 from lmforge.shared.model.generation import encode_chat_prompt
+
+SERVE = defaults("serve")
+# requests whose images are decoded at once: a decoded image takes up to --max-image-pixels x 7
+# bytes (its pixels, then their RGB copy) until it is scaled to the model's size, so this (not
+# the number of clients) bounds the memory images take
+IMAGE_DECODES = 2
 
 
 @dataclass
@@ -33,9 +40,12 @@ class Served:
     api_key: str | None
     max_concurrency: int
     created: int = field(default_factory=lambda: int(time.time()))
-    max_request_bytes: int = 8 << 20   # a larger body is refused with 413 before it is read whole
-    vision: Any = None          # issue 17: a vision-language model's image facts (multimodal.Vision)
+    max_request_bytes: int = SERVE["max_request_bytes"]   # a larger body is refused with 413 before it is read whole
+    vision: Any = None          # a vision-language model's image facts (multimodal.Vision)
     media_dir: str | None = None   # serve --media-dir: where requests may name images by path
+    max_images: int = SERVE["max_images"]               # per request (400 above)
+    max_image_bytes: int = SERVE["max_image_bytes"]     # per image (413 above)
+    max_image_pixels: int = SERVE["max_image_pixels"]   # per image, from its header, before decoding (413 above)
 
 
 def media_dir_of(value: str | None) -> str | None:
@@ -79,6 +89,7 @@ def create_app(served: Served):
 
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None)
     slots = asyncio.Semaphore(served.max_concurrency)
+    decoding = asyncio.Semaphore(IMAGE_DECODES)
 
     @app.exception_handler(Exception)
     async def unexpected(request, exc: Exception):
@@ -87,7 +98,7 @@ def create_app(served: Served):
 
         logging.getLogger("lmforge.serve").exception("request failed")
         return JSONResponse(APIError(500, f"the server failed on this request ({type(exc).__name__})",
-                                     code="server_error").body(), status_code=500)
+                                     kind="server_error", code="server_error").body(), status_code=500)
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
@@ -141,35 +152,65 @@ def create_app(served: Served):
         authorise(request)
         return api.ModelList(data=[api.ModelCard(id=served.name, created=served.created)]).model_dump()
 
+    def check_images(turns: list[dict]) -> None:
+        """The request's images against the serve limits, from their headers: nothing is decoded yet."""
+        from lmforge.shared.data.multimodal import ImageTooLarge, image_size
+
+        images = [p["image"] for m in turns for p in m.get("parts") or [] if p.get("type") == "image"]
+        if len(images) > served.max_images:
+            raise APIError(400, f"{len(images)} images in one request; this server takes at most "
+                                f"{served.max_images} (lmforge serve --max-images)", param="messages")
+        for k, data in enumerate(images):
+            if len(data) > served.max_image_bytes:
+                raise APIError(413, f"image {k + 1} is {len(data):,} bytes; this server takes at most "
+                                    f"{served.max_image_bytes:,} (lmforge serve --max-image-bytes)", param="messages")
+            try:
+                image_size(data, f"image {k + 1}", served.max_image_pixels)
+            except ImageTooLarge as exc:
+                raise APIError(413, f"{exc.message} (lmforge serve --max-image-pixels)", param="messages") from None
+
+    async def prompt_of(asked, renderer):
+        """The request's prompt -> (ids, lead, images, prompt text), rendered and tokenized off the
+        event loop; its images checked against the limits first, then decoded (a few requests at once)."""
+        from lmforge.shared.data.aligned import has_images
+
+        images = any(has_images(m) for m in asked.turns)
+        if images:
+            await run_in_threadpool(check_images, asked.turns)
+        if images and served.vision is not None:
+            from lmforge.shared.data.multimodal import generation_inputs
+
+            async with decoding:
+                return await run_in_threadpool(
+                    generation_inputs, served.vision, renderer, asked.turns, asked.system, asked.tools or "",
+                    lambda text: encode_chat_prompt(served.tokenizer, text),
+                    not isinstance(served.engine, VLLMEngine))   # vLLM expands the placeholders itself
+        # (a text model's template refuses images, saying so)
+        prompt = await run_in_threadpool(renderer.generation_prompt, asked.turns, asked.system, asked.tools or "")
+        ids, lead = await run_in_threadpool(encode_chat_prompt, served.tokenizer, prompt)
+        return ids, lead, [], prompt
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        from lmforge.shared.data.multimodal import ImageTooLarge
+
         authorise(request)
         # parsing, checking and tokenizing a large request take CPU time: off the event loop, so
         # health checks and streams of other requests go on meanwhile
         body = await run_in_threadpool(api.parse_body, await read_body(request, served.max_request_bytes))
         renderer = renderer_for_request(body)
-        asked = api.ChatRequest.check(body, served_name=served.name, renderer=renderer, media_dir=served.media_dir)
-        tools = asked.tools is not None
-        from lmforge.shared.data.aligned import has_images
-
-        images: list[bytes] = []
         try:
-            if served.vision is not None and any(has_images(m) for m in asked.turns):  # issue 17
-                from lmforge.shared.data.multimodal import generation_inputs
-
-                ids, lead, images, prompt = await run_in_threadpool(
-                    generation_inputs, served.vision, renderer, asked.turns, asked.system, asked.tools or "",
-                    lambda text: encode_chat_prompt(served.tokenizer, text),
-                    not isinstance(served.engine, VLLMEngine))   # vLLM expands the placeholders itself
-                if isinstance(served.engine, VLLMEngine) and len(images) > MAX_IMAGES:
-                    raise BadInput(f"{len(images)} images in one request; the vLLM backend takes at most {MAX_IMAGES}",
-                                   f"send at most {MAX_IMAGES} images per request")
-            else:
-                prompt = await run_in_threadpool(renderer.generation_prompt, asked.turns, asked.system,
-                                                  asked.tools or "")
-                ids, lead = await run_in_threadpool(encode_chat_prompt, served.tokenizer, prompt)
+            asked = api.ChatRequest.check(body, served_name=served.name, renderer=renderer,
+                                          media_dir=served.media_dir, max_image_bytes=served.max_image_bytes)
+            ids, lead, images, prompt = await prompt_of(asked, renderer)
+        except ImageTooLarge as exc:
+            raise APIError(413, exc.message, param="messages") from None
         except BadInput as exc:
             raise APIError(400, exc.message, param="messages") from None
+        except RecursionError:
+            # JSON text inside the request (a tool result, say) nested deeper than Python parses
+            raise APIError(400, "the request holds JSON nested too deeply to read", param="messages") from None
+        tools = asked.tools is not None
         job, settings = job_for(body, ids)
         job.lead = lead
         job.images = images
@@ -373,7 +414,7 @@ def _stream_text(served: Served, slots, request, job: Job, cmpl_id: str, usage: 
 # ----------------------------------------------------------------------------- set-up
 
 def prepare(model_dir: str, adapter: str | None, template: str, backend: str, max_concurrency: int,
-            max_batch: int, api_key: str | None, name: str | None) -> Served:
+            max_batch: int, api_key: str | None, name: str | None, max_images: int = MAX_IMAGES) -> Served:
     from pathlib import Path
 
     from lmforge.shared.data.templates import renderer_for
@@ -389,9 +430,10 @@ def prepare(model_dir: str, adapter: str | None, template: str, backend: str, ma
 
         tokenizer = load_tokenizer(adapter or model_dir)
         render = renderer_for(template, tokenizer, model_dir, adapter)
-        # issue 17: a vision-language model's requests carry their images to vLLM's own processor
+        # a vision-language model's requests carry their images to vLLM's own processor
         vision = multimodal.Vision(model_dir, tokenizer) if multimodal.is_vision_model(model_dir) else None
-        engine: HFEngine | VLLMEngine = VLLMEngine(model_dir, adapter, max_concurrency, images=vision is not None)
+        engine: HFEngine | VLLMEngine = VLLMEngine(model_dir, adapter, max_concurrency, images=vision is not None,
+                                                   max_images=max_images)
         config = AutoConfig.from_pretrained(str(model_dir))
         context = getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", 4096) or 4096
     else:
@@ -402,7 +444,19 @@ def prepare(model_dir: str, adapter: str | None, template: str, backend: str, ma
         context = getattr(getattr(model.config, "text_config", None) or model.config, "max_position_embeddings",
                           2048) or 2048
     served_name = name or Path(adapter or model_dir).name or str(model_dir)
-    return Served(engine, tokenizer, render, served_name, context, api_key, max_concurrency, vision=vision)
+    return Served(engine, tokenizer, render, served_name, context, api_key, max_concurrency, vision=vision,
+                  max_images=max_images)
+
+
+def limit_images(served: Served, max_bytes: int, max_pixels: int) -> None:
+    """serve --max-image-bytes / --max-image-pixels. PIL's own guard against decompression bombs
+    (an error above twice its MAX_IMAGE_PIXELS, about 179 million pixels) is raised with the limit
+    when the limit is above it, so the option is what decides."""
+    from PIL import Image
+
+    served.max_image_bytes, served.max_image_pixels = max_bytes, max_pixels
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def check_port(host: str, port: int) -> None:

@@ -21,8 +21,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmforge.shared.core.catalog import defaults
 from lmforge.shared.core.errors import BadInput
+from lmforge.shared.infer.detokenize import RowText, first_stop, visible
 from lmforge.shared.model.generation import left_pad, pad_id_of, sampling_args
+
+MAX_IMAGES: int = defaults("serve")["max_images"]   # images one request may carry (serve --max-images)
 
 
 @dataclass
@@ -37,7 +41,7 @@ class Job:
     n: int = 1
     stop: list[str] = field(default_factory=list)
     lead: str = ""              # spaces ending the rendered prompt that the model writes itself
-    images: list[bytes] = field(default_factory=list)   # issue 17: a vision-language prompt's images
+    images: list[bytes] = field(default_factory=list)   # a vision-language prompt's images
     cancelled: bool = False
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
@@ -61,7 +65,7 @@ class HFEngine:
 
     def __init__(self, model, tokenizer, stop_ids: list[int], max_batch: int = 8, vision=None):
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, stop_ids
-        self.vision = vision    # issue 17: a vision-language model's image facts (multimodal.Vision)
+        self.vision = vision    # a vision-language model's image facts (multimodal.Vision)
         self.max_batch = max_batch
         self.pad_id = pad_id_of(tokenizer, stop_ids)
         self.device = next(model.parameters()).device
@@ -130,14 +134,12 @@ class HFEngine:
             return
         rows = [(job, i) for job in jobs for i in range(job.n)]
         ids, mask = left_pad([job.prompt_ids for job, _ in rows], self.pad_id, self.device)
-        tokens: list[list[int]] = [[] for _ in rows]
-        sent = [""] * len(rows)                 # text already streamed per row
+        # each row's text is decoded as its tokens come, a few tokens at a time (not the whole
+        # answer again per token: that grew with the answer's length, on this thread, for every row)
+        texts = [RowText(self.tokenizer, job.lead, job.stop) for job, _ in rows]
         done = [False] * len(rows)
         finish = ["length"] * len(rows)
-        tokenizer, stops, engine = self.tokenizer, set(self.stop_ids), self
-
-        def text_of(r: int) -> str:
-            return _visible(tokenizer.decode(tokens[r], skip_special_tokens=True), rows[r][0].lead)
+        stops, engine = set(self.stop_ids), self
 
         class Rows(BaseStreamer):
             """Receives each step's new token for every row and streams text to the clients."""
@@ -155,19 +157,15 @@ class HFEngine:
                     if token in stops:
                         done[r], finish[r] = True, "stop"
                         continue
-                    tokens[r].append(token)
                     engine.generated += 1
-                    text = text_of(r)
-                    cut = _first_stop(text, job.stop)
-                    if cut is not None:
-                        text, done[r], finish[r] = text[:cut], True, "stop"
-                    elif len(tokens[r]) >= job.max_tokens:
+                    last = len(texts[r].tokens) + 1 >= job.max_tokens
+                    piece, stopped = texts[r].add(token, last)
+                    if stopped:
+                        done[r], finish[r] = True, "stop"
+                    elif last:
                         done[r] = True
-                    # hold back an incomplete character or a possible stop-string prefix
-                    safe = text if done[r] else _safe_prefix(text, job.stop)
-                    if len(safe) > len(sent[r]) and safe.startswith(sent[r]):
-                        job.emit({"index": index, "text": safe[len(sent[r]):]})
-                        sent[r] = safe
+                    if piece:
+                        job.emit({"index": index, "text": piece})
 
             def end(self):
                 pass
@@ -195,12 +193,13 @@ class HFEngine:
             choices: list[dict[str, Any]] = []
             for r, (owner, index) in enumerate(rows):
                 if owner is job:
-                    text = text_of(r)
-                    cut = _first_stop(text, job.stop)
-                    choices.append({"index": index, "text": text[:cut] if cut is not None else text,
-                                    "finish_reason": finish[r], "completion_tokens": len(tokens[r])})
-                    if len(choices[-1]["text"]) > len(sent[r]) and choices[-1]["text"].startswith(sent[r]):
-                        job.emit({"index": index, "text": choices[-1]["text"][len(sent[r]):]})
+                    text, sent = texts[r].text(), texts[r].streamed()
+                    cut = first_stop(text, job.stop)
+                    text = text[:cut] if cut is not None else text
+                    choices.append({"index": index, "text": text, "finish_reason": finish[r],
+                                    "completion_tokens": len(texts[r].tokens)})
+                    if len(text) > len(sent) and text.startswith(sent):
+                        job.emit({"index": index, "text": text[len(sent):]})
             job.emit({"done": True, "choices": choices, "prompt_tokens": len(job.prompt_ids)})
 
 
@@ -226,12 +225,13 @@ _TRIM: Any = None  # libc's malloc_trim; False where there is none
 class VLLMEngine:
     """vLLM's async engine (GPU). The adapter, if any, is served as a LoRA request."""
 
-    def __init__(self, model_dir: str, adapter: str | None, max_concurrency: int, images: bool = False):
+    def __init__(self, model_dir: str, adapter: str | None, max_concurrency: int, images: bool = False,
+                 max_images: int = MAX_IMAGES):
         try:
             from vllm import AsyncEngineArgs, AsyncLLMEngine
         except ImportError:
             raise BadInput("--backend vllm needs vllm, a GPU-only extra", "pip install 'lmforge[gpu]' on a CUDA machine") from None
-        extra: dict[str, Any] = {"limit_mm_per_prompt": {"image": MAX_IMAGES}} if images else {}
+        extra: dict[str, Any] = {"limit_mm_per_prompt": {"image": max_images}} if images else {}
         args = AsyncEngineArgs(model=str(model_dir), enable_lora=adapter is not None, max_num_seqs=max_concurrency,
                                **extra)
         self.engine = AsyncLLMEngine.from_engine_args(args)
@@ -252,7 +252,7 @@ class VLLMEngine:
         try:
             async for output in self.engine.generate(vllm_prompt(job), params, request_id, lora_request=self.lora):
                 for choice in output.outputs:
-                    previous, text = sent.get(choice.index, ""), _visible(choice.text, job.lead)
+                    previous, text = sent.get(choice.index, ""), visible(choice.text, job.lead)
                     if len(text) > len(previous) and text.startswith(previous):
                         yield {"index": choice.index, "text": text[len(previous):]}
                         sent[choice.index] = text
@@ -260,13 +260,10 @@ class VLLMEngine:
         except asyncio.CancelledError:
             await self.engine.abort(request_id)
             raise
-        choices = [{"index": c.index, "text": _visible(c.text, job.lead), "finish_reason": c.finish_reason or "stop",
+        choices = [{"index": c.index, "text": visible(c.text, job.lead), "finish_reason": c.finish_reason or "stop",
                     "completion_tokens": len(c.token_ids)} for c in final.outputs]
         prompt_tokens = len(getattr(final, "prompt_token_ids", None) or job.prompt_ids)   # with the image tokens
         yield {"done": True, "choices": choices, "prompt_tokens": prompt_tokens}
-
-
-MAX_IMAGES = 8   # images one request may carry to vLLM (its limit_mm_per_prompt)
 
 
 def vllm_prompt(job: Job) -> dict:
@@ -280,25 +277,3 @@ def vllm_prompt(job: Job) -> dict:
 
     return {"prompt_token_ids": job.prompt_ids,
             "multi_modal_data": {"image": [Image.open(io.BytesIO(b)).convert("RGB") for b in job.images]}}
-
-
-def _visible(text: str, lead: str) -> str:
-    """The answer without the spaces that belong to the prompt (decoders may already drop them)."""
-    return text[len(lead):] if lead and text.startswith(lead) else text
-
-
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    positions = [text.find(s) for s in stops if s and s in text]
-    return min(positions) if positions else None
-
-
-def _safe_prefix(text: str, stops: list[str]) -> str:
-    """Text that can be streamed now: no trailing partial character, no possible stop-string start."""
-    text = text.rstrip("\ufffd")
-    hold = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:k]):
-                hold = max(hold, k)
-                break
-    return text[:len(text) - hold] if hold else text

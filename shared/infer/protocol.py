@@ -61,12 +61,17 @@ def _no_constant(name: str):
 
 
 def parse_body(raw: bytes) -> dict:
-    """A request body: a JSON object, else an APIError (400): invalid JSON, NaN or Infinity
-    (Python's json accepts them; JSON does not), or nesting deeper than MAX_NESTING."""
-    if _depth_exceeds(raw, MAX_NESTING):
+    """A request body: a JSON object, else an APIError (400): not UTF-8 (JSON's encoding; Python's
+    json would also guess UTF-16 and UTF-32, which the nesting scan cannot read), invalid JSON,
+    NaN or Infinity (Python's json accepts them; JSON does not), or nesting deeper than MAX_NESTING."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise APIError(400, f"the request body is not UTF-8 (byte {exc.start})") from None
+    if _depth_exceeds(text, MAX_NESTING):
         raise APIError(400, f"the request body is nested more than {MAX_NESTING} levels deep")
     try:
-        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+        body = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     except (ValueError, RecursionError):
         raise APIError(400, "the request body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -81,28 +86,35 @@ def _finite(text: str) -> float:
     return value
 
 
-def _depth_exceeds(raw: bytes, limit: int) -> bool:
+def _depth_exceeds(text: str, limit: int) -> bool:
     """Whether brackets outside strings nest deeper than `limit` (a linear scan, before parsing)."""
-    if raw.count(b"[") + raw.count(b"{") <= limit:
+    if text.count("[") + text.count("{") <= limit:
         return False   # the usual case: too few brackets to nest that deep
     depth, in_string, escaped = 0, False, False
-    for byte in raw:
+    for char in text:
         if in_string:
             if escaped:
                 escaped = False
-            elif byte == 0x5C:   # backslash
+            elif char == "\\":
                 escaped = True
-            elif byte == 0x22:   # quote
+            elif char == '"':
                 in_string = False
-        elif byte == 0x22:
+        elif char == '"':
             in_string = True
-        elif byte in (0x5B, 0x7B):   # [ {
+        elif char in "[{":
             depth += 1
             if depth > limit:
                 return True
-        elif byte in (0x5D, 0x7D):
+        elif char in "]}":
             depth -= 1
     return False
+
+
+def _json_text(value: object, where: str, param: str) -> None:
+    """A string the request means as JSON text (tool-call arguments, tools): refused when it nests
+    deeper than MAX_NESTING, before anything parses it."""
+    if isinstance(value, str) and _depth_exceeds(value, MAX_NESTING):
+        raise _invalid(f"{where} is JSON nested more than {MAX_NESTING} levels deep", param)
 
 
 class _Checked(BaseModel):
@@ -150,17 +162,22 @@ class _Request(_Checked):
         return value
 
 
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")   # OpenAI's values
+
+
 class ChatRequest(_Request):
     """/v1/chat/completions: the conversation, as (system, aligned turns), and the tool schemas
     (context: served_name, renderer)."""
 
     messages: Any = Field(None, validate_default=True)
     tools: Any = None             # None: no tools asked for; else their normalized JSON ("" if none given)
+    reasoning_effort: Any = None  # OpenAI's reasoning switch: checked, and not used (see thinking_of)
 
     @field_validator("messages", mode="before")
     @classmethod
     def _turns(cls, value, info: ValidationInfo):
-        return messages_to_turns(value, (info.context or {}).get("media_dir"))
+        context = _context(info)
+        return messages_to_turns(value, context.get("media_dir"), context.get("max_image_bytes"))
 
     @field_validator("tools", mode="before")
     @classmethod
@@ -173,10 +190,28 @@ class ChatRequest(_Request):
         renderer = _context(info)["renderer"]
         if not renderer.supports_tools:
             raise _invalid(f"the template '{renderer.name}' has no tool support", "tools")
+        _json_text(value, "'tools'", "tools")
         try:
-            return normalize_tools(value)
+            tools = normalize_tools(value)
         except RowError as exc:
             raise _invalid(f"invalid tools: {exc}", "tools") from None
+        for k, tool in enumerate(json.loads(tools) if tools else []):
+            function = tool["function"]
+            name = function.get("name")
+            if not isinstance(name, str) or not name.strip():
+                raise _invalid(f"tools[{k}]: a tool needs a 'name' (a non-empty string)", "tools")
+            if not isinstance(function.get("description", ""), str):
+                raise _invalid(f"tools[{k}] ({name}): 'description' must be a string", "tools")
+            if not isinstance(function.get("parameters", {}), dict):
+                raise _invalid(f"tools[{k}] ({name}): 'parameters' must be a JSON Schema object", "tools")
+        return tools
+
+    @field_validator("reasoning_effort", mode="before")
+    @classmethod
+    def _reasoning_effort(cls, value):
+        if value is not None and value not in REASONING_EFFORTS:
+            raise _invalid(f"'reasoning_effort' must be one of {', '.join(REASONING_EFFORTS)}", "reasoning_effort")
+        return value
 
     @property
     def system(self) -> str:
@@ -269,7 +304,7 @@ class Settings(_Checked):
     @field_validator("seed", mode="before")
     @classmethod
     def _seed(cls, value):
-        return _number("seed", value, None, kind=int)
+        return _number("seed", value, None, -(1 << 63), (1 << 63) - 1, int)   # a 64-bit seed, as torch takes it
 
     @field_validator("n", mode="before")
     @classmethod
@@ -282,7 +317,8 @@ class Settings(_Checked):
         return bool((self.stream_options or {}).get("include_usage"))
 
 
-def messages_to_turns(messages: object, media_dir: str | None = None) -> tuple[str, list[dict]]:
+def messages_to_turns(messages: object, media_dir: str | None = None,
+                      max_image_bytes: int | None = None) -> tuple[str, list[dict]]:
     """OpenAI chat messages -> (system, aligned messages), read as `data align` reads OpenAI data
     (reasoning_content, tool_calls with ids, tool_call_id); a validation error on a malformed list.
     Images as data: URLs; by local path or file:// URL only inside `media_dir` (serve --media-dir):
@@ -297,12 +333,13 @@ def messages_to_turns(messages: object, media_dir: str | None = None) -> tuple[s
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise _invalid(f"messages[{i}] must be an object", "messages")
+        _call_arguments(m, f"messages[{i}]")
         content = m.get("content")
         if isinstance(content, list):
             for k, part in enumerate(content):
                 if not isinstance(part, dict) or part.get("type") in (None, "text") or _data_url_image(part):
                     continue
-                local = _local_image(part, media_dir, f"messages[{i}].content[{k}]")
+                local = _local_image(part, media_dir, f"messages[{i}].content[{k}]", max_image_bytes)
                 if local is None:
                     raise _invalid(f"messages[{i}]: only text content parts and images as data: URLs are served"
                                    + (", or local paths inside the --media-dir" if media_dir else
@@ -335,9 +372,24 @@ def messages_to_turns(messages: object, media_dir: str | None = None) -> tuple[s
     return "\n".join(system_parts), turns
 
 
-def _local_image(part: dict, media_dir: str | None, where: str) -> str | None:
+def _call_arguments(m: dict, where: str) -> None:
+    """A message's tool-call arguments, JSON text the conversion parses: refused when nested too deep."""
+    calls = m.get("tool_calls")
+    for k, call in enumerate(calls if isinstance(calls, list) else []):
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            _json_text(function.get("arguments"), f"{where}.tool_calls[{k}].function.arguments", "messages")
+    legacy = m.get("function_call")
+    if isinstance(legacy, dict):
+        _json_text(legacy.get("arguments"), f"{where}.function_call.arguments", "messages")
+
+
+def _local_image(part: dict, media_dir: str | None, where: str, max_bytes: int | None = None) -> str | None:
     """An image part naming a local file (a path or file:// URL) inside media_dir -> its resolved path;
-    None when it names no local file or there is no media_dir; refused when it leaves the directory."""
+    None when it names no local file or there is no media_dir; refused when it leaves the directory,
+    is not a regular file, or is over `max_bytes` (413, from its size on disk: it is not read)."""
+    import os
+    import stat
     from pathlib import Path
 
     if media_dir is None or part.get("type") not in ("image_url", "input_image"):
@@ -346,15 +398,26 @@ def _local_image(part: dict, media_dir: str | None, where: str) -> str | None:
     url = source.get("url") if isinstance(source, dict) else source
     if not isinstance(url, str) or not url or ("://" in url and not url.startswith("file://")):
         return None
+    if "\x00" in url:   # no file name holds one (the OS refuses the path outright)
+        raise _invalid(f"{where}: the image path holds a NUL character", "messages")
     path = Path(url[len("file://"):] if url.startswith("file://") else url)
     resolved = (path if path.is_absolute() else Path(media_dir) / path).resolve()
     if not resolved.is_relative_to(media_dir):
         raise _invalid(f"{where}: image '{url[:80]}' is outside the server's --media-dir", "messages")
+    try:
+        facts = os.stat(resolved)
+    except OSError as exc:
+        raise _invalid(f"{where}: image '{url[:80]}' cannot be read ({exc.strerror})", "messages") from None
+    if not stat.S_ISREG(facts.st_mode):   # a directory, a pipe or a device: never read
+        raise _invalid(f"{where}: image '{url[:80]}' is not a file", "messages")
+    if max_bytes is not None and facts.st_size > max_bytes:
+        raise _invalid(f"{where}: image '{url[:80]}' is {facts.st_size:,} bytes; this server takes at most "
+                       f"{max_bytes:,} per image (lmforge serve --max-image-bytes)", "messages", status=413)
     return str(resolved)
 
 
 def _data_url_image(part: dict) -> bool:
-    """An OpenAI image part whose image is inline (issue 17: served vision-language models)."""
+    """An OpenAI image part whose image is inline (served vision-language models)."""
     if part.get("type") not in ("image_url", "input_image"):
         return False
     source = part.get("image_url")
@@ -364,8 +427,11 @@ def _data_url_image(part: dict) -> bool:
 
 def thinking_of(body: dict) -> str:
     """The request's thinking switch: `chat_template_kwargs.enable_thinking` (as vLLM and SGLang
-    take it) or a top-level `enable_thinking` -> "on" | "off" | "auto"."""
+    take it) or a top-level `enable_thinking` -> "on" | "off" | "auto". OpenAI's `reasoning_effort`
+    has no counterpart in the templates: ChatRequest checks it, and it changes nothing."""
     kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise APIError(400, "'chat_template_kwargs' must be an object", param="chat_template_kwargs")
     value = kwargs.get("enable_thinking") if isinstance(kwargs, dict) else None
     if value is None:
         value = body.get("enable_thinking")
