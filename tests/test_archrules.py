@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import aligned, bad, ok, shared_path
 
+from lmforge.shared.core.commands.training import Method
 from lmforge.shared.model import archrules
 
 
@@ -94,7 +95,7 @@ def test_attn_option_on_commands_that_run_models(tiny, tmp_path):
 # --- soft-capped logits and scaled logits: the chunked loss
 @pytest.mark.parametrize("name", ["gemma2", "granite", "cohere", "llama"])
 def test_chunked_loss_only_where_exact_and_then_equal(tiny, name):
-    from lmforge.shared.train import lossfn
+    from lmforge.shared.train.patches import lossfn
 
     model = load(tiny(name), attn_implementation="eager")
     model.train()
@@ -135,13 +136,13 @@ def test_gemma_embedding_scale_survives_resizing(tiny):
 def test_router_loss_when_the_router_trains(tiny):
     from lmforge.shared.train import methods
 
-    full = methods.apply(load(tiny("mixtral")), methods.MethodOptions(method="full"))
+    full = methods.apply(load(tiny("mixtral")), Method(method="full"))
     assert full.config.output_router_logits is True
     assert full(IDS, labels=IDS).aux_loss is not None
-    frozen = methods.apply(load(tiny("mixtral")), methods.MethodOptions(method="freeze", freeze_layers=1,
+    frozen = methods.apply(load(tiny("mixtral")), Method(method="freeze", freeze_layers=1,
                                                                        freeze_modules="self_attn"))
     assert not frozen.config.output_router_logits     # attention only: the router does not train
-    dense = methods.apply(load(tiny("llama")), methods.MethodOptions(method="full"))
+    dense = methods.apply(load(tiny("llama")), Method(method="full"))
     assert not getattr(dense.config, "output_router_logits", False)
 
 
@@ -164,7 +165,7 @@ def test_lora_target_all_covers_every_linear_layer_of_deepseek_v3(tiny):
     model = load(tiny("deepseek_v3"))
     linears = methods.linear_layers(model)
     assert "model.layers.0.mlp.down_proj" in linears and "model.layers.1.mlp.shared_experts.up_proj" in linears
-    wrapped = methods.apply(model, methods.MethodOptions(method="lora"))
+    wrapped = methods.apply(model, Method(method="lora"))
     assert set(linears) <= methods.adapted_modules(wrapped)
     assert "lm_head" not in methods.adapted_modules(wrapped)
 
@@ -176,7 +177,7 @@ def test_llama_pro_starts_as_the_model_and_reloads(tiny, tmp_path, name):
 
     model = load(tiny(name), attn_implementation="eager").eval()
     before = model(IDS).logits
-    methods.apply(model, methods.MethodOptions(method="llama-pro", expand_layers=1))
+    methods.apply(model, Method(method="llama-pro", expand_layers=1))
     model.eval()
     assert (model(IDS).logits - before).abs().max() < 1e-5
     model.save_pretrained(str(tmp_path / "pro"))
@@ -193,7 +194,7 @@ def test_llama_pro_refuses_an_expansion_that_is_not_the_identity(tiny, monkeypat
 
     monkeypatch.setattr(methods, "_output_projections", lambda model, layer, probe: ["mlp.down_proj.weight"])
     with pytest.raises(BadInput, match="not the original"):
-        methods.apply(load(tiny("llama")), methods.MethodOptions(method="llama-pro", expand_layers=1))
+        methods.apply(load(tiny("llama")), Method(method="llama-pro", expand_layers=1))
 
 
 # --- the tokenizer fingerprint

@@ -28,8 +28,8 @@ def in_this_process(cmd: list, allow_failure: bool = False, **kwargs) -> dict:
 
     words = [str(c) for c in cmd]
     if words[1:3] == [str(BENCH.resolve() / "bench_gpu.py"), "train"]:
-        with bench_gpu.timing(Path(words[3]), words[4] == "mixed"):
-            result = run(["train", *words[5:]])
+        with bench_gpu.timing(Path(words[3])):
+            result = run(["train", *words[4:]])
     else:
         result = run(words[1:])
     stderr = result.stderr.decode()[-3000:]
@@ -50,7 +50,7 @@ def test_gpu_benchmark_trains_every_method(tmp_path, monkeypatch):
     default_builder = training.build_default_trainer
 
     def noting_precision(o, model, tokenizer, args, data, eval_data):
-        precision.append((args.mixed_precision, next(model.parameters()).dtype))
+        precision.append(o.precision)
         return default_builder(o, model, tokenizer, args, data, eval_data)
 
     monkeypatch.setattr(training, "build_default_trainer", noting_precision)
@@ -66,10 +66,7 @@ def test_gpu_benchmark_trains_every_method(tmp_path, monkeypatch):
     logged = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert [r["method"] for r in logged] == list(bench_gpu.METHODS)
     assert all(r["timed_steps"] == 2 and r["warmup_steps"] == 1 for r in logged), logged
-    import torch
-
-    assert precision[0] == ("bf16", torch.float32)   # full: fp32 weights under bf16 autocast
-    assert precision[1][0] == "no"                   # lora on a CPU: lmforge's own choice (fp32)
+    assert precision[0] == "bf16"   # full: --precision bf16 (fp32 masters under autocast on a GPU: test_models)
 
 
 # ----------------------------------------------------------------------------- the figures
@@ -136,11 +133,11 @@ def test_steady_state_leaves_the_warm_up_out():
         bench_gpu.steady_state([1.0, 1.0], [100, 100], warmup=1)
 
 
-def test_timing_adds_the_step_timer_and_mixed_precision(tmp_path, monkeypatch):
-    """bench_gpu.timing: the step timer on the trainer lmforge builds, bf16 autocast over fp32
-    weights asked of the Trainer (TrainingArguments' bf16), and lmforge's own run() restored after."""
+def test_timing_adds_the_step_timer_to_the_stages_trainer(tmp_path, monkeypatch):
+    """bench_gpu.timing: the step timer on the trainer the stage builds, and lmforge's own
+    builder lookup restored after."""
     import bench_gpu
-    from lmforge.shared.train import training
+    from lmforge.shared.train import hfstage
 
     class Collator:
         counts = [7]   # a batch collated before training began: not counted
@@ -152,28 +149,15 @@ def test_timing_adds_the_step_timer_and_mixed_precision(tmp_path, monkeypatch):
         def add_callback(self, callback):
             self.callbacks.append(callback)
 
-    class Options:
-        def __init__(self):
-            self.extra: dict = {}
-
-    built = {}
-
-    def fake_builder(o, model, tokenizer, args, data, eval_data):
-        return Trainer(), Collator()
-
-    def fake_run(o, build_trainer=None):
-        built["trainer"], built["collator"] = build_trainer(o, None, None, type("A", (), {
-            "gradient_accumulation_steps": 2})(), None, None)
-        return "out"
-
-    monkeypatch.setattr(training, "run", fake_run)
-    monkeypatch.setattr(training, "build_default_trainer", fake_builder)
-    times, options = tmp_path / "times.json", Options()
-    with bench_gpu.timing(times, mixed=True):
-        assert training.run(options) == "out"
-    assert training.run is fake_run
-    assert options.extra["training_arguments"] == {"bf16": True}
-    timer = built["trainer"].callbacks[-1]
+    original = hfstage.builder_of
+    monkeypatch.setattr(hfstage, "builder_of", lambda o: (lambda *a: (Trainer(), Collator())))
+    patched = hfstage.builder_of
+    times = tmp_path / "times.json"
+    with bench_gpu.timing(times):
+        trainer, _ = hfstage.builder_of(None)(None, None, None, type("A", (), {"gradient_accumulation_steps": 2})(),
+                                              None, None)
+    assert hfstage.builder_of is patched and patched is not original
+    timer = trainer.callbacks[-1]
     timer.on_train_begin(None, None, None)
     Collator.counts = [7, 10, 20, 30, 40, 50]   # two batches a step (accumulation 2); the last read ahead
     for _ in range(2):
@@ -183,10 +167,6 @@ def test_timing_adds_the_step_timer_and_mixed_precision(tmp_path, monkeypatch):
     recorded = json.loads(times.read_text())
     assert recorded["step_tokens"] == [30, 70]
     assert 0 < recorded["step_end_s"][0] < recorded["step_end_s"][1]
-    plain = Options()
-    with bench_gpu.timing(times, mixed=False):
-        training.run(plain)
-    assert plain.extra == {}
 
 
 def _tiny_config(folder: Path) -> Path:
@@ -451,3 +431,17 @@ def test_roots_name_what_lmforge_and_the_gpu_tests_import():
     assert "deepspeed" not in names and "vllm" not in names
     mods = gpu_check.modules(gpu_check.roots())
     assert "yaml" in mods and "pyyaml" not in mods and "lmforge.tools.main" in mods and "trl.trainer.grpo_trainer" in mods
+
+
+def test_full_tuning_in_half_precision_keeps_fp32_masters_on_a_gpu():
+    """--precision bf16 (or fp16) with every weight training: fp32 weights on a GPU (the Trainer's
+    autocast computes in half precision); adapters keep a half-precision base; a CPU has no
+    autocast in lmforge's runs, so its weights stay as asked."""
+    import torch
+    from lmforge.shared.model.models import Device, weights_dtype
+
+    assert weights_dtype(Device("cuda", "bf16", "sdpa"), masters=True) is torch.float32
+    assert weights_dtype(Device("cuda", "fp16", "sdpa"), masters=True) is torch.float32
+    assert weights_dtype(Device("cuda", "bf16", "sdpa"), masters=False) is torch.bfloat16
+    assert weights_dtype(Device("cuda", "bf16", "sdpa"), masters=True, quantized=True) is torch.bfloat16
+    assert weights_dtype(Device("cpu", "bf16", "sdpa"), masters=True) is torch.bfloat16

@@ -19,8 +19,10 @@ from test_lorafused import counting_data
 from test_packedattn import batch
 
 from lmforge.shared.core.errors import BadInput
-from lmforge.shared.train import checkpointing, lorafused, packedattn
-from lmforge.shared.train.methods import MethodOptions, apply
+from lmforge.shared.train import checkpointing
+from lmforge.shared.train.patches import lorafused, packedattn
+from lmforge.shared.core.commands.training import Method
+from lmforge.shared.train.methods import apply
 
 
 def _model(name: str):
@@ -34,7 +36,7 @@ def _model(name: str):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     packedattn.install(model)
-    model = apply(model, MethodOptions(method="lora", lora_rank=4))   # fp32 adapters over the bf16 base
+    model = apply(model, Method(method="lora", lora_rank=4))   # fp32 adapters over the bf16 base
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if "lora_B" in pname:
@@ -114,19 +116,19 @@ def test_the_arguments_stay_json_and_survive_copies(tmp_path):
 
 
 def test_refusals():
-    from lmforge.shared.train.training import TrainOptions, validate
+    from lmforge.shared.core.commands.train import TrainSFT
 
     def refused(**kwargs) -> str:
         with pytest.raises(BadInput) as caught:
-            validate(TrainOptions(stage="sft", model="m", data="d", output=shared_path("."), max_steps=1, **kwargs))
+            TrainSFT.make(model="m", data="d", output=shared_path("."), max_steps=1, **kwargs)
         return str(caught.value)
 
     assert "--checkpoint-every 2 without gradient checkpointing" in refused(checkpoint_every=2)
     assert "ZeRO-3" in refused(checkpointing="selective", deepspeed="z3")
     assert "Unsloth" in refused(checkpointing="selective", kernels="unsloth")
     assert "at least 1" in refused(gradient_checkpointing=True, checkpoint_every=0)
-    assert TrainOptions(stage="sft", model="m", data="d", output=shared_path("."),
-                        checkpointing="selective").gradient_checkpointing   # selective turns it on
+    assert TrainSFT(model="m", data="d", output=shared_path("."),
+                    checkpointing="selective").gradient_checkpointing   # selective turns it on
 
 
 def test_train_sft_with_selective_checkpointing_every_second_layer(tmp_path):

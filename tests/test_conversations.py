@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from lmforge.shared.core.commands.data import DataPack
 from conftest import ROOT, bad, ok, read_meta, read_rows, shared_path, write_jsonl
 
 IGNORE = -100
@@ -225,7 +226,7 @@ def _encoder(tokdir: Path, **options):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokdir))
-    return tokenizer, pack.Encoder(pack.PackOptions(model=str(tokdir), template="auto", cutoff=100_000, **options),
+    return tokenizer, pack.Encoder(DataPack(model=str(tokdir), template="auto", cutoff=100_000, **options),
                                    tokenizer=tokenizer)
 
 
@@ -499,7 +500,7 @@ def test_named_templates_keep_whitespace_as_the_models_do(tmp_path, family, temp
     data = tmp_path / "a.arrow"
     ok(["data", "align", write_jsonl(tmp_path / "c.jsonl", raw), "-o", data])
     tokenizer = AutoTokenizer.from_pretrained(str(tokdir))
-    encoder = pack.Encoder(pack.PackOptions(model=str(tokdir), template=template, cutoff=100_000), tokenizer=tokenizer)
+    encoder = pack.Encoder(DataPack(model=str(tokdir), template=template, cutoff=100_000), tokenizer=tokenizer)
     cols, counts = encoder.encode((0, pa.RecordBatch.from_pylist(read_rows(data), schema=schema("sft"))))
     got = [list(x) for x in cols.examples("input_ids")]
     assert counts.dropped == 0 and len(got) == len(raw)
@@ -643,7 +644,7 @@ def test_mistral_template_follows_mistral_common(tmp_path):
         "legacy": False, "add_bos_token": False}))
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     sp = tok.instruct_tokenizer.tokenizer._model   # mistral-common's sentencepiece processor
-    encoder = pack.Encoder(pack.PackOptions(model=str(hf_dir), template="mistral", cutoff=100_000), tokenizer=tokenizer)
+    encoder = pack.Encoder(DataPack(model=str(hf_dir), template="mistral", cutoff=100_000), tokenizer=tokenizer)
     cols, counts = encoder.encode((0, pa.RecordBatch.from_pylist(read_rows(data), schema=schema("sft"))))
     ids = [list(x) for x in cols.examples("input_ids")]
     assert counts.dropped == 0 and len(ids) == len(raw)

@@ -369,7 +369,7 @@ def test_liger_kernels_train_on_gpu(task, tmp_path):
     place of the chunked loss): the loss falls, the adapter loads."""
     pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (pip install liger-kernel)")
     from lmforge.shared.model.models import choose_device, load_model
-    from lmforge.shared.train import kernels
+    from lmforge.shared.train.patches import kernels
 
     model = load_model(str(task["base"]), choose_device())
     kernels.apply_liger(model)

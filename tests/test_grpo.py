@@ -146,7 +146,7 @@ def test_grpo_runs_and_logs_every_reward(prompts, tmp_path):
     assert result.stdout.decode().strip() == str(out)                       # the directory, and only that, on stdout
     record = json.loads((out / "lmforge.json").read_text())
     assert record["stage"] == "grpo" and record["kind"] == "adapter" and record["method"] == "lora"
-    assert record["hyperparameters"]["rewards"] == ["exact", awk]
+    assert record["hyperparameters"]["reward"] == ["exact", awk]
     assert record["hyperparameters"]["loss_type"] == "dr_grpo" and record["metrics"]["steps"] == 2
     assert "first_reward" in record["metrics"]
     steps = _steps(out)

@@ -390,7 +390,9 @@ def test_export_work_folders_carry_the_writers_pid(tmp_path, monkeypatch):
     model = tmp_path / "m"
     shutil.copytree(shared_path(STORIES), model)
     with pytest.raises(SystemError):
-        exporting.export(str(model), None, tmp_path / "model.gguf")
+        from lmforge.shared.core.commands.model import ModelExport
+
+        exporting.export(ModelExport(model=str(model), output=tmp_path / "model.gguf"))
     assert f".model.gguf.export.tmp-{os.getpid()}" in seen[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]   # removed on the way out
 

@@ -1,7 +1,7 @@
 """The layout of lmforge.shared: subpackages along the pipeline, each importing only those before it.
 
-    core   <- data  <- model  <- train
-                           \\ <- infer
+    core   <- data  <- model  <- train  <- api
+                           \\ <- infer  <-/
 
 core is the foundation and imports no other subpackage; data builds on core; model on core and
 data; train and infer on core, data and model, but infer never on train (inference does not pull
@@ -27,7 +27,8 @@ ALLOWED: dict[str, set[str]] = {
     "model": {"core", "data"},
     "train": {"core", "data", "model"},
     "infer": {"core", "data", "model"},
-    "board": {"core", "data", "model", "infer"},   # issue 18: the web board runs the commands, never train
+    "board": {"core", "data", "model", "infer"},   # the web board runs the commands, never train
+    "api": {"core", "data", "model", "train", "infer"},   # the Python API: every use case, nothing above it
 }
 
 

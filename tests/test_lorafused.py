@@ -11,8 +11,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from lmforge.shared.train import lorafused
-from lmforge.shared.train.methods import MethodOptions, apply
+from lmforge.shared.train.patches import lorafused
+from lmforge.shared.core.commands.training import Method
+from lmforge.shared.train.methods import apply
 
 
 def _base(dtype=torch.bfloat16):
@@ -177,7 +178,7 @@ def counting_data(tmp_path, model):
 
 @pytest.mark.parametrize("method, fused", [("lora", 14), ("pissa", 14), ("dora", 0)])
 def test_train_methods_route_their_layers(method, fused):
-    model = apply(_base(), MethodOptions(method=method, lora_rank=4))
+    model = apply(_base(), Method(method=method, lora_rank=4))
     assert sum(type(m).__name__ == "FusedLoraLinear" for m in model.modules()) == fused
 
 

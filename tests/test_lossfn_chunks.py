@@ -7,7 +7,7 @@ import torch
 
 
 def test_chunked_loss_over_many_chunks_equals_the_plain_loss(monkeypatch):
-    from lmforge.shared.train import lossfn
+    from lmforge.shared.train.patches import lossfn
 
     monkeypatch.setattr(lossfn, "_CHUNK_ELEMENTS", 64)
     monkeypatch.setattr(lossfn, "_CHUNK_MIN_ROWS", 3)   # 37 tokens in 13 chunks, the last one short
@@ -28,7 +28,7 @@ def test_chunked_loss_over_many_chunks_equals_the_plain_loss(monkeypatch):
 def test_chunked_loss_with_bf16_weights_matches_the_models_own_bf16_head(monkeypatch):
     """A bf16 output layer (a bf16 base under LoRA): logits in bf16 upcast for the loss, as
     transformers computes them; no fp32 copy of the weights, gradients back in bf16."""
-    from lmforge.shared.train import lossfn
+    from lmforge.shared.train.patches import lossfn
 
     monkeypatch.setattr(lossfn, "_CHUNK_ELEMENTS", 64)
     monkeypatch.setattr(lossfn, "_CHUNK_MIN_ROWS", 3)
@@ -49,7 +49,7 @@ def test_per_row_log_probs_over_many_chunks_equal_log_softmax(monkeypatch):
     """lossfn.linear_logprobs (train dpo's forward): per-row log-probabilities over several chunks,
     and their gradients under per-row weights (hidden states from the forward pass; output weights
     and bias recomputed in backward), equal log_softmax over the full logits."""
-    from lmforge.shared.train import lossfn
+    from lmforge.shared.train.patches import lossfn
 
     monkeypatch.setattr(lossfn, "_CHUNK_ELEMENTS", 64)
     monkeypatch.setattr(lossfn, "_CHUNK_MIN_ROWS", 3)

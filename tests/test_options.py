@@ -12,7 +12,6 @@ import pytest
 import typer
 
 from lmforge.shared.core import catalog
-from lmforge.shared.core.options import REQUIRED
 from lmforge.tools.main import app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,40 +84,68 @@ def test_root_and_common_options_match_their_declarations():
             assert param.help == opt.help and opt.long in param.opts, name
 
 
-def _dataclass_defaults(cls) -> dict[str, object]:
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-        else:
-            out[f.name] = REQUIRED
-    return out
+def test_no_option_dataclass_repeats_the_declarations():
+    """The use cases take the declared classes themselves: no module of shared/ keeps an options
+    dataclass of its own whose defaults would copy the declarations."""
+    sources = {p.name: p.read_text() for p in (ROOT / "shared").rglob("*.py")}
+    for name, text in sources.items():
+        assert "catalog.defaults(" not in text and "_DEFAULTS[" not in text, name
+        assert "o.extra" not in text and "extra=extra" not in text, name
 
 
-def _option_dataclasses():
-    from lmforge.shared.data.align import AlignOptions
-    from lmforge.shared.data.pack import PackOptions
-    from lmforge.shared.train.methods import MethodOptions
-    from lmforge.shared.train.ppo import PPOOptions
-    from lmforge.shared.train.training import TrainOptions
+def test_every_option_is_a_typed_field_of_its_commands_class():
+    import typing
 
-    return [(AlignOptions, "data align"), (PackOptions, "data pack"), (MethodOptions, "train sft"),
-            (TrainOptions, "train sft"), (PPOOptions, "train ppo")]
+    from lmforge.shared.core.options import Options, options_of
+
+    kinds = {"str": str, "int": int, "float": float, "bool": bool, "path": Path}
+    for name, cls in catalog.CLASSES.items():
+        assert issubclass(cls, Options) and dataclasses.is_dataclass(cls), name
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for opt in options_of(cls):
+            assert opt.name in fields, f"{name}: {opt.name}"
+            hint = hints[opt.name]
+            base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+            inner = typing.get_args(base[0])[0] if typing.get_origin(base[0]) is list else base[0]
+            assert inner is kinds[opt.type], f"{name} {opt.name}: {hint} vs {opt.type}"
+            if not opt.required:
+                field = fields[opt.name]
+                default = field.default_factory() if field.default_factory is not dataclasses.MISSING \
+                    else field.default
+                assert default == opt.default, f"{name} {opt.name}"
 
 
-def test_option_dataclasses_take_their_defaults_from_the_declarations():
-    for cls, command in _option_dataclasses():
-        declared = catalog.defaults(command)
-        own = _dataclass_defaults(cls)
-        # a field the caller must give (the command always does) has no default to drift
-        shared = [n for n in own if n in declared and own[n] is not REQUIRED
-                  and not (cls.__name__ == "TrainOptions" and n == "method")]  # there: the MethodOptions
-        assert len(shared) >= 5, cls
-        for name in shared:
-            value = own[name]
-            assert value == declared[name] or value is declared[name], f"{cls.__name__}.{name}"
+def test_a_stage_lists_exactly_the_options_it_takes():
+    for option in ("deepspeed", "fsdp", "eval_data", "neftune_alpha", "loraplus_ratio", "shift_attn", "kernels"):
+        assert option not in {o.name for o in catalog.options("train grpo")}, option
+    for stage in ("train rm", "train dpo"):
+        names = {o.name for o in catalog.options(stage)}
+        assert "loraplus_ratio" not in names and "neftune_alpha" not in names, stage
+        method = next(o for o in catalog.options(stage) if o.name == "method")
+        assert "badam" not in method.choices
+    assert "pissa" not in next(o for o in catalog.options("train rm") if o.name == "method").choices
+
+
+def test_the_python_api_checks_like_the_command_line():
+    from lmforge.shared.core.commands.train import TrainDPO, TrainSFT
+    from lmforge.shared.core.errors import BadInput
+
+    with pytest.raises(BadInput, match="no option 'lrate'"):
+        TrainSFT.make(model="m", data="d", output="runs/x", lrate=1e-4)
+    assert TrainSFT.make(model="m", data="d", output="runs/x", lr=1e-3).learning_rate == 1e-3   # a flag's spelling
+    with pytest.raises(BadInput, match="given twice"):
+        TrainSFT.make(model="m", data="d", output="runs/x", lr=1e-3, learning_rate=1e-3)
+    with pytest.raises(BadInput, match="finite"):
+        TrainSFT.make(model="m", data="d", output="runs/x", learning_rate=float("inf"))
+    with pytest.raises(BadInput, match="--method"):
+        TrainSFT.make(model="m", data="d", output="runs/x", method="nope")
+    with pytest.raises(BadInput, match="applies to --method lora"):
+        TrainSFT.make(model="m", data="d", output="runs/x", method="full", lora_rank=4)
+    with pytest.raises(BadInput, match="'data' must be given"):
+        TrainSFT.make(model="m", output="runs/x")
+    o = TrainDPO.make(model="m", data="d", output="runs/x", loss="simpo")
+    assert o.strength == 2.0 and o.output == Path("runs/x") and o.accepts() == ("dpo", "rm")
 
 
 def test_no_option_is_declared_outside_the_catalog():

@@ -6,6 +6,7 @@ import json
 from collections import Counter
 
 import pytest
+from lmforge.shared.core.commands.data import DataPack
 from conftest import aligned, bad, ok, read_meta, read_rows, shared_path, word_tokenizer
 
 LF = "data/llamafactory"
@@ -103,7 +104,7 @@ def test_named_templates_match_apply_chat_template(tmp_path, model, template):
                                             tokenize=True)
         expected.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
     batch = pa.RecordBatch.from_pylist(rows, schema=schema("sft"))
-    encoder = pack.Encoder(pack.PackOptions(model=str(tokdir), template=template, cutoff=100_000), tokenizer=tokenizer)
+    encoder = pack.Encoder(DataPack(model=str(tokdir), template=template, cutoff=100_000), tokenizer=tokenizer)
     paths = {"hf": None}
     if encoder.fast is not None:
         paths["fast"] = encoder.fast

@@ -12,7 +12,7 @@ import torch
 from archmatrix import ARCHS, BASE
 from conftest import ok, shared_path
 
-from lmforge.shared.train import packedattn
+from lmforge.shared.train.patches import packedattn
 
 # (lengths of the examples in each row; the rest of the row is padding)
 ROWS = [[5, 19, 1, 7], [24, 6]]

@@ -149,7 +149,7 @@ def test_lean_dpo_equals_the_definition_and_trls_forward(prefs, tmp_path, loss):
     gradient is recomputed in backward), the loss and gradients of DPO written out on full logits."""
     import torch
     from lmforge.shared.data.packed import open_packed
-    from lmforge.shared.train.preference import _dpo_trainer_class
+    from lmforge.shared.train.patches.preference import dpo_trainer_class
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig
@@ -165,7 +165,7 @@ def test_lean_dpo_equals_the_definition_and_trls_forward(prefs, tmp_path, loss):
         config = DPOConfig(output_dir=str(tmp_path / "out"), loss_type=[loss, "sft"], loss_weights=[1.0, 0.5],
                            beta=0.1, max_length=None, per_device_train_batch_size=3, report_to=[], use_cpu=True,
                            bf16=False)   # (TRL would wrap its reference copy in bf16 autocast on this CPU)
-        trainer = _dpo_trainer_class()(model=model, args=config, train_dataset=data.dataset,
+        trainer = dpo_trainer_class()(model=model, args=config, train_dataset=data.dataset,
                                        processing_class=tokenizer, ftx=0.5)
         assert trainer._lean
         batch = trainer.data_collator([data.dataset[i] for i in range(3)])
@@ -208,7 +208,7 @@ def test_lean_kto_equals_trls_forward(prefs, tmp_path):
     undesirable answers, with the adapter moved away from TRL's reference copy of it."""
     import torch
     from lmforge.shared.data.packed import open_packed
-    from lmforge.shared.train.preference import _kto_trainer_class
+    from lmforge.shared.train.patches.preference import kto_trainer_class
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import KTOConfig
@@ -225,7 +225,7 @@ def test_lean_kto_equals_trls_forward(prefs, tmp_path):
     config = KTOConfig(output_dir=str(tmp_path / "out"), beta=0.1, max_length=None, per_device_train_batch_size=4,
                        report_to=[], use_cpu=True, bf16=False, train_sampling_strategy="sequential",
                        desirable_weight=1.0, undesirable_weight=1.5)
-    trainer = _kto_trainer_class()(model=model, args=config, train_dataset=open_packed(kto, ("kto",)).dataset,
+    trainer = kto_trainer_class()(model=model, args=config, train_dataset=open_packed(kto, ("kto",)).dataset,
                                    processing_class=tokenizer)
     assert trainer._lean and trainer.calculate_KL
     rows = [trainer.train_dataset[i] for i in range(4)]
@@ -299,8 +299,10 @@ def test_ppo_reference_is_the_adapter_disabled_base(prefs):
 
     tokenizer = AutoTokenizer.from_pretrained(str(prefs["base"]))
     tokenizer.pad_token = tokenizer.eos_token
-    options = ppo.PPOOptions(model=str(prefs["base"]), reward=str(prefs["rm"]), data=str(prefs["ppo"]),
-                             output=Path("unused"))
+    from lmforge.shared.core.commands.train import TrainPPO
+
+    options = TrainPPO(model=str(prefs["base"]), reward=str(prefs["rm"]), data=str(prefs["ppo"]),
+                       output=Path("unused"))
     roles = ppo.build(options, tokenizer, choose_device())
     base = AutoModelForCausalLM.from_pretrained(str(prefs["base"])).eval()
     ids = torch.tensor([[1, 80, 90, 100, 200, 300, 400]])
@@ -360,8 +362,11 @@ def test_preference_refusals(prefs, tmp_path):
                                        "-o", tmp_path / "c", "--batch-size", "2", "--mini-batch-size", "4"])
     assert "not a reward model" in bad(["train", "ppo", "-m", base, "--reward", prefs["dir"], "-d", prefs["ppo"],
                                         "-o", tmp_path / "d"])
-    assert "pt/sft" in bad(["train", "dpo", "-m", base, "-d", prefs["dpo_train"], "-o", tmp_path / "e",
-                            "--loraplus-ratio", "4"])
+    # LoRA+ and BAdam are pt/sft's: train dpo does not offer them
+    assert "No such option: --loraplus-ratio" in bad(["train", "dpo", "-m", base, "-d", prefs["dpo_train"], "-o",
+                                                      tmp_path / "e", "--loraplus-ratio", "4"])
+    assert "'badam' is not one of" in bad(["train", "dpo", "-m", base, "-d", prefs["dpo_train"], "-o",
+                                           tmp_path / "e", "--method", "badam"])
     meta = read_meta(prefs["ppo"])
     assert meta["stage"] == "ppo"
 

@@ -54,7 +54,7 @@ def reference_s2(module, query, key, value, attention_mask, scaling=None, dropou
 def tiny():
     """Three copies of one tiny Llama (6 query heads, 2 key/value heads: the head split falls
     inside a key/value group): lmforge's S², the reference, and plain full attention."""
-    from lmforge.shared.train import shiftattn
+    from lmforge.shared.train.patches import shiftattn
     from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
@@ -127,7 +127,7 @@ def test_s2_is_full_attention_at_inference_and_in_generation(tiny):
 
 def test_s2_refuses_what_it_cannot_do():
     from lmforge.shared.core.errors import BadInput
-    from lmforge.shared.train import shiftattn
+    from lmforge.shared.train.patches import shiftattn
     from transformers import GPT2Config
 
     with pytest.raises(BadInput, match="gpt2 models are not supported"):
@@ -176,7 +176,7 @@ def test_kernels_and_shift_attn_refusals(stories_task, monkeypatch):
     import sys
 
     from lmforge.shared.core.errors import BadInput
-    from lmforge.shared.train import kernels
+    from lmforge.shared.train.patches import kernels
 
     monkeypatch.setitem(sys.modules, "liger_kernel", None)
     with pytest.raises(BadInput, match="pip install liger-kernel"):

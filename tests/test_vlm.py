@@ -272,22 +272,23 @@ def test_lora_trains_the_language_model_then_merge_eval_and_serve(work, model, p
 
 def test_full_and_freeze_keep_the_vision_tower_frozen_unless_asked(model):
     from lmforge.shared.model import vision as V
-    from lmforge.shared.train.methods import MethodOptions, apply
+    from lmforge.shared.core.commands.training import Method
+    from lmforge.shared.train.methods import apply
     from transformers import AutoModelForImageTextToText
 
     net = AutoModelForImageTextToText.from_pretrained(str(model))
     assert V.vision_modules(net) == ["model.visual"] and V.projector_modules(net) == ["model.visual.merger"]
-    apply(net, MethodOptions(method="full"))
+    apply(net, Method(method="full"))
     grads = {n: p.requires_grad for n, p in net.named_parameters()}
     assert not any(g for n, g in grads.items() if n.startswith("model.visual."))
     assert all(g for n, g in grads.items() if n.startswith("model.language_model."))
-    apply(net, MethodOptions(method="freeze", freeze_layers=1, train_projector=True))
+    apply(net, Method(method="freeze", freeze_layers=1, train_projector=True))
     grads = {n: p.requires_grad for n, p in net.named_parameters()}
     assert all(g for n, g in grads.items() if n.startswith("model.visual.merger."))
     assert not any(g for n, g in grads.items() if n.startswith("model.visual.blocks."))
     assert any(g for n, g in grads.items() if n.startswith("model.language_model.layers.1."))
     assert not any(g for n, g in grads.items() if n.startswith("model.language_model.layers.0."))
-    apply(net, MethodOptions(method="full", train_vision_tower=True))
+    apply(net, Method(method="full", train_vision_tower=True))
     assert all(p.requires_grad for n, p in net.named_parameters() if n.startswith("model.visual.blocks."))
     assert not any(p.requires_grad for n, p in net.named_parameters() if n.startswith("model.visual.merger."))
     assert V.modules_to_save(net, False, True) == ["model.visual"]

@@ -192,28 +192,42 @@ _TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool,
 
 
 def declared(name: str, declarations: tuple[Opt, ...] | None = None, **behaviour: dict[str, Any]):
-    """Give a command the options the catalog declares for `name` ("train sft"), or `declarations`.
-    The function takes them as keyword arguments: either `**options`, or parameters of exactly
-    those names. `behaviour`: per option, what only the command line has (callbacks)."""
+    """Give a command the options its class declares (lmforge.shared.core.catalog: "train sft" ->
+    TrainSFT). The function takes one argument, that class's object, made from the values the
+    command line (or --config, or the environment) gave and checked (its `check()`); it then
+    calls the use case and prints. With `declarations` (the root's --version, --debug, --quiet) the
+    function takes those as keyword arguments instead. `behaviour`: per option, what only the
+    command line has (callbacks)."""
+    import functools
     import inspect
 
-    from lmforge.shared.core.catalog import options
+    from lmforge.shared.core import catalog
 
-    declared_options = declarations if declarations is not None else options(name)
+    typed = declarations is None
+    declared_options = catalog.options(name) if declarations is None else declarations
 
     def decorate(fn):
-        own = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
-        if own and [p.name for p in own] != [o.name for o in declared_options]:
-            raise TypeError(f"{fn.__qualname__}: parameters {[p.name for p in own]} are not the options "
-                            f"declared for '{name}' in lmforge.shared.core.catalog")
         params = []
         for opt in declared_options:
             annotation, default = typer_parameter(opt, **behaviour.get(opt.name, {}))
             params.append(inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                                             default=default))
-        fn.__signature__ = inspect.Signature(params)
-        fn.__annotations__ = {p.name: p.annotation for p in params}
-        fn.lmforge_command = name
-        return fn
+        if typed:
+            cls = catalog.declaration_of(name)
+
+            @functools.wraps(fn)
+            def call(**values: Any) -> Any:
+                options = cls(**values)
+                options.given = frozenset(given())   # type: ignore[attr-defined]
+                options.check()
+                return fn(options)
+
+            target = call
+        else:
+            target = fn
+        target.__signature__ = inspect.Signature(params)   # type: ignore[attr-defined]
+        target.__annotations__ = {p.name: p.annotation for p in params}
+        target.lmforge_command = name   # type: ignore[attr-defined]
+        return target
 
     return decorate

@@ -32,8 +32,9 @@ def usage_error(argv: list[str]) -> str | None:
 
 
 @declared("board")
-def board(host, port, workspace, token) -> None:
+def board(o) -> None:
     """Fine-tune from a web page: configure, preview data, run, monitor, evaluate and chat."""
+    host, port, workspace, token = o.host, o.port, o.workspace, o.token
     from lmforge.shared.board.guard import check_token, new_token
     from lmforge.shared.core import log
     from lmforge.shared.core.errors import BadInput

@@ -235,8 +235,9 @@ def script(shell: str) -> str:
 
 
 @declared("completion")
-def completion(shell) -> None:
+def completion(o) -> None:
     """Print the completion script for a shell (see completions/ for installed copies)."""
+    shell = o.shell
     import sys
 
     sys.stdout.write(script(shell))

@@ -36,87 +36,69 @@ def _table(title: str, columns: list[str], rows: list[list[str]], footer: list[s
     Console(stderr=True).print(table)
 
 
-def _benchmark(which: str, opts: dict) -> None:
+def _benchmark(which: str, o) -> None:
     from lmforge.shared.core import log
     from lmforge.shared.infer import evaluate
-    from lmforge.shared.model.models import prefer_attention
-
-    prefer_attention(opts.pop("attn"))
 
     log.quiet_libraries()
-    json_out = opts.pop("json_out")
-    report = evaluate.benchmark(opts["model"], opts["adapter"], opts["data"], opts["mapping"], opts["split"], opts["shots"],
-                                opts["subjects"], opts["batch_size"], opts["template"], opts["cutoff"],
-                                opts["predictions"], which)
+    report = evaluate.benchmark(o, which)
     rows = [[c, str(v["questions"]), f"{v['accuracy']:.2f}"] for c, v in report["categories"].items()]
-    _report(report, json_out, f"{report['benchmark']} {report['split']}, {report['shots']}-shot ({report['template']} template)",
+    _report(report, o.json_out,
+            f"{report['benchmark']} {report['split']}, {report['shots']}-shot ({report['template']} template)",
             ["category", "questions", "accuracy"], rows, ["average", str(report["questions"]), f"{report['average']:.2f}"])
 
 
 @command(app, "mmlu", help="MMLU: accuracy per subject and category (the seed's k-shot letter scoring).")
 @declared("eval mmlu")
-def mmlu(**opts) -> None:
-    _benchmark("mmlu", opts)
+def mmlu(o) -> None:
+    _benchmark("mmlu", o)
 
 
 @command(app, "cmmlu", help="CMMLU (Chinese): accuracy per subject and category.")
 @declared("eval cmmlu")
-def cmmlu(**opts) -> None:
-    _benchmark("cmmlu", opts)
+def cmmlu(o) -> None:
+    _benchmark("cmmlu", o)
 
 
 @command(app, "ceval", help="C-Eval (Chinese): accuracy per subject and category (its test split has no answers: use val).")
 @declared("eval ceval")
-def ceval(**opts) -> None:
-    _benchmark("ceval", opts)
+def ceval(o) -> None:
+    _benchmark("ceval", o)
 
 
 @command(app, "generate", help="Generate answers for aligned data; ROUGE-1/2/L, BLEU-4 and exact match against the references.")
 @declared("eval generate")
-def generate(**opts) -> None:
+def generate(o) -> None:
     from lmforge.shared.core import log
     from lmforge.shared.infer import evaluate
-    from lmforge.shared.model.generation import Sampling
-    from lmforge.shared.model.models import prefer_attention
-
-    prefer_attention(opts.pop("attn"))
 
     log.quiet_libraries()
-    sampling = Sampling(max_new_tokens=opts["max_new_tokens"], temperature=opts["temperature"], top_p=opts["top_p"],
-                        seed=opts["seed"])
-    report = evaluate.generate_eval(opts["model"], opts["adapter"], opts["data"], opts["template"], sampling,
-                                    opts["batch_size"], opts["max_samples"], opts["output"])
+    report = evaluate.generate_eval(o)
     keys = ["rouge-1", "rouge-2", "rouge-l", "bleu-4", "exact_match"]
-    _report(report, opts["json_out"], f"eval generate: {report['count']} examples", ["metric", "score"],
+    _report(report, o.json_out, f"eval generate: {report['count']} examples", ["metric", "score"],
             [[k, f"{report[k]:.2f}"] for k in keys])
 
 
 @command(app, "perplexity", help="Perplexity (exp of the mean token loss) on packed pt/sft data.")
 @declared("eval perplexity")
-def perplexity(**opts) -> None:
+def perplexity(o) -> None:
     from lmforge.shared.core import log
     from lmforge.shared.infer import evaluate
-    from lmforge.shared.model.models import prefer_attention
-
-    prefer_attention(opts.pop("attn"))
 
     log.quiet_libraries()
-    report = evaluate.perplexity_eval(opts["model"], opts["adapter"], opts["data"], opts["batch_size"])
-    _report(report, opts["json_out"], "eval perplexity", ["measure", "value"],
+    report = evaluate.perplexity_eval(o)
+    _report(report, o.json_out, "eval perplexity", ["measure", "value"],
             [["perplexity", f"{report['perplexity']:.4f}"], ["mean loss", f"{report['mean_loss']:.4f}"],
              ["tokens", f"{report['tokens']:,}"]])
 
 
 @command(app, "rm", help="A reward model's pairwise accuracy and mean margin on packed pairwise data.")
 @declared("eval rm")
-def rm(**opts) -> None:
+def rm(o) -> None:
     from lmforge.shared.core import log
     from lmforge.shared.infer import evaluate
-    from lmforge.shared.model.models import prefer_attention
-
-    prefer_attention(opts.pop("attn"))
 
     log.quiet_libraries()
-    report = evaluate.reward_eval(opts["model"], opts["reward"], opts["data"], opts["batch_size"])
-    _report(report, opts["json_out"], f"eval rm: {report['pairs']} pairs", ["measure", "value"],
+    report = evaluate.reward_eval(o)
+    _report(report, o.json_out, f"eval rm: {report['pairs']} pairs", ["measure", "value"],
             [["accuracy", f"{report['accuracy']:.2f}"], ["mean margin", f"{report['mean_margin']:.4f}"]])

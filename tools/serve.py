@@ -7,9 +7,13 @@ from ._cli import declared
 
 
 @declared("serve")
-def serve(model, adapter, template, name, host, port, api_key, backend, max_concurrency, max_batch, attn,
-          max_request_bytes, media_dir) -> None:
+def serve(o) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming, tools)."""
+    model, adapter, template, name, host, port, api_key, backend = (o.model, o.adapter, o.template, o.name, o.host,
+                                                                     o.port, o.api_key, o.backend)
+    max_concurrency, max_batch, attn, max_request_bytes, media_dir = (o.max_concurrency, o.max_batch, o.attn,
+                                                                       o.max_request_bytes, o.media_dir)
+    max_images, max_image_bytes, max_image_pixels = o.max_images, o.max_image_bytes, o.max_image_pixels
     from lmforge.shared.core import log
     from lmforge.shared.infer import app
     from lmforge.shared.model.models import prefer_attention
@@ -20,9 +24,11 @@ def serve(model, adapter, template, name, host, port, api_key, backend, max_conc
     media = app.media_dir_of(media_dir)   # checked before the model loads
     log.quiet_libraries()
     with log.stdout_guard():
-        served = app.prepare(model, adapter, template, backend, max_concurrency, max_batch, api_key, name)
+        served = app.prepare(model, adapter, template, backend, max_concurrency, max_batch, api_key, name,
+                             max_images=max_images)
     served.max_request_bytes = max_request_bytes
     served.media_dir = media
+    app.limit_images(served, max_image_bytes, max_image_pixels)
     import uvicorn
 
     log.info(f"serve: {served.name} ({served.renderer.name} template, {backend} backend) at http://{host}:{port}/v1"
@@ -32,8 +38,10 @@ def serve(model, adapter, template, name, host, port, api_key, backend, max_conc
 
 
 @declared("chat")
-def chat(model, adapter, template, system, max_tokens, temperature, attn) -> None:
+def chat(o) -> None:
     """Talk to a model in the terminal: answers stream as they are written; /reset, /exit."""
+    model, adapter, template, system, max_tokens, temperature, attn = (o.model, o.adapter, o.template, o.system,
+                                                                      o.max_tokens, o.temperature, o.attn)
     import sys
 
     from lmforge.shared.core import log

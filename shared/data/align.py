@@ -18,28 +18,11 @@ from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
-from lmforge.shared.core import catalog
 from lmforge.shared.core import log
 from lmforge.shared.core.arrowio import BATCH_ROWS
+from lmforge.shared.core.commands.data import DataAlign
 from lmforge.shared.core.errors import BadInput
 from lmforge.shared.data import aligned, formats, sources
-
-
-_DEFAULTS = catalog.defaults("data align")   # the options' declared defaults
-
-
-@dataclass
-class AlignOptions:
-    inputs: list[str]
-    format: str = _DEFAULTS["format"]
-    columns: str | None = _DEFAULTS["columns"]
-    tags: str | None = _DEFAULTS["tags"]
-    dataset_info: Path | None = _DEFAULTS["dataset_info"]
-    names: list[str] = field(default_factory=list)
-    skip_invalid: bool = _DEFAULTS["skip_invalid"]
-    max_samples: int | None = _DEFAULTS["max_samples"]
-    sample: str = _DEFAULTS["sample"]
-    seed: int = _DEFAULTS["seed"]
 
 
 @dataclass
@@ -66,7 +49,7 @@ class Report:
                 "sources": self.per_source}
 
 
-def plan(options: AlignOptions) -> list[Planned]:
+def plan(options: DataAlign) -> list[Planned]:
     """Open every input and decide its format (peeking at its first row)."""
     if options.format not in formats.FORMATS:
         raise BadInput(f"unknown format '{options.format}'", formats.close_names(options.format, formats.FORMATS))
@@ -74,10 +57,10 @@ def plan(options: AlignOptions) -> list[Planned]:
     tags = formats.user_tags(options.tags)
     if options.dataset_info is not None:
         return _plan_dataset_info(options, columns, tags)
-    if options.names:
+    if options.name:
         raise BadInput("--name needs --dataset-info", "pass --dataset-info DIR/dataset_info.json")
     planned = []
-    for source in sources.discover(options.inputs):
+    for source in sources.discover(options.inputs or ["-"]):
         rows = source.rows()
         first = next(rows, None)
         if first is None:
@@ -91,7 +74,7 @@ def plan(options: AlignOptions) -> list[Planned]:
     return planned
 
 
-def _plan_dataset_info(options: AlignOptions, columns: dict, tags: dict) -> list[Planned]:
+def _plan_dataset_info(options: DataAlign, columns: dict, tags: dict) -> list[Planned]:
     assert options.dataset_info is not None  # the caller checked
     info_path = Path(options.dataset_info)
     if info_path.is_dir():
@@ -104,12 +87,12 @@ def _plan_dataset_info(options: AlignOptions, columns: dict, tags: dict) -> list
         raise BadInput(f"{info_path}: not valid JSON ({exc})") from None
     if not isinstance(info, dict):
         raise BadInput(f"{info_path}: expected a mapping of dataset names to entries")
-    if not options.names:
+    if not options.name:
         raise BadInput("--dataset-info needs --name", "name the entry (or entries) to align")
     if options.inputs:
         raise BadInput("give either input files or --dataset-info/--name, not both")
     planned = []
-    for name in options.names:
+    for name in options.name:
         spec, location = formats.from_dataset_info(info, name, str(info_path))
         spec.columns.update({k: v for k, v in columns.items() if k in spec.columns})
         spec.tags.update(tags)
@@ -139,7 +122,7 @@ def stage_of(planned: list[Planned]) -> str:
     return stages.pop()
 
 
-def run(planned: list[Planned], options: AlignOptions, report: Report) -> Iterator[pa.RecordBatch]:
+def run(planned: list[Planned], options: DataAlign, report: Report) -> Iterator[pa.RecordBatch]:
     """Yield aligned record batches for all inputs, in input order."""
     stage = stage_of(planned)
     builder = aligned.Builder(stage)
@@ -199,3 +182,24 @@ def run(planned: list[Planned], options: AlignOptions, report: Report) -> Iterat
     if report.rows == 0:
         raise BadInput("no valid examples in the input" + (" (all rows were skipped)" if report.skipped else ""),
                        "check the format and the columns")
+
+
+def align_dataset(o: DataAlign) -> None:
+    """`data align`: the inputs (or stdin) as one aligned Arrow dataset, written to `o.output`
+    (atomically) or to stdout; what each input was read as is said on stderr."""
+    from lmforge.shared.core import arrowio, meta
+
+    arrowio.check_output(o.output)
+    planned = plan(o)
+    stage = stage_of(planned)
+    for item in planned:
+        how = "detected" if o.format == "auto" and o.dataset_info is None else "reading"
+        log.info(f"align: {item.source.name}: {how} {item.spec.describe()}")
+    metadata = {"kind": "aligned", "stage": stage, "schema_version": aligned.VERSION, "provenance": [meta.step(
+        o.command, o.values(),
+        inputs=[{"source": p.source.name, "format": p.spec.describe()} for p in planned])]}
+    report = Report()
+    with arrowio.ArrowOutput(o.output, aligned.schema(stage), metadata) as out:
+        for batch in run(planned, o, report):
+            out.write(batch)
+        out.set_summary(report.as_dict())

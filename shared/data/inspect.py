@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -78,3 +79,23 @@ def stats_text(info: dict) -> str:
             value = json.dumps(value, ensure_ascii=False, sort_keys=True)
         lines.append(f"{key}: {value}")
     return "\n".join(lines) + "\n"
+
+
+def rows(source: ArrowSource, limit: int) -> Iterator[dict]:
+    """The first `limit` rows (0: all) as dicts, read batch by batch."""
+    printed = 0
+    for batch in source.batches():
+        take = batch if limit == 0 else batch.slice(0, limit - printed)
+        yield from take.to_pylist()
+        printed += take.num_rows
+        if limit and printed >= limit:
+            return
+
+
+def json_bytes(value: object) -> object:
+    """Images stored in rows (bytes) print as base64, as JSON has no bytes."""
+    if isinstance(value, (bytes, bytearray)):
+        import base64
+
+        return base64.b64encode(value).decode("ascii")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 from lmforge.shared.core.arrowio import BATCH_ROWS, ArrowSource, open_arrow, spool_stdin
+from lmforge.shared.core.commands.data import DataMerge, DataSplit
 from lmforge.shared.core.errors import BadInput
 
 
@@ -174,3 +175,55 @@ def split_masks(n: int, val_size: float, seed: int) -> np.ndarray:
     mask = np.zeros(n, dtype=bool)
     mask[np.random.default_rng(seed).choice(n, size=k, replace=False)] = True
     return mask
+
+
+def merge_datasets(o: DataMerge) -> None:
+    """`data merge`: datasets of one kind and stage as one, written to `o.output` or stdout."""
+    from lmforge.shared.core import arrowio, meta
+
+    arrowio.check_output(o.output)
+    sources = [open_arrow(i) for i in o.inputs]
+    shared_meta = check_compatible(sources)
+    weights = parse_probs(o.probs, len(sources))
+    metadata = {**shared_meta, "provenance": [meta.step(
+        o.command, o.values(), inputs=[{"source": s.name, "provenance": s.meta.get("provenance", [])} for s in sources])]}
+    with arrowio.ArrowOutput(o.output, sources[0].schema, metadata) as out:
+        for batch in merge(sources, o.mix, weights, o.seed):
+            out.write(batch)
+
+
+def split_dataset(o: DataSplit) -> tuple[int, int]:
+    """`data split`: OUT/train.arrow and OUT/val.arrow, random rows in their order; returns the
+    row counts. A failed split leaves no directory it created behind."""
+    import shutil
+
+    from lmforge.shared.core import arrowio, meta
+
+    output = o.output
+    if output.exists() and not output.is_dir():
+        raise BadInput(f"{output}: exists and is not a directory", "give a directory to -o")
+    source = spool_stdin(open_arrow(o.input))
+    if not source.meta.get("kind"):
+        raise BadInput(f"{source.name}: has no lmforge metadata", "make it with `lmforge data align` first")
+    mask = split_masks(count_rows(source), o.val_size, o.seed)
+    created = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    base = {k: v for k, v in source.meta.items() if k != "provenance"}
+    outputs = {}
+    for part in ("train", "val"):
+        metadata = {**base, "provenance": source.meta.get("provenance", []) + [meta.step(o.command, o.values(),
+                                                                                            part=part)]}
+        outputs[part] = arrowio.ArrowOutput(output / f"{part}.arrow", source.schema, metadata)
+    try:
+        with outputs["train"] as train, outputs["val"] as val:
+            start = 0
+            for batch in open_arrow(source.path).batches():
+                chosen = pa.array(mask[start:start + batch.num_rows])
+                start += batch.num_rows
+                val.write(batch.filter(chosen))
+                train.write(batch.filter(pa.compute.invert(chosen)))
+    except BaseException:
+        if created:   # a failed split (full disk, a cut input) leaves no empty directory behind
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+    return train.rows, val.rows

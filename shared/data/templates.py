@@ -109,6 +109,12 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in [
 ALIASES = {"smollm2": "smollm", "qwen2.5": "qwen", "qwen2": "qwen", "llama-3": "llama3", "llama-2": "llama2"}
 
 
+def catalogue() -> dict[str, dict]:
+    """Every named template: its description, whether it renders tools, its stop words."""
+    return {name: {"description": t.description, "tools": t.supports_tools, "stop_words": list(t.stop_words)}
+            for name, t in TEMPLATES.items()}
+
+
 def get(name: str) -> Template:
     key = ALIASES.get(name, name)
     if key not in TEMPLATES:

@@ -13,17 +13,22 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.shared.core import log
+from lmforge.shared.core.commands.infer import EvalBenchmark, EvalGenerate, EvalPerplexity, EvalRM
 from lmforge.shared.core.errors import BadInput
 from lmforge.shared.data.templates import prompt_opens_think, renderer_for
 from lmforge.shared.model.models import load_for_inference as load
+from lmforge.shared.model.models import prefer_attention
 
 # ----------------------------------------------------------------------------- benchmarks
 
-def benchmark(model_dir: str, adapter: str | None, data: str, mapping: str | None, split: str, shots: int,
-              subjects: str | None, batch_size: int, template: str, cutoff: int | None,
-              predictions_path: Path | None, which: str) -> dict:
+def benchmark(o: EvalBenchmark, which: str) -> dict:
+    """`eval mmlu | cmmlu | ceval`: accuracy per subject and category (k-shot letter scoring)."""
     import torch
     from lmforge.shared.infer import mcq
+
+    prefer_attention(o.attn)
+    model_dir, adapter, data, mapping, split, shots = o.model, o.adapter, o.data, o.mapping, o.split, o.shots
+    subjects, batch_size, template, cutoff, predictions_path = o.subjects, o.batch_size, o.template, o.cutoff, o.predictions
 
     bench = mcq.load(data, mapping)
     if which and bench.name != which:
@@ -179,8 +184,9 @@ def _continuation_logprobs(model, prompts: list[list[int]], tails: list[list[int
 
 # ----------------------------------------------------------------------------- generation
 
-def generate_eval(model_dir: str, adapter: str | None, data: str, template: str, sampling, batch_size: int,
-                  max_samples: int | None, output: Path | None) -> dict:
+def generate_eval(o: EvalGenerate) -> dict:
+    """`eval generate`: answers for aligned prompts, scored against their references (ROUGE, BLEU-4,
+    exact match); the predictions saved to `o.output` when given."""
     from lmforge.shared.core.arrowio import open_arrow
     from lmforge.shared.core.meta import require
     from lmforge.shared.data.aligned import turns_of
@@ -191,6 +197,12 @@ def generate_eval(model_dir: str, adapter: str | None, data: str, template: str,
         stop_token_ids,
     )
 
+    from lmforge.shared.model.generation import Sampling
+
+    prefer_attention(o.attn)
+    model_dir, adapter, data, template, batch_size, max_samples, output = (
+        o.model, o.adapter, o.data, o.template, o.batch_size, o.max_samples, o.output)
+    sampling = Sampling(max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=o.top_p, seed=o.seed)
     source = open_arrow(data)
     require(source.meta, source.name, kind="aligned", stages=("sft",),
             hint="eval generate reads aligned chat data (prompt + reference answer)")
@@ -255,11 +267,14 @@ def generate_eval(model_dir: str, adapter: str | None, data: str, template: str,
 
 # ----------------------------------------------------------------------------- perplexity, reward
 
-def perplexity_eval(model_dir: str, adapter: str | None, data: str, batch_size: int) -> dict:
+def perplexity_eval(o: EvalPerplexity) -> dict:
+    """`eval perplexity`: exp of the mean token loss on packed pt or sft data."""
     from lmforge.shared.data.packed import check_tokenizer, open_packed
     from lmforge.shared.model.perplexity import nll_over
     from lmforge.shared.data.collate import PackedCollator
 
+    prefer_attention(o.attn)
+    model_dir, adapter, data, batch_size = o.model, o.adapter, o.data, o.batch_size
     packed = open_packed(data, ("pt", "sft"))
     model, tokenizer = load(model_dir, adapter)
     check_tokenizer(packed, tokenizer, model_dir)
@@ -275,12 +290,15 @@ def perplexity_eval(model_dir: str, adapter: str | None, data: str, batch_size: 
             "mean_loss": round(mean, 6), "tokens": count, "rows": packed.rows}
 
 
-def reward_eval(model_dir: str, reward: str, data: str, batch_size: int) -> dict:
+def reward_eval(o: EvalRM) -> dict:
+    """`eval rm`: a reward model's pairwise accuracy and mean margin."""
     import torch
     from lmforge.shared.data.packed import check_tokenizer, open_packed
     from lmforge.shared.data.collate import PairCollator
     from lmforge.shared.model.value import HEAD_FILE, ValueModel, load_head
 
+    prefer_attention(o.attn)
+    model_dir, reward, data, batch_size = o.model, o.reward, o.data, o.batch_size
     if not (Path(reward) / HEAD_FILE).exists():
         raise BadInput(f"--reward {reward}: not a reward model (no {HEAD_FILE})", "train one with `lmforge train rm`")
     packed = open_packed(data, ("rm", "dpo"))

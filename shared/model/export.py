@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from lmforge.shared.core import log, rundir
+from lmforge.shared.core.commands.model import ModelExport
 from lmforge.shared.core.errors import BadInput, RunFailure
 
 # llama.cpp's file types (llama.h: LLAMA_FTYPE_MOSTLY_*) for the --quant names; f32/f16/bf16 come
@@ -239,12 +240,13 @@ def modelfile(gguf_name: str, template: str | None, stops: list[str], system: st
     return "\n".join(lines) + "\n"
 
 
-def export(model: str, adapter: str | None, output: Path, fmt: str = "gguf", quant: str = "f16",
-           template: str = "auto", system: str | None = None, ollama: bool = False,
-           overwrite: bool = False) -> Path:
+def export(o: ModelExport) -> Path:
+    """`model export`: the model (with its adapter merged in) as one GGUF file at `o.output`."""
     from lmforge.shared.data.templates import JinjaRenderer, Renderer, get, renderer_for
     from lmforge.shared.model.models import load_tokenizer_for
 
+    model, adapter, output, fmt, quant = o.model, o.adapter, Path(o.output), o.format, o.quant
+    template, system, ollama, overwrite = o.template, o.system, o.ollama, o.overwrite
     if fmt != "gguf":
         raise BadInput(f"--format {fmt}: only gguf is written", "use --format gguf")
     output = Path(output)
@@ -311,9 +313,10 @@ def export(model: str, adapter: str | None, output: Path, fmt: str = "gguf", qua
     try:
         source = model_dir
         if adapter:
+            from lmforge.shared.core.commands.model import AdapterMerge
             from lmforge.shared.model.merging import merge
 
-            source = merge(str(model_dir), [adapter], work / "merged", "auto")
+            source = merge(AdapterMerge(base=str(model_dir), adapters=[adapter], output=work / "merged"))
         stage = work / "converted.gguf"
         outtype = quant if quant in CONVERTER_TYPES else "auto"
         log.info(f"export: converting {source} with llama.cpp's converter ({outtype})")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.shared.core import log, rundir
+from lmforge.shared.core.commands.model import AdapterMerge
 from lmforge.shared.core.errors import BadInput
 
 
@@ -79,11 +80,13 @@ def _check_shard_size(size: str) -> None:
         raise BadInput(f"--max-shard-size {size}: not a size", "a whole number and a unit, e.g. 2GB or 500MB")
 
 
-def merge(base: str, adapters: list[str], out: Path, dtype_name: str = "auto",
-          max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
+def merge(o: AdapterMerge) -> Path:
+    """`adapter merge`: the base with the adapters folded in, a plain model directory at `o.output`."""
     import torch
     from lmforge.shared.model.models import is_quantized_dir, write_generation_config
 
+    base, adapters, out, dtype_name = o.base, o.adapters, Path(o.output), o.dtype
+    max_shard_size, overwrite = o.max_shard_size, o.overwrite
     _check_shard_size(max_shard_size)   # before minutes of loading
     if is_quantized_dir(base):
         raise BadInput(f"{base}: holds quantized weights, which adapters cannot be merged into",

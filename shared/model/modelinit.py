@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmforge.shared.core import catalog
 from lmforge.shared.core import log, rundir
+from lmforge.shared.core.commands.model import ARCHS, ModelInit
 from lmforge.shared.core.errors import BadInput
 
-ARCHS = catalog.ARCHS
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # ChatML; the same text as lmforge's `chatml` template (tested), so training and serving agree.
 CHATML_JINJA = (
@@ -51,11 +50,14 @@ def train_tokenizer(path: str, vocab_size: int):
     return tokenizer
 
 
-def init_model(out: Path, arch: str, layers: int, hidden: int, heads: int, kv_heads: int | None,
-               intermediate: int | None, vocab_size: int, max_position: int, tokenizer_dir: str | None,
-               train_from: str | None, seed: int, overwrite: bool) -> dict:
+def init_model(o: ModelInit) -> dict:
+    """`model init`: a randomly initialised model (and its tokenizer) in `o.output`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    out, arch, layers, hidden, heads, kv_heads = Path(o.output), o.arch, o.layers, o.hidden, o.heads, o.kv_heads
+    intermediate, vocab_size, max_position = o.intermediate, o.vocab_size, o.max_position
+    tokenizer_dir, train_from, seed, overwrite = o.tokenizer, o.train_tokenizer, o.seed, o.overwrite
 
     if arch not in ARCHS:
         raise BadInput(f"unknown architecture '{arch}'", f"use one of {', '.join(ARCHS)}")

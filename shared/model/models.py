@@ -138,13 +138,33 @@ def rope_scaling_for(config, cutoff: int | None, kind: str = "auto") -> dict | N
     return base
 
 
+def check_context(model: str, data: dict, generated: int = 0) -> None:
+    """Without RoPE scaling, refuse data (by option: --data, --eval-data) longer than the model's
+    context: positions it never saw."""
+    from lmforge.shared.data.packed import longest_sequence
+
+    context = getattr(_config(model).get_text_config(), "max_position_embeddings", None)
+    for what, packed in data.items():
+        if not context or packed is None:
+            continue
+        tokens, row = longest_sequence(packed, generated)
+        if tokens > context:
+            raise BadInput(f"{what} {packed.path} row {row}: {tokens} tokens, longer than the {context}-token context "
+                           f"of --model {model}, with --rope-scaling none",
+                           "use --rope-scaling auto (or linear, dynamic, yarn), or pack with a smaller --cutoff")
+
+
 def load_model(name: str | Path, device: Device, *, cutoff: int | None = None, rope: str = "auto",
-               quant: int | None = None, tokenizer=None, for_training: bool = True):
-    """A causal LM ready to train (or to run), on `device`, matching `tokenizer`'s vocabulary."""
+               quant: int | None = None, tokenizer=None, for_training: bool = True, masters: bool = False):
+    """A causal LM ready to train (or to run), on `device`, matching `tokenizer`'s vocabulary.
+
+    `masters`: every weight trains (full, freeze, ...) in mixed precision on a GPU: the weights
+    stay fp32 (the optimizer's master copy) and the Trainer's autocast computes in `device.dtype`;
+    in bf16 alone, most updates of a small learning rate would fall below bf16's resolution."""
     config = _config(name)
     scaling = rope_scaling_for(config, cutoff, rope)
     device.attn = attention_for(config, device.attn, device.kind, device.dtype_name)
-    kwargs = {"dtype": device.dtype, "attn_implementation": device.attn}
+    kwargs = {"dtype": weights_dtype(device, masters, bool(quant)), "attn_implementation": device.attn}
     if scaling:
         config.rope_parameters = scaling
         config.max_position_embeddings = int(config.max_position_embeddings * scaling["factor"])
@@ -170,6 +190,16 @@ def load_model(name: str | Path, device: Device, *, cutoff: int | None = None, r
     if device.kind != "cpu" and not quant:
         model.to(device.kind)
     return model
+
+
+def weights_dtype(device: Device, masters: bool, quantized: bool = False):
+    """The dtype a model is loaded in: the device's, except fp32 master weights for training every
+    weight in mixed precision on a GPU (the Trainer's autocast computes in the device's dtype)."""
+    import torch
+
+    if masters and device.kind != "cpu" and device.dtype_name in ("bf16", "fp16") and not quantized:
+        return torch.float32
+    return device.dtype
 
 
 def model_class(name: str | Path) -> Any:

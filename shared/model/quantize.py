@@ -17,11 +17,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from lmforge.shared.core import catalog
 from lmforge.shared.core import log, rundir
+from lmforge.shared.core.commands.model import QUANT_METHODS, ModelQuantize
 from lmforge.shared.core.errors import BadInput, LmforgeError, RunFailure
 
-METHODS = catalog.QUANT_METHODS
+METHODS = QUANT_METHODS
 _GPTQ_MIN_TOKENS = 10   # GPTQModel removes calibration rows of this many tokens or fewer
 BITS = {"bnb-nf4": (4,), "bnb-int8": (8,), "gptq": (4, 8, 3, 2), "awq": (4,)}  # the first is the default
 
@@ -35,14 +35,16 @@ def _texts_and_ids(path: str | None, tokenizer, limit: int, max_length: int):
     return sequences_from(open_arrow(path), tokenizer, limit=limit, max_length=max_length)
 
 
-def quantize(model: str, out: Path, method: str, bits: int | None, group_size: int, calib: str | None,
-             calib_samples: int, eval_data: str | None, eval_samples: int, max_length: int,
-             overwrite: bool, seed: int, attn: str = "auto") -> dict:
+def quantize(o: ModelQuantize) -> dict:
+    """`model quantize`: the quantized model in `o.output`; returns perplexity before and after."""
     import torch
     from lmforge.shared.data.tokenizing import load_tokenizer
     from lmforge.shared.model.models import _config, attention_for, choose_device
     from lmforge.shared.model.perplexity import perplexity
 
+    model, out, method, bits, group_size = o.model, Path(o.output), o.method, o.bits, o.group_size
+    calib, calib_samples, eval_data, eval_samples = o.calib, o.calib_samples, o.eval_data, o.eval_samples
+    max_length, overwrite, seed, attn = o.max_length, o.overwrite, o.seed, o.attn
     if method not in METHODS:
         raise BadInput(f"unknown method '{method}'", f"use one of {', '.join(METHODS)}")
     bits = bits or BITS[method][0]

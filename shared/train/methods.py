@@ -15,92 +15,12 @@ galore, badam   see optimizers.py (memory-efficient full-parameter training)
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 
-from lmforge.shared.core import catalog
 from lmforge.shared.core import log
+from lmforge.shared.core.commands.training import Method
 from lmforge.shared.core.errors import BadInput, RunFailure
 from lmforge.shared.model import archrules
 
-METHODS = catalog.METHODS
-ADAPTERS = ("lora", "dora", "pissa")
-
-
-_DEFAULTS = catalog.defaults("train sft")   # the options' declared defaults
-
-
-@dataclass
-class MethodOptions:
-    method: str = _DEFAULTS["method"]
-    lora_rank: int = _DEFAULTS["lora_rank"]
-    lora_alpha: float | None = _DEFAULTS["lora_alpha"]
-    lora_dropout: float = _DEFAULTS["lora_dropout"]
-    lora_target: str = _DEFAULTS["lora_target"]
-    rslora: bool = _DEFAULTS["rslora"]
-    loraplus_ratio: float | None = _DEFAULTS["loraplus_ratio"]
-    freeze_layers: int = _DEFAULTS["freeze_layers"]
-    freeze_modules: str = _DEFAULTS["freeze_modules"]
-    freeze_extra: str = _DEFAULTS["freeze_extra"]
-    expand_layers: int = _DEFAULTS["expand_layers"]
-    galore_rank: int = _DEFAULTS["galore_rank"]
-    galore_scale: float = _DEFAULTS["galore_scale"]
-    galore_update_interval: int = _DEFAULTS["galore_update_interval"]
-    galore_target: str = _DEFAULTS["galore_target"]
-    badam_mode: str = _DEFAULTS["badam_mode"]
-    badam_switch_interval: int = _DEFAULTS["badam_switch_interval"]
-    train_projector: bool = _DEFAULTS["train_projector"]        # issue 17: vision-language models
-    train_vision_tower: bool = _DEFAULTS["train_vision_tower"]
-    added_token_ids: list[int] = field(default_factory=list)
-
-    @property
-    def is_adapter(self) -> bool:
-        return self.method in ADAPTERS
-
-
-# Options that only mean something for some methods: setting one for another method is refused
-# (it would be silently ignored). `given` is what the user set, defaults aside.
-_ONLY_FOR = {
-    ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "rslora", "loraplus_ratio"): ADAPTERS,
-    ("freeze_layers", "freeze_modules", "freeze_extra"): ("freeze",),
-    ("galore_rank", "galore_scale", "galore_update_interval", "galore_target"): ("galore",),
-    ("badam_mode", "badam_switch_interval"): ("badam",),
-}
-
-
-def refuse_unused(method: str, given: set[str]) -> None:
-    for names, methods in _ONLY_FOR.items():
-        for name in names:
-            if name in given and method not in methods:
-                flag = "--" + name.replace("_", "-")
-                raise BadInput(f"{flag} applies to --method {' / '.join(methods)}, not {method}",
-                               f"drop {flag}, or choose --method {methods[0]}")
-
-
-def validate(o: MethodOptions) -> None:
-    if o.method not in METHODS:
-        raise BadInput(f"unknown method '{o.method}'", f"use one of {', '.join(METHODS)}")
-    if o.is_adapter:
-        if o.lora_rank < 1:
-            raise BadInput("--lora-rank must be at least 1")
-        if not 0 <= o.lora_dropout < 1:
-            raise BadInput("--lora-dropout must be in [0, 1)")
-        if o.loraplus_ratio is not None and o.loraplus_ratio <= 0:
-            raise BadInput("--loraplus-ratio must be > 0")
-    elif o.loraplus_ratio is not None or o.rslora:
-        raise BadInput(f"--loraplus-ratio/--rslora apply to LoRA methods, not {o.method}", "use --method lora")
-    if o.method == "llama-pro" and o.expand_layers < 1:
-        raise BadInput("--method llama-pro needs --expand-layers N (N >= 1)")
-    if o.method != "llama-pro" and o.expand_layers:
-        raise BadInput("--expand-layers applies to --method llama-pro")
-    if o.method == "galore" and (o.galore_rank < 1 or o.galore_update_interval < 1):
-        raise BadInput("--galore-rank and --galore-update-interval must be at least 1")
-    if o.method == "badam":
-        if o.badam_mode not in ("ascending", "descending", "random"):
-            raise BadInput(f"--badam-mode {o.badam_mode}: use ascending, descending or random")
-        if o.badam_switch_interval < 1:
-            raise BadInput("--badam-switch-interval must be at least 1")
-    if o.method == "freeze" and o.freeze_layers == 0:
-        raise BadInput("--freeze-layers 0 trains nothing", "give N > 0 (last N layers) or N < 0 (first N)")
 
 
 def decoder_layers(model):
@@ -127,9 +47,10 @@ def _names(text: str) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
-def apply(model, o: MethodOptions):
-    """Set up `model` for method `o.method`; returns the model to train (PEFT-wrapped for adapters)."""
-    chosen = _apply(model, o)
+def apply(model, o: Method, added_token_ids: list[int] | None = None):
+    """Set up `model` for method `o.method`; returns the model to train (PEFT-wrapped for adapters).
+    `added_token_ids`: tokens the data's template added, trained beside an adapter."""
+    chosen = _apply(model, o, added_token_ids or [])
     from lmforge.shared.model import vision
 
     if vision.is_vlm(model) and not o.is_adapter:   # issue 17: vision tower / projector frozen by default
@@ -142,9 +63,9 @@ def apply(model, o: MethodOptions):
     return chosen
 
 
-def _apply(model, o: MethodOptions):
+def _apply(model, o: Method, added_token_ids: list[int]):
     if o.is_adapter:
-        return _lora(model, o)
+        return _lora(model, o, added_token_ids)
     if o.method in ("full", "galore", "badam"):
         for p in model.parameters():
             p.requires_grad_(True)
@@ -156,7 +77,7 @@ def _apply(model, o: MethodOptions):
     raise BadInput(f"unknown method '{o.method}'")
 
 
-def _lora(model, o: MethodOptions):
+def _lora(model, o: Method, added_token_ids: list[int]):
     from peft import LoraConfig, get_peft_model
 
     from lmforge.shared.model import vision
@@ -182,7 +103,7 @@ def _lora(model, o: MethodOptions):
         task_type="CAUSAL_LM", r=o.lora_rank, lora_alpha=o.lora_alpha or 2 * o.lora_rank,  # type: ignore[arg-type]
         lora_dropout=o.lora_dropout, target_modules=target, use_dora=o.method == "dora",
         use_rslora=o.rslora, init_lora_weights="pissa_niter_16" if o.method == "pissa" else True,  # type: ignore[arg-type]
-        trainable_token_indices=o.added_token_ids or None,
+        trainable_token_indices=added_token_ids or None,
         modules_to_save=vision.modules_to_save(model, o.train_projector, o.train_vision_tower) or None if vlm else None)
     linears = linear_layers(model)
     try:
@@ -208,7 +129,7 @@ def _lora(model, o: MethodOptions):
         if missing:
             raise RunFailure(f"--lora-target all left {len(missing)} linear layer(s) without an adapter "
                              f"({', '.join(missing[:4])})", "name the layers with --lora-target")
-    from lmforge.shared.train import lorafused
+    from lmforge.shared.train.patches import lorafused
 
     lorafused.install(wrapped)   # the adapter products in the base's precision (mixed precision)
     return wrapped
@@ -237,7 +158,7 @@ def _quantized_linears(model) -> list[str]:
     return sorted(names)
 
 
-def _freeze(model, o: MethodOptions):
+def _freeze(model, o: Method):
     name, layers = decoder_layers(model)
     n = len(layers)
     if abs(o.freeze_layers) > n:
@@ -266,7 +187,7 @@ def _freeze(model, o: MethodOptions):
     return model
 
 
-def _expand(model, o: MethodOptions):
+def _expand(model, o: Method):
     """LLaMA-Pro: insert o.expand_layers identity-initialised copies of evenly spaced layers.
 
     A copy starts as the identity because what it adds to the residual stream is zero: its output

@@ -52,7 +52,7 @@ def galore_arguments(o) -> dict:
         import galore_torch  # noqa: F401
     except ImportError:
         raise BadInput("--method galore needs galore-torch", "pip install 'lmforge[galore]'") from None
-    m = o.method
+    m = o
     targets = [r".*(attn|attention|mlp).*"] if m.galore_target == "all" else \
         [t.strip() for t in m.galore_target.split(",") if t.strip()]
     return {"optim": optimizer_name(o.optim, "galore"), "optim_target_modules": targets,
@@ -62,7 +62,7 @@ def galore_arguments(o) -> dict:
 
 def custom_optimizer(o, model):
     """An optimizer the Trainer cannot build by name (BAdam), or None."""
-    if o.method.method != "badam":
+    if o.method != "badam":
         return None
     try:
         from badam import BlockOptimizer
@@ -75,5 +75,5 @@ def custom_optimizer(o, model):
     prefixes = [[f"{name}.{i}."] for i in range(len(layers))]
     base = torch.optim.AdamW(model.parameters(), lr=o.lr(), weight_decay=o.weight_decay)
     return BlockOptimizer(base_optimizer=base, named_parameters_list=list(model.named_parameters()),
-                          block_prefix_list=prefixes, switch_block_every=o.method.badam_switch_interval,
-                          switch_mode=o.method.badam_mode, verbose=0)
+                          block_prefix_list=prefixes, switch_block_every=o.badam_switch_interval,
+                          switch_mode=o.badam_mode, verbose=0)

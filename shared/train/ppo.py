@@ -36,62 +36,13 @@ import math
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from lmforge.shared.core import catalog
 from lmforge.shared.core import log, rundir
+from lmforge.shared.core.commands.train import TrainPPO
 from lmforge.shared.core.errors import BadInput
 from lmforge.shared.model.generation import left_pad, pad_id_of, sampling_args
-
-
-_DEFAULTS = catalog.defaults("train ppo")   # the options' declared defaults
-
-
-@dataclass
-class PPOOptions:
-    model: str
-    reward: str
-    data: str
-    output: Path
-    sft: str | None = _DEFAULTS["sft"]
-    overwrite: bool = _DEFAULTS["overwrite"]
-    resume: bool = _DEFAULTS["resume"]
-    layout: str = _DEFAULTS["layout"]
-    lora_rank: int = _DEFAULTS["lora_rank"]
-    lora_alpha: float | None = _DEFAULTS["lora_alpha"]
-    lora_target: str = _DEFAULTS["lora_target"]
-    learning_rate: float = _DEFAULTS["learning_rate"]
-    batch_size: int = _DEFAULTS["batch_size"]
-    mini_batch_size: int = _DEFAULTS["mini_batch_size"]
-    ppo_epochs: int = _DEFAULTS["ppo_epochs"]
-    max_steps: int = _DEFAULTS["max_steps"]
-    epochs: float | None = _DEFAULTS["epochs"]
-    max_new_tokens: int = _DEFAULTS["max_new_tokens"]
-    temperature: float = _DEFAULTS["temperature"]
-    top_k: int = _DEFAULTS["top_k"]
-    top_p: float = _DEFAULTS["top_p"]
-    kl_coef: float = _DEFAULTS["kl_coef"]
-    kl_target: float = _DEFAULTS["kl_target"]
-    kl_horizon: int = _DEFAULTS["kl_horizon"]
-    gamma: float = _DEFAULTS["gamma"]
-    lam: float = _DEFAULTS["lam"]
-    clip_range: float = _DEFAULTS["clip_range"]
-    clip_range_value: float = _DEFAULTS["clip_range_value"]
-    vf_coef: float = _DEFAULTS["vf_coef"]
-    reward_scale: float = _DEFAULTS["reward_scale"]
-    reward_clip: float | None = _DEFAULTS["reward_clip"]
-    reward_norm: bool = _DEFAULTS["reward_norm"]
-    missing_eos_penalty: float | None = _DEFAULTS["missing_eos_penalty"]
-    whiten_advantages: bool = _DEFAULTS["whiten_advantages"]
-    max_grad_norm: float = _DEFAULTS["max_grad_norm"]
-    seed: int = _DEFAULTS["seed"]
-    save_steps: int = _DEFAULTS["save_steps"]
-    keep_checkpoints: bool = _DEFAULTS["keep_checkpoints"]
-    logging_steps: int = _DEFAULTS["logging_steps"]
-    precision: str = _DEFAULTS["precision"]
-    report: list[str] | None = _DEFAULTS["report"]   # trackers (shared/train/reporting.py)
 
 
 # ----------------------------------------------------------------------------- math
@@ -257,7 +208,7 @@ def adapter(model, name: str):
 
 # ----------------------------------------------------------------------------- loading
 
-def build(o: PPOOptions, tokenizer, device):
+def build(o: TrainPPO, tokenizer, device):
     """The roles for the layout, from --model/--sft/--reward."""
     from lmforge.shared.model.models import load_model, model_class, resize_to
     from lmforge.shared.model.value import attach_reward_adapter, load_head
@@ -314,7 +265,7 @@ def build(o: PPOOptions, tokenizer, device):
 # ----------------------------------------------------------------------------- the loop
 
 class PPO:
-    def __init__(self, o: PPOOptions, roles, tokenizer, prompts, stop_ids: list[int], images=None):
+    def __init__(self, o: TrainPPO, roles, tokenizer, prompts, stop_ids: list[int], images=None):
         self.o, self.roles, self.tokenizer = o, roles, tokenizer
         self.prompts = prompts                   # datasets.Dataset with prompt_ids
         self.images = images                     # multimodal.PromptImages for image prompts, else None
@@ -484,32 +435,13 @@ class PPO:
         self.step, self.tokens = state["step"], state["tokens"]
 
 
-def run(o: PPOOptions) -> Path:
-
-    validate(o)
-    log.quiet_libraries()
-    out = Path(o.output)
-    created = not out.exists()
-    resume_from = rundir.prepare(out, overwrite=o.overwrite, resume=o.resume)
-    try:
-        if o.resume and (out / rundir.RECORD).exists() and resume_from is None:
-            return out
-        rundir.begin(out)
-        with rundir.removed_on_failure(out, fresh=resume_from is None, created=created):
-            _train(o, out, resume_from)
-        rundir.finish(out)
-    finally:
-        rundir.unlock(out / rundir.LOCK)
-    return out
-
-
-def _train(o: PPOOptions, out: Path, resume_from: Path | None) -> None:
+def train(o: TrainPPO, out: Path, resume_from: Path | None) -> None:
+    """PPO's loop inside the run lifecycle (lifecycle.py): load, sample, score, update, save."""
     from lmforge.shared.data.packed import check_tokenizer, open_packed
     from lmforge.shared.model.models import (
         choose_device,
         count_parameters,
         load_tokenizer_for,
-        write_generation_config,
     )
     from transformers import set_seed
 
@@ -546,7 +478,7 @@ def _train(o: PPOOptions, out: Path, resume_from: Path | None) -> None:
     started = time.monotonic()
     from lmforge.shared.train.reporting import LoopReporter, names
 
-    hyperparameters = {k: v for k, v in asdict(o).items() if k not in ("output", "overwrite", "resume")}
+    hyperparameters = {k: v for k, v in o.values().items() if k not in ("output", "overwrite", "resume")}
     trackers = LoopReporter(names(o.report), out, {"stage": "ppo", "method": "lora", "base_model": rundir.model_ref(
         o.model), "hyperparameters": hyperparameters}, o.logging_steps) if names(o.report) else None
     if trackers:
@@ -566,16 +498,10 @@ def _train(o: PPOOptions, out: Path, resume_from: Path | None) -> None:
     if trackers:
         trackers.end()
     trainer.save(out)
-    from lmforge.shared.data.tokenizing import save_tokenizer
+    from lmforge.shared.train.lifecycle import save_common
 
-    save_tokenizer(tokenizer, str(out))  # checked to load back alike
-    write_generation_config(o.sft if o.sft and not (Path(o.sft) / "adapter_config.json").exists() else o.model,
-                            out, tokenizer, stop_words)
-    if not o.keep_checkpoints:
-        import shutil
-
-        shutil.rmtree(out / rundir.CHECKPOINTS, ignore_errors=True)
-    rundir.plot_loss(out)
+    save_common(out, tokenizer, o.sft if o.sft and not (Path(o.sft) / "adapter_config.json").exists() else o.model,
+                stop_words, o.keep_checkpoints)
     history = journal.entries()
     first, last = history[0] if history else {}, history[-1] if history else {}
     record = rundir.record(
@@ -592,12 +518,11 @@ def _train(o: PPOOptions, out: Path, resume_from: Path | None) -> None:
     log.info(f"ppo: done: reward {first.get('reward', 0):.3f} -> {last.get('reward', 0):.3f}, KL {last.get('kl', 0):.3f}")
 
 
-def validate(o: PPOOptions) -> None:
+def validate(o: TrainPPO) -> None:
+    """What `train ppo` needs beyond its options' ranges, before anything loads."""
     from lmforge.shared.train.reporting import check as check_report
 
     check_report(o.report)
-    if o.layout not in ("shared", "separate"):
-        raise BadInput(f"--layout {o.layout}: use shared or separate")
     if o.batch_size < 1 or o.mini_batch_size < 1 or o.mini_batch_size > o.batch_size:
         raise BadInput("--mini-batch-size must be between 1 and --batch-size")
     if o.ppo_epochs < 1 or o.max_new_tokens < 1 or o.max_steps < 1:

@@ -24,20 +24,19 @@ DPO family (`--loss`):
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from lmforge.shared.data.collate import PairCollator
-from lmforge.shared.model.value import HEAD_FILE, VISION_INPUTS, ValueModel, save_value_model
-from lmforge.shared.train.lossfn import plain_head
+from lmforge.shared.model.value import VISION_INPUTS, ValueModel
+from lmforge.shared.train.patches.lossfn import plain_head
 
 IGNORE = -100
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 
 
-def _stats_trainer_class():
+def stats_trainer_class():
     from transformers import Trainer
 
     class StatsTrainer(Trainer):
@@ -71,44 +70,9 @@ def _stats_trainer_class():
     return StatsTrainer
 
 
-def _reward_trainer_class():
-    class RewardTrainer(_stats_trainer_class()):  # type: ignore[misc]  # made at run time (transformers loads lazily)
-        """Pairwise loss on value-head scores; logs accuracy, margin and mean scores."""
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            scores = model(**inputs)
-            chosen, rejected = scores.chunk(2)
-            loss = -F.logsigmoid(chosen - rejected).mean()
-            self.record(model, (("accuracy", (chosen > rejected).float().mean()), ("margin", (chosen - rejected).mean()),
-                                ("score_chosen", chosen.mean()), ("score_rejected", rejected.mean())))
-            return (loss, {"chosen": chosen, "rejected": rejected}) if return_outputs else loss
-
-        def _save(self, output_dir=None, state_dict=None):
-            output_dir = output_dir or self.args.output_dir
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            save_value_model(self.accelerator.unwrap_model(self.model), output_dir)
-
-        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            model = self.accelerator.unwrap_model(model or self.model)
-            from safetensors.torch import load_file
-
-            directory = Path(resume_from_checkpoint)
-            if (directory / "adapter_model.safetensors").exists():
-                from peft import set_peft_model_state_dict
-
-                set_peft_model_state_dict(model.causal, load_file(str(directory / "adapter_model.safetensors")))
-            else:
-                from transformers.trainer_utils import load_sharded_checkpoint
-
-                load_sharded_checkpoint(model.causal, str(directory), strict=False) if not (
-                    directory / "model.safetensors").exists() else model.causal.load_state_dict(
-                    load_file(str(directory / "model.safetensors")), strict=False)
-            model.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
-
-    return RewardTrainer
-
-
 def build_rm_trainer(o, model, tokenizer, args, data, eval_data):
+    from lmforge.shared.train.patches.preference import reward_trainer_class
+
     model = ValueModel(model)
     for p in model.head.parameters():
         p.requires_grad_(True)
@@ -116,7 +80,7 @@ def build_rm_trainer(o, model, tokenizer, args, data, eval_data):
     if data.meta.get("vision"):   # issue 17: the prompts' images, processed per batch
         collator = VisionPairs(collator, o.model, model.causal, tokenizer, data)
     args.remove_unused_columns = False
-    trainer = _reward_trainer_class()(model=model, args=args, train_dataset=data.dataset,
+    trainer = reward_trainer_class()(model=model, args=args, train_dataset=data.dataset,
                                       eval_dataset=eval_data.dataset if eval_data else None,
                                       data_collator=collator)
     return trainer, collator
@@ -130,7 +94,7 @@ def completion_logps(model, inputs: dict, autocast=nullcontext) -> tuple[torch.T
     predict a completion token, in chunks (lossfn.linear_logprobs): no batch x length x vocabulary
     logits, and nothing computed for prompt or padding positions. `autocast`: the trainer's
     mixed-precision context for the body (the output layer computes in its weights' precision)."""
-    from lmforge.shared.train.lossfn import linear_logprobs
+    from lmforge.shared.train.patches.lossfn import linear_logprobs
 
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = causal.get_output_embeddings()
@@ -204,158 +168,7 @@ class TokenCounter:
         return batch
 
 
-def _dpo_trainer_class():
-    from trl import DPOTrainer
-
-    class PackedDPOTrainer(DPOTrainer):
-        """TRL's DPO on data `lmforge data pack --stage dpo` already tokenized (same column names)."""
-
-        def __init__(self, *args, ftx: float = 0.0, lean: bool = True, **kwargs):
-            self._ftx = ftx
-            super().__init__(*args, **kwargs)
-            # lmforge's own forward for the losses it offers (sigmoid, ipo, hinge; + sft for --ftx): TRL's
-            # fused output layer also computes entropy, mean logits and top-1 for its metrics, over every
-            # position, in fp32 on a CPU (measured: 0.68-0.74x LLaMA-Factory's pairs/s with it)
-            self._lean = (lean and lean_applies(self, self.model) and not self.aux_loss_enabled
-                          and self.ld_alpha is None and self.f_divergence_type == "reverse_kl"
-                          and set(self.loss_types) <= {*DPO_LOSSES, "sft"})
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            return dataset  # prompt_ids / chosen_ids / rejected_ids, truncated at pack time
-
-        def _set_signature_columns_if_needed(self):
-            super()._set_signature_columns_if_needed()
-            if self._signature_columns is not None and "prompt_images" not in self._signature_columns:
-                self._signature_columns = [*self._signature_columns, "prompt_images"]   # issue 17
-
-        def _compute_loss(self, model, inputs, return_outputs):
-            if self._lean and not return_outputs:
-                return self._lean_loss(model, inputs)
-            result = super()._compute_loss(model, inputs, return_outputs)
-            if self._ftx:  # log the SFT term: mean negative log-likelihood per chosen token
-                assert self.model is not None  # set from __init__ on
-                mode = "train" if self.model.training else "eval"
-                chosen_mask = inputs["completion_mask"][..., 1:].chunk(2, dim=0)[0]
-                summed = self._metrics[mode]["logps/chosen"][-1] * chosen_mask.shape[0]
-                self._metrics[mode]["sft_loss"].append(-summed / max(int(chosen_mask.sum()), 1))
-            return result
-
-        def _lean_loss(self, model, inputs):
-            assert self.model is not None  # set from __init__ on
-            mode = "train" if self.model.training else "eval"
-            autocast = self.accelerator.autocast   # (the wrapped forward it bypasses would apply it)
-            logps, counts = completion_logps(self.accelerator.unwrap_model(model), inputs, autocast)
-            chosen, rejected = logps.chunk(2)
-            n_chosen, n_rejected = counts.chunk(2)
-            if self.precompute_ref_logps:
-                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-            else:
-                with reference_of(self) as ref:
-                    ref_logps, _ = completion_logps(ref, inputs, autocast)
-                ref_chosen, ref_rejected = ref_logps.chunk(2)
-            loss = torch.zeros((), device=logps.device)
-            sft = -chosen.sum() / n_chosen.sum().clamp(min=1)   # mean negative log-likelihood per chosen token
-            for name, weight in zip(self.loss_types, self.loss_weights):
-                term = sft if name == "sft" else dpo_loss(name, self.beta, chosen, rejected, ref_chosen,
-                                                          ref_rejected, n_chosen, n_rejected).mean()
-                loss = loss + weight * term
-            chosen_rewards = self.beta * (chosen - ref_chosen).detach()
-            rejected_rewards = self.beta * (rejected - ref_rejected).detach()
-            if mode == "train":
-                self._total_train_tokens += int(inputs["attention_mask"].sum())
-            metrics = self._metrics[mode]
-            metrics["num_tokens"] = [self._total_train_tokens]
-            for key, value in (("rewards/chosen", chosen_rewards.mean()), ("rewards/rejected", rejected_rewards.mean()),
-                               ("rewards/accuracies", (chosen_rewards > rejected_rewards).float().mean()),
-                               ("rewards/margins", (chosen_rewards - rejected_rewards).mean()),
-                               ("logps/chosen", chosen.detach().mean()), ("logps/rejected", rejected.detach().mean())):
-                metrics[key].append(float(value))
-            if self._ftx:
-                metrics["sft_loss"].append(float(sft.detach()))
-            return loss
-
-    return PackedDPOTrainer
-
-
-def _kto_trainer_class():
-    from trl import KTOTrainer
-
-    class PackedKTOTrainer(KTOTrainer):
-        """TRL's KTO on data `lmforge data pack --stage kto` already tokenized, with lmforge's forward
-        (completion_logps) where it applies, as for DPO."""
-
-        def __init__(self, *args, lean: bool = True, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._lean = (lean and lean_applies(self, self.model) and not self.aux_loss_enabled
-                          and self.loss_type in ("kto", "apo_zero_unpaired"))
-
-        def _compute_loss(self, model, inputs, return_outputs):
-            if not self._lean or return_outputs:
-                return super()._compute_loss(model, inputs, return_outputs)
-            assert self.model is not None  # set from __init__ on
-            mode = "train" if self.model.training else "eval"
-            autocast, policy = self.accelerator.autocast, self.accelerator.unwrap_model(model)
-            kl_rows = _kl_view(inputs) if self.calculate_KL else None
-            if kl_rows is not None:
-                with torch.no_grad():
-                    kl_logps = completion_logps(policy, kl_rows, autocast)[0]
-            logps = completion_logps(policy, inputs, autocast)[0]
-            if self.precompute_ref_logps:
-                ref_logps, ref_kl_logps = inputs["ref_logps"], inputs.get("ref_KL_logps")
-            else:
-                with reference_of(self) as ref:
-                    ref_logps = completion_logps(ref, inputs, autocast)[0]
-                    ref_kl_logps = completion_logps(ref, kl_rows, autocast)[0] if kl_rows else None
-            # KTO (TRL's maths): z = mean KL(policy || reference) over the mismatched pairs, >= 0, no gradient;
-            # desirable: 1 - sigmoid(beta (log ratio - z)), undesirable: 1 - sigmoid(beta (z - log ratio))
-            kl = ((kl_logps - ref_kl_logps).mean().detach().clamp(min=0) if kl_rows is not None
-                  else torch.zeros((), device=logps.device))
-            desirable = inputs["label"].to(logps.device).bool()
-            ratios = logps - ref_logps.to(logps.device)
-            chosen, rejected = ratios[desirable], ratios[~desirable]
-            if self.loss_type == "kto":
-                chosen_losses = 1 - F.sigmoid(self.beta * (chosen - kl))
-                rejected_losses = 1 - F.sigmoid(self.beta * (kl - rejected))
-            else:   # apo_zero_unpaired
-                chosen_losses = 1 - F.sigmoid(self.beta * chosen)
-                rejected_losses = F.sigmoid(self.beta * rejected)
-            loss = torch.cat((self.desirable_weight * chosen_losses, self.undesirable_weight * rejected_losses)).nanmean()
-            metrics = self._metrics[mode]
-            metrics["kl"].append(float(kl))
-            if mode == "train":
-                self._total_train_tokens += int(inputs["attention_mask"].sum())
-            metrics["num_tokens"] = [self._total_train_tokens]
-            for name, part, part_logps in (("chosen", chosen, logps[desirable]), ("rejected", rejected, logps[~desirable])):
-                if len(part):
-                    metrics[f"rewards/{name}"].append(float(self.beta * part.detach().nansum()) / len(part))
-                    metrics[f"logps/{name}"].append(float(part_logps.detach().nansum()) / len(part))
-            if len(chosen) and len(rejected):
-                metrics["rewards/margins"].append(metrics["rewards/chosen"][-1] - metrics["rewards/rejected"][-1])
-            return loss
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            # KTO pairs each answer with its neighbour's for the KL term, so batches are read in a
-            # fixed order (TRL insists): shuffle once, by the seed, instead
-            dataset = dataset.shuffle(seed=args.seed).flatten_indices()
-            if "response_ids" in dataset.column_names:
-                dataset = dataset.rename_column("response_ids", "completion_ids")
-            if self.calculate_KL:  # as TRL: mismatched pairs by rotating completions within a batch
-                def rotate(examples):
-                    examples["KL_completion_ids"] = [examples["completion_ids"][-1]] + examples["completion_ids"][:-1]
-                    return examples
-
-                dataset = dataset.map(rotate, batched=True, batch_size=args.per_device_train_batch_size)
-            return dataset
-
-        def _set_signature_columns_if_needed(self):
-            super()._set_signature_columns_if_needed()
-            if self._signature_columns is not None and "prompt_images" not in self._signature_columns:
-                self._signature_columns = [*self._signature_columns, "prompt_images"]   # issue 17
-
-    return PackedKTOTrainer
-
-
-def _kl_view(batch: dict) -> dict:
+def kl_view(batch: dict) -> dict:
     """A KTO batch's KL rows (each prompt with a neighbour's answer) as a batch of their own: the
     same images, their own token types."""
     view = {k: v for k, v in batch.items() if k in VISION_INPUTS}
@@ -368,7 +181,7 @@ def _kl_view(batch: dict) -> dict:
 
 
 def _ref_free_trainer_class():
-    class RefFreeTrainer(_stats_trainer_class()):  # type: ignore[misc]  # made at run time (transformers loads lazily)
+    class RefFreeTrainer(stats_trainer_class()):  # type: ignore[misc]  # made at run time (transformers loads lazily)
         """ORPO and SimPO: preference losses without a reference model."""
 
         def __init__(self, *args, loss: str, beta: float, gamma: float, ftx: float, **kwargs):
@@ -410,17 +223,19 @@ def _ref_free_trainer_class():
 
 
 def build_dpo_trainer(o, model, tokenizer, args, data, eval_data):
-    """The trainer for `train dpo --loss ...` (settings in o.extra)."""
-    loss = o.extra["loss"]
-    beta, ftx = o.extra["beta"], o.extra["ftx"]
+    """The trainer builder of `train dpo --loss ...` (hfstage.py runs it)."""
+    from lmforge.shared.train.patches.preference import dpo_trainer_class, kto_trainer_class
+
+    loss = o.loss
+    beta, ftx = o.strength, o.ftx
     kwargs = {k: v for k, v in args.to_dict().items() if k in _init_fields(type(args))}
     if loss in DPO_LOSSES:
         from trl import DPOConfig
 
         config = DPOConfig(**kwargs, beta=beta, loss_type=[loss, "sft"] if ftx else [loss],
                            loss_weights=[1.0, ftx] if ftx else None, max_length=None,
-                           precompute_ref_log_probs=bool(o.extra.get("precompute_ref")))
-        trainer = _dpo_trainer_class()(model=model, args=config, train_dataset=data.dataset,
+                           precompute_ref_log_probs=o.precompute_ref)
+        trainer = dpo_trainer_class()(model=model, args=config, train_dataset=data.dataset,
                                        eval_dataset=eval_data.dataset if eval_data else None,
                                        processing_class=tokenizer, ftx=ftx)
     elif loss == "kto":
@@ -428,9 +243,9 @@ def build_dpo_trainer(o, model, tokenizer, args, data, eval_data):
 
         kwargs["train_sampling_strategy"] = "sequential"
         kto_config = KTOConfig(**kwargs, beta=beta, max_length=None,
-                               desirable_weight=o.extra.get("desirable_weight", 1.0),
-                               undesirable_weight=o.extra.get("undesirable_weight", 1.0))
-        trainer = _kto_trainer_class()(model=model, args=kto_config, train_dataset=data.dataset,
+                               desirable_weight=o.desirable_weight,
+                               undesirable_weight=o.undesirable_weight)
+        trainer = kto_trainer_class()(model=model, args=kto_config, train_dataset=data.dataset,
                                        eval_dataset=eval_data.dataset if eval_data else None,
                                        processing_class=tokenizer)
     else:
@@ -444,7 +259,7 @@ def build_dpo_trainer(o, model, tokenizer, args, data, eval_data):
         trainer = _ref_free_trainer_class()(model=model, args=args, train_dataset=data.dataset,
                                             eval_dataset=eval_data.dataset if eval_data else None,
                                             data_collator=counter, loss=loss, beta=beta,
-                                            gamma=o.extra.get("simpo_gamma", 0.5), ftx=ftx)
+                                            gamma=o.simpo_gamma, ftx=ftx)
         return trainer, counter
     pairs: Any = trainer.data_collator
     if data.meta.get("vision"):   # issue 17: the prompts' images, processed per batch

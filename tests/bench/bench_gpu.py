@@ -6,11 +6,10 @@ machine gets only its tokenizer and config: `make gpu-wheels`), a model of exact
 made by `model init` instead, which the table says: the speed and memory are the same, the loss is
 a random model's.
 
-Same data (alpaca_en_demo packed to 1024 tokens), 50 steps of 8 rows. Full fine-tuning runs in
-mixed precision as one trains for real: fp32 weights and optimizer state (`--precision fp32`) under
-bf16 autocast, since at lr 2e-5 most updates to bf16 weights would round away. LoRA and QLoRA run
-lmforge's `--precision auto` (bf16 on these GPUs): a bf16 (or nf4) base, fp32 adapter weights, bf16
-autocast.
+Same data (alpaca_en_demo packed to 1024 tokens), 50 steps of 8 rows, each method as a user runs
+it: `--precision bf16`, which for full fine-tuning on a GPU keeps fp32 weights and optimizer state
+under bf16 autocast (at lr 2e-5 most updates to bf16 weights would round away), and for LoRA and
+QLoRA a bf16 (or nf4) base with fp32 adapter weights under bf16 autocast.
 
 tokens/s and MFU are the steady state: each run is `lmforge train sft` in a process of its own
 with a callback that notes the end of every optimizer step (CUDA synchronised), and the figures
@@ -23,7 +22,7 @@ JSON-lines file (LMFORGE_BENCH_ROWS, else WORK/gpu_rows.jsonl) and printed as it
 run cut short still leaves its figures. On a machine without CUDA this benchmark skips, saying so.
 
     python tests/bench/bench_gpu.py                                   # the benchmark
-    python tests/bench/bench_gpu.py train TIMES plain|mixed ARGS...   # one timed `lmforge train ARGS`
+    python tests/bench/bench_gpu.py train TIMES ARGS...               # one timed `lmforge train ARGS`
 """
 
 from __future__ import annotations
@@ -50,12 +49,10 @@ PARAMS = 134_515_008  # SmolLM2-135M
 class Method:
     args: list[str]
     weight_grads: bool   # full training computes weight gradients; adapters' frozen weights need none
-    mixed: bool = False  # fp32 weights under bf16 autocast
 
 
 METHODS = {
-    "full (fp32 weights, bf16 autocast)": Method(["--method", "full", "--lr", "2e-5", "--precision", "fp32"], True,
-                                                 mixed=True),
+    "full (fp32 weights, bf16 autocast)": Method(["--method", "full", "--lr", "2e-5", "--precision", "bf16"], True),
     "lora (r 8, all linear)": Method(["--method", "lora", "--lora-rank", "8", "--lora-target", "all", "--lr", "1e-4"],
                                      False),
     "qlora (nf4, r 8, all linear)": Method(["--method", "lora", "--lora-rank", "8", "--lora-target", "all",
@@ -149,43 +146,40 @@ def _step_timer(collator, path: Path, accumulation: int):
 
 
 @contextlib.contextmanager
-def timing(times: Path, mixed: bool):
-    """While inside: `lmforge train` (pt/sft) notes its step times in `times`, and with `mixed`
-    trains under bf16 autocast whatever its weights' precision (TrainingArguments' bf16)."""
-    from lmforge.shared.train import training
+def timing(times: Path):
+    """While inside: `lmforge train` (any stage the Trainer runs) notes its step times in `times`:
+    the stage's own trainer builder, with a step timer added to what it builds."""
+    from lmforge.shared.train import hfstage
 
-    run = training.run
+    builder_of = hfstage.builder_of
 
-    def timed_run(o, build_trainer=None):
-        builder = build_trainer or training.build_default_trainer
+    def timed_builder_of(o):
+        builder = builder_of(o)
 
         def build(o, model, tokenizer, args, data, eval_data):
             trainer, collator = builder(o, model, tokenizer, args, data, eval_data)
             trainer.add_callback(_step_timer(collator, times, args.gradient_accumulation_steps))
             return trainer, collator
 
-        if mixed:
-            o.extra["training_arguments"] = {**o.extra.get("training_arguments", {}), "bf16": True}
-        return run(o, build)
+        return build
 
-    training.run = timed_run
+    hfstage.builder_of = timed_builder_of
     try:
         yield
     finally:
-        training.run = run
+        hfstage.builder_of = builder_of
 
 
-def train_command(times: Path, mixed: bool, args: list) -> list[str]:
+def train_command(times: Path, args: list) -> list[str]:
     """`lmforge train ARGS` timed by this file in a fresh process."""
-    return [sys.executable, str(Path(__file__).resolve()), "train", str(times), "mixed" if mixed else "plain",
-            *map(str, args)]
+    return [sys.executable, str(Path(__file__).resolve()), "train", str(times), *map(str, args)]
 
 
 def timed_train(argv: list[str]) -> None:
     from lmforge.tools.main import main as lmforge
 
-    with timing(Path(argv[0]), argv[1] == "mixed"):
-        lmforge(["train", *argv[2:]])
+    with timing(Path(argv[0])):
+        lmforge(["train", *argv[1:]])
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -213,7 +207,7 @@ def train_methods(model: str, packed, steps: int, batch: int, peak: float | None
         times.unlink(missing_ok=True)
         args = ["sft", "-m", model, "-d", packed, "-o", out, "--overwrite", "--max-steps", steps, "--batch-size", batch,
                 "--grad-accum", 1, "--save-steps", 10**6, "--logging-steps", 10, *method.args, "-q"]
-        run = measure_isolated(train_command(times, method.mixed, args), allow_failure=True)
+        run = measure_isolated(train_command(times, args), allow_failure=True)
         row: dict = {"model": label or str(model), "method": name}
         if run["rc"] != 0 or not times.exists():
             last = (run["stderr"].strip().splitlines() or ["?"])[-1] if run["rc"] else "no step times written"

@@ -23,7 +23,7 @@ CHILD = r'''
 import json, resource, sys, time
 import torch
 import torch.nn.functional as F
-from lmforge.shared.train.lossfn import linear_cross_entropy
+from lmforge.shared.train.patches.lossfn import linear_cross_entropy
 variant, trains, tokens, hidden, vocab, repeats = sys.argv[1], sys.argv[2] == "1", *map(int, sys.argv[3:7])
 torch.manual_seed(0)
 h = torch.randn(tokens, hidden).mul_(0.5).requires_grad_(True)   # in place: no transient copy in the baseline

@@ -40,7 +40,7 @@ def install(model) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    from lmforge.shared.train.shiftattn import set_attention
+    from lmforge.shared.train.patches.shiftattn import set_attention
 
     AttentionInterface.register(NAME, _packed_attention)
     AttentionMaskInterface.register(NAME, _no_mask)
@@ -48,7 +48,7 @@ def install(model) -> None:
 
 
 def uninstall(model) -> None:
-    from lmforge.shared.train.shiftattn import set_attention
+    from lmforge.shared.train.patches.shiftattn import set_attention
 
     if getattr(model.config, "_attn_implementation", None) == NAME:
         set_attention(model, "sdpa")

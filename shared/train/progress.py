@@ -1,0 +1,126 @@
+"""A training run's progress as the user sees it and as a resumed run continues it: the progress
+line on stderr (loss, tokens/s, rewards), OUT/trainer_log.jsonl, and beside each checkpoint the
+run's totals so far (summed loss, tokens, seconds), so a resumed run reports the whole run."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from lmforge.shared.core import log, rundir
+from lmforge.shared.train.patches import trainer as trainer_seams
+
+PROGRESS = "lmforge_progress.json"   # in each checkpoint: the run's totals so far (for --resume)
+
+
+def step_of(checkpoint: Path | None) -> int:
+    return int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+
+
+def progress_of(checkpoint: Path | None) -> dict:
+    """What a run had done when `checkpoint` was saved: summed loss, tokens, seconds (zeros for a
+    fresh start), so that a resumed run reports the whole run, not only its last part."""
+    empty = {"loss_sum": 0.0, "tokens": 0, "runtime_seconds": 0.0}
+    if checkpoint is None:
+        return empty
+    try:
+        return {**empty, **json.loads((checkpoint / PROGRESS).read_text())}
+    except (OSError, ValueError):
+        log.warn(f"train: {checkpoint} has no {PROGRESS}: the figures cover the resumed part only")
+        return empty
+
+
+
+
+def make_callbacks(collator, out: Path, total_hint: int, resumed_step: int, previous: dict | None = None):
+    from transformers import TrainerCallback
+
+    journal = rundir.JsonlLog(out / rundir.LOG)
+    before = previous or progress_of(None)
+
+    class Reporter(TrainerCallback):
+        """A progress bar (loss, tokens/s, ETA) on stderr and trainer_log.jsonl."""
+
+        def __init__(self):
+            self.bar = None
+            self.trainer = None      # set by the caller: the loss totals live on it
+            self.start = time.monotonic()
+            self.tokens_at_start = 0
+            self.batches_at_start = 0
+            self.consumed = 0
+            self.last_loss = None
+            self.shown: dict = {}   # grpo: the mean reward and KL on the progress line too
+
+        def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                if resumed_step:
+                    journal.truncate_after(resumed_step)
+                self.bar = log.Progress("train", total=state.max_steps or total_hint, unit="steps").__enter__()
+                if resumed_step:
+                    self.bar.done = resumed_step
+            self.start = time.monotonic()
+            self.tokens_at_start = collator.tokens
+            self.batches_at_start = len(getattr(collator, "counts", []))
+            self.consumed = 0
+            if resumed_step and self.trainer is not None and "pending_loss" in before:
+                trainer_seams.restore_pending_loss(self.trainer, before["pending_loss"], before["last_logged_step"],
+                                                   args.device)
+
+        def trained_tokens(self) -> int:
+            """Tokens of the batches that trained in this part of the run (the data loader collates
+            one batch ahead, so the collator's own total runs ahead of training)."""
+            counts = getattr(collator, "counts", None)
+            if counts is None:
+                return collator.tokens - self.tokens_at_start
+            return sum(counts[self.batches_at_start:self.batches_at_start + self.consumed])
+
+        def on_substep_end(self, args, state, control, **kw):
+            self.consumed += 1   # a gradient-accumulation micro-batch
+
+        def tokens_per_second(self) -> float:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            return (collator.tokens - self.tokens_at_start) * world / max(time.monotonic() - self.start, 1e-9)
+
+        def on_step_end(self, args, state, control, **kw):
+            self.consumed += 1
+            if self.bar is not None:
+                fields = {"tok/s": round(self.tokens_per_second())}
+                if self.last_loss is not None:
+                    fields = {"loss": round(self.last_loss, 4), **self.shown, **fields}
+                self.bar.advance(1, **fields)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            if "loss" in logs:
+                self.last_loss = float(logs["loss"])
+            self.shown = {k: round(float(logs[k]), 3) for k in ("reward", "kl") if isinstance(logs.get(k), (int, float))}
+            entry = {"step": state.global_step, "epoch": round(state.epoch or 0, 4),
+                     "elapsed_s": round(before["runtime_seconds"] + time.monotonic() - self.start, 2),
+                     "tokens_per_second": round(self.tokens_per_second(), 1), **logs}
+            journal.write(entry)
+            if "eval_loss" in logs:
+                log.info(f"train: step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+
+        def on_save(self, args, state, control, **kw):
+            """Beside the checkpoint: the totals a resumed run starts from."""
+            if not state.is_world_process_zero or self.trainer is None:
+                return
+            logged, pending, last_logged = trainer_seams.loss_totals(self.trainer)
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if checkpoint.is_dir():
+                rundir.write_json(checkpoint / PROGRESS, {
+                    "step": state.global_step, "loss_sum": before["loss_sum"] + logged,
+                    "pending_loss": pending,
+                    "last_logged_step": state.global_step if last_logged is None else last_logged,
+                    "tokens": before["tokens"] + self.trained_tokens(),
+                    "runtime_seconds": before["runtime_seconds"] + time.monotonic() - self.start})
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.__exit__(None, None, None)
+                self.bar = None
+
+    return [Reporter()]
