@@ -12,7 +12,7 @@ LM     := $(BIN)/lmforge
 # the newest releases pyproject.toml allows instead; `make constraints` records what is installed.
 CONSTRAINTS ?= .ci/constraints.txt
 
-.PHONY: install test test-fast lint typecheck tokenizers constraints demo completions bench bench-gpu gpu-wheels gpu-check clean-demo lf-venv
+.PHONY: install test test-fast lint typecheck tokenizers constraints demo completions bench bench-gpu gpu-wheels gpu-check clean-demo lf-venv docs
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ tokenizers:
 
 constraints: install
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch==' | LC_ALL=C sort > .ci/constraints.txt
+
+# the reference pages (docs/reference/), generated from the option declarations; a test fails
+# when they are stale
+docs: install
+	$(BIN)/python -m lmforge.shared.core.reference docs/reference
 
 completions: install
 	$(LM) completion bash > completions/lmforge.bash

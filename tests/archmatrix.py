@@ -126,7 +126,7 @@ BEGIN, END = "<!-- arch-matrix:begin (tests/archmatrix.py writes this table) -->
 
 
 def table() -> str:
-    """The README's table: what the matrix checks, architecture by architecture."""
+    """The architectures guide's table: what the matrix checks, architecture by architecture."""
     import transformers
 
     head = ["architecture", "covers", "attention (auto, CPU)", *METHODS]
@@ -144,8 +144,8 @@ def readme_section(text: str) -> str | None:
     return text[text.index(BEGIN):text.index(END) + len(END)]
 
 
-if __name__ == "__main__":   # python tests/archmatrix.py: rewrite the README's table
-    readme = Path(__file__).resolve().parent.parent / "README.md"
+if __name__ == "__main__":   # python tests/archmatrix.py: rewrite the architectures guide's table
+    readme = Path(__file__).resolve().parent.parent / "docs" / "guides" / "architectures.md"
     text = readme.read_text(encoding="utf-8")
     old = readme_section(text)
     if old is None:

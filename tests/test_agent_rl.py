@@ -172,6 +172,7 @@ def test_grpo_teaches_a_tiny_model_to_use_a_calculator(tmp_path):
     before = measure()
     trainer.train()
     after = measure()
+    print("calculator: accuracy, well-formed calls, metrics before/after:", before, after)
     # measured: accuracy 0.52 -> 0.84, episodes calling the calculator well 0.55 -> 0.92, well-formed
     # call attempts 0.65 -> 0.91 (about 1 minute of SFT and 30 s of GRPO on an idle 2-core machine)
     assert after[0] >= 0.6 and after[0] >= before[0] + 0.2, (before, after)
@@ -227,6 +228,7 @@ def test_grpo_raises_the_reward_of_an_environment(tmp_path):
         agent.environment.close()
     reward = [sum(e.reward for e in episodes) / len(episodes) for episodes in (before, after)]
     turns = [sum(e.turns for e in episodes) / len(episodes) for episodes in (before, after)]
+    print("environment: reward, turns before/after:", reward, turns)
     # measured: reward 0.78 -> 0.98, turns 2.7 -> 2.3 (under a minute on an idle 2-core machine)
     assert reward[1] >= 0.9 and reward[1] >= reward[0] + 0.1, (reward, turns)
     assert turns[1] < turns[0], turns

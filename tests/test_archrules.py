@@ -62,14 +62,15 @@ def test_every_rule_has_a_test_here():
 # --- attention kernel
 def test_attention_is_chosen_per_architecture(tiny):
     from lmforge.shared.core.errors import BadInput
-    from lmforge.shared.model.models import _config, attention_for, choose_device, load_model
+    from lmforge.shared.model.models import attention_for, choose_device, load_model
+    from lmforge.shared.modeldir.config import load_config
 
     for name, want in (("gemma2", "eager"), ("gpt_oss", "eager"), ("llama", "sdpa")):
         device = choose_device("fp32", "auto")
         model = load_model(tiny(name), device, for_training=False)
         assert device.attn == want and model.config._attn_implementation == want
     with pytest.raises(BadInput) as refused:
-        attention_for(_config(tiny("gemma2")), "sdpa", "cpu", "fp32")
+        attention_for(load_config(tiny("gemma2")), "sdpa", "cpu", "fp32")
     assert "--attn eager" in refused.value.hint and "soft-capped" in str(refused.value)
 
 
@@ -199,7 +200,7 @@ def test_llama_pro_refuses_an_expansion_that_is_not_the_identity(tiny, monkeypat
 
 # --- the tokenizer fingerprint
 def test_fingerprint_is_what_tokenizes_not_the_class(tiny, tmp_path):
-    from lmforge.shared.data.tokenizing import fingerprint, load_tokenizer
+    from lmforge.shared.modeldir.tokenizers import fingerprint, load_tokenizer
 
     seen = {}
     for name in ("llama", "gemma", "gpt2", "phi", "smollm3", "gpt_oss"):
@@ -223,7 +224,7 @@ def test_saved_sentencepiece_tokenizer_loads_back_alike(tmp_path):
     """A full fine-tune re-saves the tokenizer: stories260K's (Llama sentencepiece, `legacy`) must
     load back with the same fingerprint, so data packed for the base trains the result too
     (transformers 5 leaves `legacy` out of the saved config; save_tokenizer writes it back)."""
-    from lmforge.shared.data.tokenizing import fingerprint, load_tokenizer, save_tokenizer
+    from lmforge.shared.modeldir.tokenizers import fingerprint, load_tokenizer, save_tokenizer
 
     base = shared_path("models/stories260K")
     if not base.exists():
@@ -246,18 +247,18 @@ def test_template_without_generation_marker_prompts_with_the_answer_header(tmp_p
     """A ChatML template that ignores add_generation_prompt: the assistant header is found by
     rendering an answer, never trained, and ends every generation prompt; with the marker, nothing
     changes (the rule does not apply)."""
-    from lmforge.shared.data import templates as T
-    from lmforge.shared.data.tokenizing import load_tokenizer
+    from lmforge.shared.data.jinja_template import JinjaRenderer
+    from lmforge.shared.modeldir.tokenizers import load_tokenizer
 
     base = shared_path("tokenizers/qwen3")
     if not base.exists():
         pytest.skip(f"{base} not found (set LMFORGE_SHARED)")
     tokenizer = load_tokenizer(str(base))
     assert not archrules._no_generation_marker(tokenizer)      # Qwen3's template has the marker
-    with_marker = T.JinjaRenderer(load_tokenizer(str(base)))
+    with_marker = JinjaRenderer(load_tokenizer(str(base)))
     tokenizer.chat_template = OLD_CHATML
     assert archrules._no_generation_marker(tokenizer)
-    r = T.JinjaRenderer(tokenizer)
+    r = JinjaRenderer(tokenizer)
     assert r.implied_header == "<|im_start|>assistant\n"
     assert with_marker.implied_header == ""
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},

@@ -1,7 +1,7 @@
 """The architecture matrix: tiny random models of many decoder architectures (tests/archmatrix.py)
 through pack -> train sft -> adapter merge (merged logits = base + adapter) -> eval perplexity /
 generate -> serve one request. LoRA for every architecture here; the other methods (dora, freeze,
-llama-pro, full) in the slow part. The README's table is archmatrix.table(); a test compares."""
+llama-pro, full) in the slow part. docs/guides/architectures.md's table is archmatrix.table(); a test compares."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def matrix(tmp_path_factory):
 def packed_for(matrix, name: str) -> Path:
     """Data packed once per tokenizer fingerprint: models with the same tokenizer share it (byte-identical
     tokenizer files give one fingerprint whatever the model type, unless transformers tokenizes otherwise)."""
-    from lmforge.shared.data.tokenizing import fingerprint, load_tokenizer
+    from lmforge.shared.modeldir.tokenizers import fingerprint, load_tokenizer
 
     tokenizer = load_tokenizer(matrix["models"][name])
     key = fingerprint(tokenizer)
@@ -134,9 +134,10 @@ def test_other_methods(matrix, tmp_path, name, method):
 
 
 def test_readme_table_is_the_matrix():
-    section = archmatrix.readme_section((ROOT / "README.md").read_text(encoding="utf-8"))
-    assert section is not None, "README.md has no architecture table: run python tests/archmatrix.py"
-    assert section == archmatrix.table(), "README's architecture table is stale: run .venv/bin/python tests/archmatrix.py"
+    section = archmatrix.readme_section((ROOT / "docs" / "guides" / "architectures.md").read_text(encoding="utf-8"))
+    assert section is not None, "docs/guides/architectures.md has no architecture table: run python tests/archmatrix.py"
+    assert section == archmatrix.table(), \
+        "docs/guides/architectures.md's architecture table is stale: run .venv/bin/python tests/archmatrix.py"
 
 
 def test_matrix_covers_what_the_issue_asks():

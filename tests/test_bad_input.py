@@ -102,7 +102,7 @@ CASES = [
                                       t / "no" / "such" / "out.arrow"], "does not exist"),
     ("output-not-writable", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [ALPACA]), "-o",
                                        "/proc/out.arrow"], "/proc/out.arrow: no such file or directory"),
-    # the slips a hostile review found (issue: nothing half-written is taken for whole)
+    # the slips a hostile review found (nothing half-written is taken for whole)
     ("config-alias-bomb", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [ALPACA]), "--config", _file(
         t, "c.yaml", "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n")],
      "aliases"),

@@ -1,4 +1,4 @@
-"""`lmforge board` (issue 18): the API the page uses, on a real workspace (stories260K + the demo
+"""`lmforge board`: the API the page uses, on a real workspace (stories260K + the demo
 data), the run lifecycle on disk (reattach after a restart, stop, resume), and a walk through the
 page in a real browser (Playwright driving Debian's Chromium; skipped with a reason without them).
 """

@@ -1,4 +1,4 @@
-"""Issue 21: `--checkpointing selective` and `--checkpoint-every N` (shared/train/checkpointing.py).
+"""`--checkpointing selective` and `--checkpoint-every N` (shared/train/checkpointing.py).
 
 Selective checkpointing keeps the fused LoRA layers' outputs and the attention kernels' and
 recomputes the rest: the gradients must be exactly those without checkpointing, on several

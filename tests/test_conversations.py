@@ -1,4 +1,4 @@
-"""Conversations as models see them (issue 16): the aligned schema v2 (reasoning, tool calls with
+"""Conversations as models see them: the aligned schema v2 (reasoning, tool calls with
 ids beside text, tool results tied to their call, images in the row), the readers of `data align`,
 the upgrade of version-1 data, and `--template auto` conformance on real tokenizers: ids equal
 `apply_chat_template` and labels cover exactly each assistant turn (reasoning, text, tool calls,
@@ -516,7 +516,9 @@ def test_serve_reads_messages_like_align_and_renders_like_pack(tmp_path):
     training time reaching eval/serve."""
     pytest.importorskip("pydantic")
     from lmforge.shared.core.rundir import RECORD
-    from lmforge.shared.data import templates as T
+    from lmforge.shared.data.reasoning import Reasoning
+    from lmforge.shared.data.rendering import Renderer
+    from lmforge.shared.data.templates import get, renderer_for
     from lmforge.shared.infer import protocol
 
     system, turns = protocol.messages_to_turns([
@@ -532,10 +534,10 @@ def test_serve_reads_messages_like_align_and_renders_like_pack(tmp_path):
             {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}])
     assert protocol.thinking_of({"chat_template_kwargs": {"enable_thinking": False}}) == "off"
     assert protocol.thinking_of({"enable_thinking": True}) == "on" and protocol.thinking_of({}) == "auto"
-    qwen3 = T.Renderer(T.get("qwen3"), "", "<|im_end|>")
+    qwen3 = Renderer(get("qwen3"), "", "<|im_end|>")
     assert qwen3.split_reasoning("<think>\nplan\n</think>\n\nanswer") == ("plan", "answer")
-    assert T.Renderer(T.get("chatml")).split_reasoning("<think>x</think>y") == (None, "<think>x</think>y")
-    off = qwen3.with_reasoning(T.Reasoning(thinking="off"))
+    assert Renderer(get("chatml")).split_reasoning("<think>x</think>y") == (None, "<think>x</think>y")
+    off = qwen3.with_reasoning(Reasoning(thinking="off"))
     assert off.generation_prompt(turns[:1]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     # what data pack recorded travels with the model: eval and serve render the same way
     (tmp_path / RECORD).write_text(json.dumps({"template": {"name": "qwen3", "reasoning": {
@@ -544,8 +546,8 @@ def test_serve_reads_messages_like_align_and_renders_like_pack(tmp_path):
     class Tok:
         bos_token, eos_token, chat_template = None, "<|im_end|>", None
 
-    served = T.renderer_for("auto", Tok(), str(tmp_path), None)
-    assert served.name == "qwen3" and served.reasoning == T.Reasoning("drop", "off", True)
+    served = renderer_for("auto", Tok(), str(tmp_path), None)
+    assert served.name == "qwen3" and served.reasoning == Reasoning("drop", "off", True)
 
 
 # a gpt-oss-like template: a tool call ends with <|call|>, a final answer with <|return|>, other
@@ -605,8 +607,9 @@ def test_mistral_template_follows_mistral_common(tmp_path):
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
     from mistral_common.protocol.instruct.validator import ValidationMode
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-    from lmforge.shared.data import templates as T
     from lmforge.shared.data.aligned import turns_of
+    from lmforge.shared.data.rendering import render
+    from lmforge.shared.data.templates import get
 
     model = Path(mc.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
     tok = MistralTokenizer.from_file(str(model), mode=ValidationMode.finetuning)
@@ -622,10 +625,10 @@ def test_mistral_template_follows_mistral_common(tmp_path):
         raw.append(row)
     data = tmp_path / "m.arrow"
     ok(["data", "align", write_jsonl(tmp_path / "m.jsonl", raw), "-o", data])
-    tpl = T.get("mistral")
+    tpl = get("mistral")
     for i, (row, r) in enumerate(zip(raw, read_rows(data))):
         want = _sp_text(tok.encode_chat_completion(ChatCompletionRequest(**row)).text)
-        got = T.render(tpl, turns_of(r["prompt"]) + turns_of(r["response"]), r["system"], r["tools"],
+        got = render(tpl, turns_of(r["prompt"]) + turns_of(r["response"]), r["system"], r["tools"],
                        bos="<s>", eos="</s>").text
         assert got == want, f"row {i}:\n{got!r}\n{want!r}"
     # ids: data pack's Encoder with the converted tokenizer
@@ -672,7 +675,7 @@ def test_streamed_reasoning_splits_as_the_whole_answer_does(opened):
     the whole text, however the text is cut into pieces."""
     import random
 
-    from lmforge.shared.data.templates import ThinkStream, split_generated
+    from lmforge.shared.data.reasoning import ThinkStream, split_generated
 
     rng = random.Random(7)
     texts = THINK_TEXTS + ["\n" + t for t in THINK_TEXTS] + ["plan\n</think>\nanswer"]
@@ -704,7 +707,8 @@ def test_serve_streams_reasoning_content_apart_from_the_answer():
     from fastapi.testclient import TestClient
     from transformers import AutoTokenizer
 
-    from lmforge.shared.data import templates as T
+    from lmforge.shared.data.rendering import Renderer
+    from lmforge.shared.data.templates import get
     from lmforge.shared.infer.app import Served, create_app
 
     tok_dir = shared_path("tokenizers/qwen3")
@@ -720,7 +724,7 @@ def test_serve_streams_reasoning_content_apart_from_the_answer():
             yield {"done": True, "prompt_tokens": len(job.prompt_ids), "choices": [
                 {"index": 0, "text": said, "finish_reason": "stop", "completion_tokens": 12}]}
 
-    served = Served(engine=Scripted(), tokenizer=tokenizer, renderer=T.Renderer(T.get("qwen3"), "", "<|im_end|>"),
+    served = Served(engine=Scripted(), tokenizer=tokenizer, renderer=Renderer(get("qwen3"), "", "<|im_end|>"),
                     name="m", context=4096, api_key=None, max_concurrency=2)
     client = TestClient(create_app(served))
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}

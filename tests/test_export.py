@@ -31,7 +31,8 @@ def _jinja(template: str, messages: list[dict], bos: str, eos: str) -> str:
 @pytest.mark.parametrize("name", ["chatml", "smollm", "qwen", "llama3", "llama2", "mistral", "gemma", "phi",
                                   "default", "alpaca", "qwen3-nothink"])
 def test_jinja_translation_renders_as_data_pack(name):
-    from lmforge.shared.data.templates import TEMPLATES, Renderer
+    from lmforge.shared.data.rendering import Renderer
+    from lmforge.shared.data.templates import TEMPLATES
     from lmforge.shared.model.export import to_jinja
 
     tpl = TEMPLATES[name]
@@ -142,7 +143,8 @@ def test_lora_tuned_smollm2_exports_with_its_template(tmp_path, smollm2):
     """SmolLM2-135M-Instruct + a LoRA trained with the smollm template: the GGUF (adapter merged on
     the way) generates greedily as transformers does, and its chat template renders as data pack."""
     import torch
-    from lmforge.shared.data.templates import Renderer, get
+    from lmforge.shared.data.rendering import Renderer
+    from lmforge.shared.data.templates import get
     from lmforge.shared.model.merging import load_with_adapters
 
     model_dir = smollm2

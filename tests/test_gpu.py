@@ -360,7 +360,7 @@ def test_grpo_generates_on_gpu(task, prompts, tmp_path, engine):
     assert record["metrics"]["peak_gpu_memory_mib"] > 0
 
 
-# ----------------------------------------------------------------------------- issue 21: --kernels, --shift-attn
+# ----------------------------------------------------------------------------- --kernels, --shift-attn
 
 @pytest.mark.gpu
 @needs_cuda

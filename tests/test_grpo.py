@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def readme_awk(directory: Path) -> str:
-    """The README's reward command (awk: 1 when the completion is under 20 characters), as a spec."""
-    lines = (ROOT / "README.md").read_text().splitlines()
+    """The GRPO guide's reward command (awk: 1 when the completion is under 20 characters), as a spec."""
+    lines = (ROOT / "docs" / "guides" / "grpo.md").read_text().splitlines()
     start = lines.index("    # short.awk: one number per JSON line")
     (directory / "short.awk").write_text("\n".join(x[4:] for x in lines[start + 1:start + 3]) + "\n")
     return f"cmd:awk -f {directory / 'short.awk'}"

@@ -1,7 +1,7 @@
 """The layout of lmforge.shared: subpackages along the pipeline, each importing only those before it.
 
-    core   <- data  <- model  <- train  <- api
-                           \\ <- infer  <-/
+    core  <- modeldir  <- data  <- model  <- train  <- api
+                                          \\ <- infer  <-/
 
 core is the foundation and imports no other subpackage; data builds on core; model on core and
 data; train and infer on core, data and model, but infer never on train (inference does not pull
@@ -23,12 +23,13 @@ SHARED = Path(lmforge.shared.__file__).resolve().parent
 # subpackage -> the other subpackages it may import
 ALLOWED: dict[str, set[str]] = {
     "core": set(),
-    "data": {"core"},
-    "model": {"core", "data"},
-    "train": {"core", "data", "model"},
-    "infer": {"core", "data", "model"},
-    "board": {"core", "data", "model", "infer"},   # the web board runs the commands, never train
-    "api": {"core", "data", "model", "train", "infer"},   # the Python API: every use case, nothing above it
+    "modeldir": {"core"},   # reading and writing model directories: every layer above reads models through it
+    "data": {"core", "modeldir"},
+    "model": {"core", "modeldir", "data"},
+    "train": {"core", "modeldir", "data", "model"},
+    "infer": {"core", "modeldir", "data", "model"},
+    "board": {"core", "modeldir", "data", "model", "infer"},   # the web board runs the commands, never train
+    "api": {"core", "modeldir", "data", "model", "train", "infer"},   # the Python API: every use case
 }
 
 

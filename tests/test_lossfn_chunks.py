@@ -1,4 +1,4 @@
-"""Issue 21: the chunked linear cross-entropy (shared/train/lossfn.py) over several chunks equals
+"""The chunked linear cross-entropy (shared/train/lossfn.py) over several chunks equals
 the plain loss, value and gradients (hidden states, output weights, bias)."""
 
 from __future__ import annotations

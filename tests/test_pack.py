@@ -90,7 +90,7 @@ def test_named_templates_match_apply_chat_template(tmp_path, model, template):
     import pyarrow as pa
     from lmforge.shared.data import pack
     from lmforge.shared.data.aligned import schema, turns_of
-    from lmforge.shared.data.templates import to_messages
+    from lmforge.shared.data.jinja_template import to_messages
     from transformers import AutoTokenizer
 
     tokdir = shared_path(model)
@@ -122,7 +122,7 @@ def test_named_templates_match_apply_chat_template(tmp_path, model, template):
 
 def test_auto_template_uses_the_tokenizers_own_and_masks_answers(tmp_path):
     tokdir = shared_path("models/smollm2-135m-instruct")
-    from lmforge.shared.data.templates import to_messages
+    from lmforge.shared.data.jinja_template import to_messages
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokdir))
@@ -140,7 +140,9 @@ def test_auto_template_uses_the_tokenizers_own_and_masks_answers(tmp_path):
 
 def test_tool_calls_round_trip_through_every_tool_template(tmp_path):
     """Every glaive function call, rendered by each template with tools, parses back to itself."""
-    from lmforge.shared.data import templates as T
+    from lmforge.shared.data.rendering import render
+    from lmforge.shared.data.templates import get
+    from lmforge.shared.data.tool_calls import parse_calls
     from lmforge.shared.data.aligned import turns_of
 
     data = tmp_path / "g.arrow"
@@ -148,10 +150,10 @@ def test_tool_calls_round_trip_through_every_tool_template(tmp_path):
     rows = read_rows(data)
     calls = 0
     for name in ("qwen3", "qwen", "chatml", "llama3", "mistral", "default"):
-        tpl = T.get(name)
+        tpl = get(name)
         for r in rows:
             turns = turns_of(r["prompt"]) + turns_of(r["response"])
-            rendered = T.render(tpl, turns, r["system"], r["tools"], bos="<s>", eos="</s>")
+            rendered = render(tpl, turns, r["system"], r["tools"], bos="<s>", eos="</s>")
             for (start, end), turn in zip(rendered.spans, rendered.turn_of_span):
                 wanted = [{"name": c["name"], "arguments": json.loads(c["arguments"])}
                           for c in turns[turn]["tool_calls"] or []]
@@ -162,7 +164,7 @@ def test_tool_calls_round_trip_through_every_tool_template(tmp_path):
                 text = text[: len(text) - len(suffix)] if suffix and text.endswith(suffix) else text
                 if tpl.thinking:
                     text = text.split("</think>")[-1]
-                _, parsed = T.parse_calls(tpl.tool_style, text)
+                _, parsed = parse_calls(tpl.tool_style, text)
                 assert parsed == wanted, (name, text)
                 calls += 1
     assert calls >= 6 * 200
@@ -180,9 +182,10 @@ def test_truncation_keeps_the_response_and_is_reported(tmp_path, words_model):
     start, user, assistant = _ids(words_model, "<|im_start|>", "user", "assistant")
     assert rows[0]["input_ids"][:2] == [start, user]                  # the prompt keeps its beginning
     assert rows[0]["input_ids"][-8:-6] == [start, assistant]          # ... and the answer's header
-    assert b"1 truncated to 64" in result.stderr
+    assert b"1 cut to fit --cutoff 64 (--truncation auto): prompt cut in 1 (rows 1)" in result.stderr
     stats = json.loads(ok(["data", "stats", "-", "--json"], input=result.stdout).stdout)
     assert stats["pack"]["truncated"] == 1 and stats["pack"]["dropped"] == 0
+    assert stats["truncation"]["lost"] == {"prompt": 1} and stats["truncation"]["first_rows"] == {"prompt": [1]}
 
 
 def test_long_response_is_cut_in_proportion(tmp_path, words_model):
@@ -332,11 +335,12 @@ def test_templates_list():
 
 def test_every_template_renders_generation_prompt_as_prefix():
     """For every template, the generation prompt is a prefix of the conversation with its answer."""
-    from lmforge.shared.data import templates as T
+    from lmforge.shared.data.rendering import prompt_and_response, render
+    from lmforge.shared.data.templates import TEMPLATES
 
     turns = [("user", "Hi"), ("assistant", "Hello"), ("user", "Bye")]
-    for name, tpl in T.TEMPLATES.items():
-        head, body = T.prompt_and_response(tpl, turns, ("assistant", "Ciao"), "sys", bos="<s>", eos="</s>")
-        full = T.render(tpl, turns + [("assistant", "Ciao")], "sys", bos="<s>", eos="</s>").text
+    for name, tpl in TEMPLATES.items():
+        head, body = prompt_and_response(tpl, turns, ("assistant", "Ciao"), "sys", bos="<s>", eos="</s>")
+        full = render(tpl, turns + [("assistant", "Ciao")], "sys", bos="<s>", eos="</s>").text
         assert full.startswith(head + body), name
         assert "Ciao" in body and "Bye" in head, name

@@ -1,4 +1,4 @@
-"""Issue 21: neat-packed rows attended example by example (shared/train/packedattn.py).
+"""Neat-packed rows attended example by example (shared/train/packedattn.py).
 
 The per-example sdpa calls must give what transformers' own block-diagonal mask gives (built
 from the restarting position ids): the same loss and the same gradients, on every architecture

@@ -71,12 +71,13 @@ def test_reward_model_learns_the_preference(prefs):
 def test_reward_model_scores_in_process(prefs):
     """The saved adapter + value head load back and rank a chosen answer above a rejected one."""
     import torch
-    from lmforge.shared.model.value import ValueModel, load_head
+    from lmforge.shared.model.value import ValueModel
+    from lmforge.shared.modeldir.weights import load_value_head
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     causal = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(prefs["base"]), str(prefs["rm"]))
-    model = ValueModel(causal, load_head(prefs["rm"], causal.config.hidden_size)).eval()
+    model = ValueModel(causal, load_value_head(prefs["rm"], causal.config.hidden_size)).eval()
     tok = AutoTokenizer.from_pretrained(str(prefs["base"]))
     texts = ["Human: Tell me about Tom and the dog.\nAssistant: Tom had a dog. The dog was happy. They played all day.</s>",
              "Human: Tell me about Tom and the dog.\nAssistant: Tom had a dog. The dog was sad. They played all day.</s>"]

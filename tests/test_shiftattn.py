@@ -1,4 +1,4 @@
-"""Issue 21: `--shift-attn` (S² attention, LongLoRA) and `--kernels` (CUDA only).
+"""`--shift-attn` (S² attention, LongLoRA) and `--kernels` (CUDA only).
 
 S² is checked against a direct implementation of the paper's Algorithm 1 (heads chunked in two,
 the second chunk rolled by -G/2, causal softmax attention inside each group of G = L/4 tokens,

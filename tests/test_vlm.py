@@ -1,4 +1,4 @@
-"""Vision-language fine-tuning end to end (issue 17), on a tiny randomly initialised Qwen2-VL built
+"""Vision-language fine-tuning end to end, on a tiny randomly initialised Qwen2-VL built
 from transformers' real config, model and image-processor classes (tests/vlmkit.py), with images
 generated here: align (images columns, placeholders, data URLs), pack (image tokens = what the
 vision tower returns, for every image), train (LoRA on the language model, the vision tower

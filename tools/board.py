@@ -1,4 +1,4 @@
-"""`lmforge board`: a local web interface that composes, shows and runs the commands (issue 18)."""
+"""`lmforge board`: a local web interface that composes, shows and runs the commands."""
 
 from __future__ import annotations
 

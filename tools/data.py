@@ -40,7 +40,7 @@ def split(o) -> None:
 @command(app, "show")
 @declared("data show")
 def show(o) -> None:
-    """Print rows as JSON lines (for jq), or the schema, or statistics."""
+    """Print rows as JSON lines (for jq), or as decoded text (--decode), or the schema, or statistics."""
     import json
     import sys
 
@@ -48,6 +48,9 @@ def show(o) -> None:
     from lmforge.shared.data import inspect
 
     source = arrowio.open_arrow(o.input)
+    if o.decode:
+        _decoded(source, o)
+        return
     if o.schema or o.stats:
         info = inspect.schema_info(source) if o.schema else inspect.stats(source)
         text = inspect.schema_text if o.schema else inspect.stats_text
@@ -55,6 +58,40 @@ def show(o) -> None:
         return
     for row in inspect.rows(source, o.rows):
         sys.stdout.write(json.dumps(row, ensure_ascii=False, default=inspect.json_bytes) + "\n")
+    sys.stdout.flush()
+
+
+def _decoded(source, o) -> None:
+    """data show --decode: packed rows as text, trained tokens and cuts marked."""
+    import sys
+
+    from lmforge.shared.core import arrowio
+    from lmforge.shared.core.errors import BadInput
+    from lmforge.shared.data import show
+
+    if source.meta.get("kind") != "packed":
+        raise BadInput(f"{source.name}: --decode shows packed data (token ids); this is "
+                       f"{source.meta.get('kind') or 'not lmforge'} data, printed as text without it",
+                       "drop --decode, or pack it first (`lmforge data pack`)")
+    tokenizer = show.tokenizer_for(source.meta, o.model, source.name)
+    source = arrowio.spool_stdin(source)   # read twice: the summary (what was cut) is at the end
+    source.check_complete()
+    summary = source.summary()
+    assert source.path is not None   # a file, or stdin spooled to one
+    rows = arrowio.open_arrow(source.path)
+    color = sys.stdout.isatty()
+    console = None
+    if color:
+        from rich.console import Console
+
+        console = Console(highlight=False)
+    for page in show.pages(rows, o.rows, tokenizer, summary, color):
+        if console is not None:   # one blank line between rows
+            text = page.rich()
+            text.rstrip()
+            console.print(text, end="\n\n")
+        else:
+            sys.stdout.write(page.plain().rstrip("\n") + "\n\n")
     sys.stdout.flush()
 
 

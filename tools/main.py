@@ -42,7 +42,7 @@ app.add_typer(evaluation.app, name="eval")
 command(app, "serve")(serve.serve)
 command(app, "chat")(serve.chat)
 command(app, "completion")(completion.completion)
-command(app, "board")(board.board)  # issue 18
+command(app, "board")(board.board)
 
 
 def _version(value: bool) -> None:

@@ -39,34 +39,37 @@ def serve(o) -> None:
 
 @declared("chat")
 def chat(o) -> None:
-    """Talk to a model in the terminal: answers stream as they are written; /reset, /exit."""
-    model, adapter, template, system, max_tokens, temperature, attn = (o.model, o.adapter, o.template, o.system,
-                                                                      o.max_tokens, o.temperature, o.attn)
+    """Talk to a model in the terminal: answers stream as they are written; /help lists the commands."""
     import sys
 
     from lmforge.shared.core import log
-    from lmforge.shared.infer.app import prepare
-    from lmforge.shared.infer.chat import chat_loop
-    from lmforge.shared.model.models import prefer_attention
+    from lmforge.shared.infer.chat import LocalModel, Settings, Terminal, chat_loop
+    from lmforge.shared.infer.chat_remote import RemoteModel
 
-    prefer_attention(attn)
+    settings = Settings(max_tokens=o.max_tokens, temperature=o.temperature, repetition_penalty=o.repetition_penalty,
+                        frequency_penalty=o.frequency_penalty, presence_penalty=o.presence_penalty)
+    model: LocalModel | RemoteModel
+    if o.url is not None:
+        model = RemoteModel(o.url, o.model, o.api_key)
+        if "max_tokens" not in o.chosen:
+            settings.max_tokens = None   # the server's own limit (what fits its model's context)
+        described = f"{model.name} at {model.base}"
+    else:
+        from lmforge.shared.infer.app import prepare
+        from lmforge.shared.model.models import prefer_attention
 
-    log.quiet_libraries()
-    with log.stdout_guard():
-        served = prepare(model, adapter, template, "hf", 1, 1, None, None)
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print(f"chat with {served.name} ({served.renderer.name} template); /reset starts over, /exit ends.",
+        prefer_attention(o.attn)
+        log.quiet_libraries()
+        with log.stdout_guard():
+            served = prepare(o.model, o.adapter, o.template, "hf", 1, 1, None, None)
+        model = LocalModel(served)
+        described = f"{served.name} ({served.renderer.name} template)"
+    terminal = Terminal(sys.stdin, sys.stdout, sys.stderr)
+    if terminal.interactive:
+        print(f"chat with {described}; /help lists the commands, Ctrl-C stops an answer, Ctrl-D leaves.",
               file=sys.stderr)
-
-    def read():
-        if interactive:
-            print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        return line if line else None
-
-    def write(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    chat_loop(served, system, max_tokens, temperature, read, write)
+    try:
+        chat_loop(model, o.system, settings, terminal.read, terminal.write)
+    finally:
+        terminal.close()
+        model.close()

@@ -1,4 +1,4 @@
-"""`lmforge board`: a local web interface built on the commands (issue 18).
+"""`lmforge board`: a local web interface built on the commands.
 
 The board composes the very command lines a user would type (from the option declarations in
 core/catalog.py), shows them, and runs them as subprocesses; it has no private code path.

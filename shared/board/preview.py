@@ -75,7 +75,7 @@ def _first_rows(source, n: int) -> list[dict[str, Any]]:
 
 def _tokens(ws: Workspace, packed: Path, model: str) -> list[list[dict[str, Any]]]:
     """Per example: its text cut at token boundaries, each piece marked trained (label != -100) or not."""
-    from lmforge.shared.data.tokenizing import load_tokenizer
+    from lmforge.shared.modeldir.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer(ws.root / model if (ws.root / model).exists() else model)
     from lmforge.shared.core.arrowio import open_arrow

@@ -1,6 +1,6 @@
 """`data align`: raw example files -> aligned record batches, streaming.
 
-Each input is read row by row, converted with its format's converter (formats.py), validated,
+Each input is read row by row, converted with its format's converter (converters.py), validated,
 and collected column-wise into record batches, so memory stays bounded whatever the input size.
 A bad row stops the run naming the file and row/line, unless skipping is asked for; then the
 skipped rows are counted by reason.
@@ -21,8 +21,8 @@ import pyarrow as pa
 from lmforge.shared.core import log
 from lmforge.shared.core.arrowio import BATCH_ROWS
 from lmforge.shared.core.commands.data import DataAlign
-from lmforge.shared.core.errors import BadInput
-from lmforge.shared.data import aligned, formats, sources
+from lmforge.shared.core.errors import BadInput, close_names
+from lmforge.shared.data import aligned, converters, dataset_info, format_detection, formats, sources
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Report:
 def plan(options: DataAlign) -> list[Planned]:
     """Open every input and decide its format (peeking at its first row)."""
     if options.format not in formats.FORMATS:
-        raise BadInput(f"unknown format '{options.format}'", formats.close_names(options.format, formats.FORMATS))
+        raise BadInput(f"unknown format '{options.format}'", close_names(options.format, formats.FORMATS))
     columns = formats.user_columns(options.columns)
     tags = formats.user_tags(options.tags)
     if options.dataset_info is not None:
@@ -68,7 +68,7 @@ def plan(options: DataAlign) -> list[Planned]:
             raise BadInput(f"{source.name}: empty file, {what}", "check the file")
         meta_stage = source.meta.get("stage") if source.meta.get("kind") == "aligned" else None
         names = list(first[0].keys()) if isinstance(first[0], dict) else []
-        spec = formats.detect(options.format, names, first[0], columns, tags, source.name, meta_stage)
+        spec = format_detection.detect(options.format, names, first[0], columns, tags, source.name, meta_stage)
         spec.media_dir = _media_dir(source)
         planned.append(Planned(source, spec, itertools.chain([first], rows)))
     return planned
@@ -93,7 +93,7 @@ def _plan_dataset_info(options: DataAlign, columns: dict, tags: dict) -> list[Pl
         raise BadInput("give either input files or --dataset-info/--name, not both")
     planned = []
     for name in options.name:
-        spec, location = formats.from_dataset_info(info, name, str(info_path))
+        spec, location = dataset_info.from_dataset_info(info, name, str(info_path))
         spec.columns.update({k: v for k, v in columns.items() if k in spec.columns})
         spec.tags.update(tags)
         if "file" in location:
@@ -129,7 +129,7 @@ def run(planned: list[Planned], options: DataAlign, report: Report) -> Iterator[
     hint = "fix the row, map columns with --columns, or pass --skip-invalid to drop such rows"
     with log.Progress("align", unit="rows") as progress:
         for item in planned:
-            convert = formats.converter(item.spec)
+            convert = converters.converter(item.spec)
             kept = 0
             reservoir: list = []
             rng = random.Random(options.seed)

@@ -152,7 +152,7 @@ class Builder:
         self._rows["system"].append(system)
         self._rows["tools"].append(tools)
         if self.stage == "kto":
-            # kto rows always carry a label (formats._label refuses a missing one)
+            # kto rows always carry a label (row_values.label_of refuses a missing one)
             self._rows["label"].append(label)
         self.n += 1
 

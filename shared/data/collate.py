@@ -77,7 +77,7 @@ class PairCollator:
 
 
 class VisionCollator(PackedCollator):
-    """Vision-language sft rows (issue 17): the PackedCollator's batch plus the rows' images,
+    """Vision-language sft rows: the PackedCollator's batch plus the rows' images,
     decoded and processed per batch by the model's image processor (so memory stays flat).
 
     Qwen-VL models take 3D (multimodal) rotary positions: they are computed here per example

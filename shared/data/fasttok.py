@@ -57,7 +57,7 @@ class FastBPE:
             import tiktoken
         except ImportError:
             return None
-        from lmforge.shared.data.tokenizing import backend_json
+        from lmforge.shared.modeldir.tokenizers import backend_json
 
         cfg = json.loads(backend_json(tokenizer))
         model = cfg.get("model") or {}

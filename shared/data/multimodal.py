@@ -9,20 +9,19 @@ exactly as many image tokens as the model's vision tower returns for that image 
 column, in the order their tokens appear; the collator decodes them per batch with the model's
 image processor (`Vision.pixels`), so memory stays flat however many rows there are.
 
-The image processor is loaded on its own (AutoImageProcessor) rather than through AutoProcessor:
-the Qwen-VL processors also want a video processor, which needs torchvision; lmforge needs only
-the images.
+The image processor is read from the model directory by modeldir/ (on its own, not through
+AutoProcessor: see load_image_processor).
 """
 
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from lmforge.shared.core.errors import BadInput
+from lmforge.shared.modeldir.config import config_dict, is_vision
+from lmforge.shared.modeldir.weights import load_image_processor
 
 IGNORE = -100
 
@@ -45,25 +44,13 @@ FAMILIES: dict[str, Family] = {
 SUPPORTED = tuple(FAMILIES)
 
 
-def _config_dict(model: str) -> dict | None:
-    path = Path(model) / "config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def is_vision_model(model: str) -> bool:
     """A model directory with an image processor and a vision-language config."""
-    base = Path(model)
-    if not (base / "preprocessor_config.json").is_file():
-        return False
-    config = _config_dict(model) or {}
-    return "vision_config" in config or config.get("model_type") in FAMILIES
+    return is_vision(model)
 
 
 def family_of(model: str) -> str:
-    config = _config_dict(model) or {}
+    config = config_dict(model) or {}
     name = str(config.get("model_type", "unknown"))
     if name not in FAMILIES:
         raise BadInput(f"{model}: vision-language model type '{name}' is not supported",
@@ -133,21 +120,16 @@ class Vision:
     """One model's image facts: placeholder, token counts, pixels. Built once per process."""
 
     def __init__(self, model: str, tokenizer: Any, max_pixels: int = 768 * 768, min_pixels: int = 32 * 32):
-        from transformers import AutoImageProcessor
-
         if min_pixels > max_pixels:
             raise BadInput(f"--image-min-pixels {min_pixels} is above --image-max-pixels {max_pixels}",
                            "lower --image-min-pixels")
         self.model = model
         self.name = family_of(model)
         self.family = FAMILIES[self.name]
-        self.config = _config_dict(model) or {}
+        self.config = config_dict(model) or {}
         self.max_pixels, self.min_pixels = max_pixels, min_pixels
         self.tokenizer = tokenizer
-        try:
-            self.processor = AutoImageProcessor.from_pretrained(model)
-        except (OSError, ValueError) as exc:
-            raise BadInput(f"{model}: cannot load the image processor ({str(exc).splitlines()[0]})") from None
+        self.processor = load_image_processor(model)
         missing = [t for t in (self.family.image_token, *self._specials())
                    if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
         if missing:
@@ -307,7 +289,7 @@ def from_metadata(model: str, tokenizer: Any, meta: dict | None) -> Vision | Non
 
 
 def for_packed(model: str, tokenizer: Any, data: Any) -> Vision:
-    """The Vision of packed image data, checked against the model that trains on it (issue 17)."""
+    """The Vision of packed image data, checked against the model that trains on it."""
     meta = data.meta["vision"]
     family = family_of(model)
     if family != meta.get("family"):
@@ -318,7 +300,7 @@ def for_packed(model: str, tokenizer: Any, data: Any) -> Vision:
 
 class PromptImages:
     """The images of packed prompts (ppo-stage rows), as model inputs for a batch of row numbers:
-    train grpo and train ppo (issue 17). Rows are read from the memory-mapped data when needed."""
+    train grpo and train ppo. Rows are read from the memory-mapped data when needed."""
 
     def __init__(self, model_dir: str, model, tokenizer, data):
         self.vision = for_packed(model_dir, tokenizer, data)

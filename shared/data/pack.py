@@ -12,18 +12,17 @@ Per stage (columns of the packed Arrow data):
 is their concatenation); with --neat-packing training restarts position ids at each boundary so
 attention never crosses examples. Labels are -100 where there is no loss.
 
-Truncation shares the --cutoff budget between prompt and response the way LLaMA-Factory does
-(a short response is kept whole; otherwise both are cut in proportion), so a long prompt never
-wipes out the response. A cut prompt keeps its beginning and its last turn header (the middle
-goes); a cut response loses its end (and so its EOS). Examples that cannot keep a header and
-one response token are dropped. Both are counted and reported.
+Truncation (--truncation, truncation.py): by default the --cutoff budget is shared between prompt
+and response the way LLaMA-Factory does (a short response is kept whole; otherwise both are cut
+in proportion), so a long prompt never wipes out the response; or the prompt loses its beginning
+(left), the response its end (right), or the example is dropped (drop). What each cut example
+lost (its prompt, its answer, whole turns, tool calls) is counted and reported, with row numbers.
 """
 
 from __future__ import annotations
 
 import os
 from array import array
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 import pyarrow as pa
@@ -31,9 +30,10 @@ from lmforge.shared.core import columns, log
 from lmforge.shared.core.commands.data import DataPack
 from lmforge.shared.core.errors import BadInput
 from lmforge.shared.data.aligned import ASSISTANT, turns_of
+from lmforge.shared.data.truncation import Counts, Cut, budget, fit_conversation, holes, kept_prompt
 
 if TYPE_CHECKING:
-    from lmforge.shared.data.templates import Rendered
+    from lmforge.shared.data.rendering import Rendered
 
 NEEDS = {"pt": ("pt",), "sft": ("sft",), "rm": ("pairwise",), "dpo": ("pairwise",), "kto": ("kto",),
          "ppo": ("sft", "pairwise", "kto")}
@@ -49,7 +49,7 @@ SCHEMAS = {
 IGNORE = -100
 IGNORE_ROW = array("i", [IGNORE])
 T = TypeVar("T")
-IMAGES = pa.list_(pa.binary())   # issue 17: packed vision-language rows carry their images
+IMAGES = pa.list_(pa.binary())   # packed vision-language rows carry their images
 
 
 IMAGE_COLUMNS = {"sft": "images", "dpo": "prompt_images", "rm": "prompt_images", "kto": "prompt_images",
@@ -62,34 +62,6 @@ def schema_for(stage: str, images: bool = False) -> pa.Schema:
     return base.append(pa.field(IMAGE_COLUMNS[stage], IMAGES)) if images and stage in IMAGE_COLUMNS else base
 
 
-@dataclass
-class Counts:
-    examples: int = 0
-    truncated: int = 0
-    dropped: int = 0
-
-    def add(self, other: "Counts") -> None:
-        self.examples += other.examples
-        self.truncated += other.truncated
-        self.dropped += other.dropped
-
-
-def share_budget(source: int, target: int, cutoff: int) -> tuple[int, int]:
-    """How many prompt (source) and response (target) tokens to keep within `cutoff`.
-
-    A response shorter than half the budget stays whole; else a prompt shorter than half keeps
-    its length; else both shrink in proportion to their lengths."""
-    if target * 2 < cutoff:
-        max_target = cutoff
-    elif source * 2 < cutoff:
-        max_target = cutoff - source
-    else:
-        max_target = int(cutoff * (target / (source + target)))
-    new_target = min(max_target, target)
-    new_source = min(max(cutoff - new_target, 0), source)
-    return new_source, new_target
-
-
 class Columns:
     """Per-batch results: list columns as flat int32 arrays + lengths (cheap to pickle)."""
 
@@ -98,6 +70,8 @@ class Columns:
         self.lens = {n: array("i") for n in names}
         self.flags: list[bool] = []
         self.images: list[list[bytes]] = []   # vision-language sft: each row's images, in token order
+        # the examples that were cut: (row here, example in the row, aligned row number, what it lost)
+        self.marks: list[tuple[int, int, int, Cut]] = []
 
     def put(self, name: str, values) -> None:
         self.flat[name].extend(values)
@@ -160,14 +134,6 @@ def _spaces_with_answers(r):
     return r if spans == r.spans else replace(r, spans=spans)
 
 
-def cut_prompt(ids: list[int], keep: int, header: int) -> list[int]:
-    """Keep `keep` prompt tokens: the beginning, and the last `header` tokens (the answer's header)."""
-    if keep >= len(ids):
-        return ids
-    header = min(header, keep)
-    return ids[: keep - header] + (ids[len(ids) - header:] if header else [])
-
-
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """Bins of example indexes: longest first, each into the fullest bin it still fits."""
     import bisect
@@ -192,8 +158,9 @@ class Encoder:
     """Everything needed to encode aligned rows for a stage; built once per process."""
 
     def __init__(self, options: DataPack, tokenizer=None):
-        from lmforge.shared.data.templates import Reasoning, renderer
-        from lmforge.shared.data.tokenizing import (
+        from lmforge.shared.data.reasoning import Reasoning
+        from lmforge.shared.data.templates import renderer
+        from lmforge.shared.modeldir.tokenizers import (
             add_special_tokens,
             adds_bos,
             load_tokenizer,
@@ -213,7 +180,7 @@ class Encoder:
         from lmforge.shared.data.fasttok import FastBPE
 
         self.fast = FastBPE.from_hf(self.tokenizer) if os.environ.get("LMFORGE_FAST_TOKENIZER", "1") != "0" else None
-        # issue 17: a vision-language model's image facts (None for a text model)
+        # a vision-language model's image facts (None for a text model)
         from lmforge.shared.data import multimodal
 
         self.vision = (multimodal.Vision(options.model, self.tokenizer, options.image_max_pixels,
@@ -332,19 +299,22 @@ class Encoder:
 
         vision = self.vision
         row_images: list[list[bytes]] = []
+        row_turns: list[list[dict]] = []   # what a cut removed is told from them
 
         def conversation(r: dict) -> Callable[[], Rendered]:
             turns = turns_of(r["prompt"]) + turns_of(r["response"])
             if vision is not None:  # images become the family's placeholder text
                 turns, images = vision.textual(turns)
                 row_images.append(images)
+            row_turns.append(turns)
             return lambda: render.conversation(turns, r["system"], r["tools"])
 
         rendered = [self._row(i, conversation(r)) for i, r in enumerate(rows)]
         ignore = array("i", [IGNORE])
         for k, (ids, ranges, head) in enumerate(self._encode_spans(rendered)):
+            row = self._first_row + k + 1
             if not ranges or ranges[-1][0] == ranges[-1][1]:
-                counts.dropped += 1
+                counts.drop(row, "no_answer")
                 continue
             if self.o.train_on_prompt:
                 labels = array("i", ids)
@@ -358,20 +328,22 @@ class Encoder:
                                                            f"row {self._first_row + k + 1}")
                 ranges = [(shift(a), shift(b)) for a, b in ranges]
                 image_tokens = vision.image_tokens(ids)
-            r0, r1 = ranges[-1]
-            if len(ids) > cutoff:  # the glue after the last turn goes first, then share the budget
-                counts.truncated += 1
-                keep_p, keep_r = share_budget(r0, r1 - r0, cutoff)
-                if keep_r < 1 or keep_p < min(head + 1, r0):
-                    counts.dropped += 1
-                    continue
-                keep_head = min(head, keep_p)
-                cut = [(0, keep_p - keep_head), (r0 - keep_head, r0), (r0, r0 + keep_r)]
-                ids = array("i", b"".join(ids[x:y].tobytes() for x, y in cut))
-                labels = array("i", b"".join(labels[x:y].tobytes() for x, y in cut))
+            # the glue after the last turn goes first, then --truncation decides
+            fit = fit_conversation(self.o.truncation, len(ids), ranges, head, cutoff, row_turns[k],
+                                   getattr(rendered[k], "turn_of_span", []))
+            if fit is None:
+                counts.drop(row, "too_long")
+                continue
+            kept, cut = fit
+            if kept != [(0, len(ids))]:
+                ids = array("i", b"".join(ids[x:y].tobytes() for x, y in kept))
+                labels = array("i", b"".join(labels[x:y].tobytes() for x, y in kept))
                 if vision is not None and vision.image_tokens(ids) != image_tokens:
-                    counts.dropped += 1   # the cut went through an image: raise --cutoff
+                    counts.drop(row, "image")   # the cut went through an image: raise --cutoff
                     continue
+            if cut is not None:
+                counts.cut(row, cut)
+                out.marks.append((len(out), 0, row, cut))
             out.put("input_ids", ids)
             out.put("labels", labels)
             if vision is not None:
@@ -388,7 +360,11 @@ class Encoder:
         examples = list(zip(cols.examples("input_ids"), cols.examples("labels")))
         bins = best_fit_decreasing([len(ids) for ids, _ in examples], self.o.cutoff)
         out = Columns(("input_ids", "labels", "lengths"))
+        marks = {example: (source, cut) for example, _, source, cut in cols.marks}
         for members in bins:
+            for place, i in enumerate(members):   # a cut example: where it went
+                if i in marks:
+                    out.marks.append((len(out), place, *marks[i]))
             ids, labels = array("i"), array("i")
             for i in members:
                 ids.extend(examples[i][0])
@@ -411,9 +387,10 @@ class Encoder:
         self._at = -1
         assert self.render is not None  # rm/dpo/kto/ppo render through a template
         row_images: list[list[bytes]] = []
+        calls: list[bool] = []   # per row: is one of its answers a tool call
         for self._at, r in enumerate(rows):
             prompt, responses = turns_of(r["prompt"]), turns_of(r["response"])
-            if self.vision is not None:   # issue 17: dpo and rm prompts may hold images
+            if self.vision is not None:   # dpo and rm prompts may hold images
                 if any(m.get("parts") for m in responses):
                     raise BadInput(f"row {self._first_row + self._at + 1}: an image in an answer of {stage} data "
                                    "(images pack in the prompts of rm, dpo, kto and ppo rows, anywhere in sft)",
@@ -424,11 +401,13 @@ class Encoder:
                 first = responses[0] if responses else None   # a message dict (a (role, content) pair before)
                 role = first.get("role") if isinstance(first, dict) else (first[0] if first else None)
                 responses = responses[:1] if role == ASSISTANT else []
+                calls.append(any(isinstance(x, dict) and x.get("tool_calls") for x in responses))
                 heads.append(self.render.generation_prompt(prompt, r["system"], r["tools"]))
                 bodies.append([self.render.prompt_response(prompt, x, r["system"], r["tools"])[1]
                                for x in responses] or [""])
                 continue
             pairs = [self.render.prompt_response(prompt, x, r["system"], r["tools"]) for x in responses]
+            calls.append(any(isinstance(x, dict) and x.get("tool_calls") for x in responses))
             heads.append(pairs[0][0])
             bodies.append([body for _, body in pairs])
         self._at = -1
@@ -436,6 +415,7 @@ class Encoder:
         body_ids = iter(self._encode_ids([t for texts in bodies for t in texts]))
         head = self.header_tokens
         for i, prompt_ids in enumerate(head_ids):
+            row = self._first_row + i + 1
             response_ids = [next(body_ids) for _ in bodies[i]]
             fitted: list[bytes] = []
             if self.vision is not None:   # each placeholder -> its image's tokens
@@ -445,16 +425,32 @@ class Encoder:
                 image_tokens = self.vision.image_tokens(prompt_ids)
             longest = max(len(x) for x in response_ids)
             if len(prompt_ids) + longest > self.o.cutoff:
-                counts.truncated += 1
-                keep_p, keep_r = share_budget(len(prompt_ids), longest, self.o.cutoff)
-                if (stage != "ppo" and keep_r < 1) or keep_p < min(head + 1, len(prompt_ids)):
-                    counts.dropped += 1
+                # (a ppo row's reference answer is only read by rewards: it may be cut to nothing)
+                fitted_budget = budget(self.o.truncation, len(prompt_ids), longest, head, self.o.cutoff,
+                                       answer_needed=stage != "ppo")
+                if fitted_budget is None:
+                    counts.drop(row, "too_long")
                     continue
-                prompt_ids = cut_prompt(prompt_ids, keep_p, head)
+                keep_p, keep_r = fitted_budget
+                cut = Cut()
+                if keep_p < len(prompt_ids):
+                    kept = kept_prompt(self.o.truncation, len(prompt_ids), keep_p, head)
+                    cut.at["prompt_ids"] = holes(kept, len(prompt_ids))
+                    cut.lost.append("prompt")
+                    prompt_ids = [t for a, b in kept for t in prompt_ids[a:b]]
+                for name, x in zip(names[1:], response_ids):
+                    if len(x) > keep_r:
+                        cut.at[name] = [[keep_r, len(x) - keep_r]]
+                if any(name in cut.at for name in names[1:]):
+                    cut.lost.append("answer")
+                    if calls[i]:
+                        cut.lost.append("tool_calls")
                 response_ids = [x[:keep_r] for x in response_ids]
                 if self.vision is not None and self.vision.image_tokens(prompt_ids) != image_tokens:
-                    counts.dropped += 1   # the cut went through an image: raise --cutoff
+                    counts.drop(row, "image")   # the cut went through an image: raise --cutoff
                     continue
+                counts.cut(row, cut)
+                out.marks.append((len(out), 0, row, cut))
             if self.vision is not None:
                 out.images.append(fitted)
             out.put("prompt_ids", prompt_ids)

@@ -41,7 +41,7 @@ def open_packed(source: str, stages: tuple[str, ...], what: str = "--data") -> P
 
 def check_tokenizer(data: PackedData, tokenizer, model: str, what: str = "--data") -> None:
     """Refuse data packed with another tokenizer, naming both."""
-    from lmforge.shared.data.tokenizing import fingerprint
+    from lmforge.shared.modeldir.tokenizers import fingerprint
 
     packed = data.meta.get("tokenizer") or {}
     mine = fingerprint(tokenizer)

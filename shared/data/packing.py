@@ -14,6 +14,7 @@ from lmforge.shared.core import columns, log
 from lmforge.shared.core.commands.data import DataPack
 from lmforge.shared.core.errors import BadInput
 from lmforge.shared.data.pack import (IMAGES, NEEDS, SCHEMAS, Columns, Counts, Encoder, loss_count, schema_for)
+from lmforge.shared.data.truncation import RECORDS, describe
 
 _WORKER: Encoder | None = None
 
@@ -65,10 +66,14 @@ class Stats:
     loss_tokens: int = 0
     capacity: int = 0   # rows x cutoff, for packing efficiency
     images: int = -1    # vision-language data: images in the rows (-1: text data)
+    cut_examples: list[dict] = field(default_factory=list)   # the first RECORDS cut examples, where they went
 
     def as_dict(self, options: DataPack) -> dict:
-        d: dict[str, int | float] = {"examples": self.counts.examples, "truncated": self.counts.truncated,
-                                     "dropped": self.counts.dropped, "rows": self.rows, "tokens": self.tokens}
+        d: dict = {**self.counts.summary(), "rows": self.rows, "tokens": self.tokens}
+        if options.stage != "pt":
+            d["truncation"] = options.truncation
+        if self.cut_examples:
+            d["cut_examples"] = self.cut_examples
         if options.stage in ("pt", "sft"):
             d["loss_tokens"] = self.loss_tokens
             d["loss_fraction"] = round(self.loss_tokens / self.tokens, 4) if self.tokens else 0.0
@@ -105,6 +110,9 @@ class RowWriter:
     def _emit(self, out: Columns, capacity: int = 0) -> Iterator[pa.RecordBatch]:
         names = [n for n in self.schema.names if n not in ("label", "images", "prompt_images")]
         rows = len(out.lens[names[0]])
+        for row, example, source, cut in out.marks:
+            if len(self.stats.cut_examples) < RECORDS:
+                self.stats.cut_examples.append(cut.record(self.stats.rows + row + 1, example + 1, source))
         self.stats.rows += rows
         self.stats.capacity += capacity
         self.stats.tokens += sum(len(out.flat[n]) for n in names if n not in ("labels", "lengths"))
@@ -113,7 +121,7 @@ class RowWriter:
         arrays = [out.arrow(n) for n in names]
         if self.o.stage == "kto":
             arrays.append(columns.bools(out.flags))
-        if len(self.schema.names) > len(SCHEMAS[self.o.stage].names):   # issue 17: the rows' images, in token order
+        if len(self.schema.names) > len(SCHEMAS[self.o.stage].names):   # the rows' images, in token order
             self.stats.images += sum(len(x) for x in out.images)
             arrays.append(pa.array(out.images, type=IMAGES))
         yield pa.record_batch(arrays, schema=self.schema)
@@ -158,17 +166,20 @@ def check_stage(meta: dict, source_name: str, stage: str) -> None:
     require(meta, source_name, kind="aligned", stages=NEEDS[stage], hint=hint)
 
 
-def log_summary(stats: dict, options: DataPack) -> None:
+def log_summary(stats: dict, options: DataPack, counts: Counts) -> None:
+    """The pack line on stderr: examples, rows, tokens, what was cut or dropped (by kind, with the
+    first rows), packing; a warning when many examples were cut."""
     parts = [f"{stats['examples']:,} examples -> {stats['rows']:,} rows, {stats['tokens']:,} tokens"]
-    if stats["truncated"]:
-        parts.append(f"{stats['truncated']:,} truncated to {options.cutoff}")
-    if stats["dropped"]:
-        parts.append(f"{stats['dropped']:,} dropped")
+    cuts, warning = describe(counts, options.cutoff, options.truncation)
+    if cuts:
+        parts.append(cuts)
     if "packing_efficiency" in stats:
         parts.append(f"packing efficiency {stats['packing_efficiency']:.1%}")
     if "loss_fraction" in stats:
         parts.append(f"{stats['loss_fraction']:.1%} of tokens with loss")
     log.info("pack: " + "; ".join(parts))
+    if warning:
+        log.warn(warning)
 
 
 CHUNK = 4096  # examples encoded together; --packing bins the examples of one chunk
@@ -185,7 +196,7 @@ def numbered(batches: Iterator[pa.RecordBatch], rows: int = CHUNK) -> Iterator[t
 
 
 def metadata(encoder: Encoder, options: DataPack, source_meta: dict, step: dict) -> dict:
-    from lmforge.shared.data.tokenizing import describe
+    from lmforge.shared.modeldir.tokenizers import describe
 
     tpl: dict | None = {"name": encoder.render.name} if encoder.render else None
     if tpl is not None and (options.reasoning, options.thinking, options.mask_empty_think) != ("auto", "auto", False):
@@ -248,5 +259,5 @@ def pack_dataset(o: DataPack) -> dict:
             out.write(batch)
         summary = stats.as_dict(o)
         out.set_summary(summary)
-    log_summary(summary, o)
+    log_summary(summary, o, stats.counts)
     return summary

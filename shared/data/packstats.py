@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lmforge.shared.core.arrowio import ArrowSource
 from lmforge.shared.core.meta import require
+from lmforge.shared.data.truncation import NAMES
 
 IGNORE = -100
 
@@ -26,7 +27,7 @@ def compute(source: ArrowSource) -> dict:
     require(meta, source.name, kind="packed",
             hint="`data stats` reads packed data; for aligned data use `data show --stats`")
     list_columns = [f.name for f in source.schema if pa.types.is_list(f.type) and f.name not in ("lengths", "images")]
-    image_token = (meta.get("vision") or {}).get("image_token_id")   # issue 17: vision-language data
+    image_token = (meta.get("vision") or {}).get("image_token_id")   # vision-language data
     images: list[np.ndarray] = []
     image_tokens: list[np.ndarray] = []
     lengths: dict[str, list[np.ndarray]] = {name: [] for name in list_columns}
@@ -73,6 +74,13 @@ def compute(source: ArrowSource) -> dict:
     for key in ("examples", "truncated", "dropped"):
         if key in summary:
             info.setdefault("pack", {})[key] = summary[key]
+    # what the cuts took (data pack --truncation): by kind, with the first rows of the aligned input
+    cuts = {key: summary[key] for key in ("truncation", "lost", "turns_removed", "dropped_by", "first_rows")
+            if key in summary}
+    if summary.get("cut_examples"):
+        cuts["recorded_examples"] = len(summary["cut_examples"])
+    if cuts:
+        info["truncation"] = cuts
     return info
 
 
@@ -91,6 +99,8 @@ def print_table(info: dict) -> None:
             head.add_row(key.replace("_", " "), str(value))
     for key, value in (info.get("pack") or {}).items():
         head.add_row(f"{key} (at pack time)", f"{value:,}")
+    for name, value in _truncation_rows(info.get("truncation") or {}):
+        head.add_row(name, value)
     if "labels" in info:
         head.add_row("labels", f"{info['labels']['true']:,} desirable / {info['labels']['false']:,} not")
     console.print(head)
@@ -108,3 +118,24 @@ def print_table(info: dict) -> None:
             table.add_row(name, *(f"{d[k]:,}" if isinstance(d[k], int) else str(d[k])
                                   for k in ("count", "min", "mean", "p50", "p90", "p99", "max", "total")))
     console.print(table)
+
+
+def _truncation_rows(cuts: dict) -> list[tuple[str, str]]:
+    """What --truncation cut, as table rows: each kind's count and first rows."""
+    def rows(kind: str, before: str = "") -> str:
+        first = (cuts.get("first_rows") or {}).get(kind) or []
+        named = f"rows {', '.join(map(str, first))}{', ...' if len(first) >= 5 else ''}" if first else ""
+        inside = "; ".join(x for x in (before, named) if x)
+        return f" ({inside})" if inside else ""
+
+    out = [("truncation", cuts["truncation"])] if "truncation" in cuts else []
+    names = {kind: f"{name} in" for kind, name in NAMES.items()}
+    lost = cuts.get("lost") or {}
+    for kind, n in sorted(lost.items(), key=lambda kv: list(names).index(kv[0]) if kv[0] in names else len(names)):
+        turns = f"{cuts['turns_removed']:,} turns" if kind == "turns" and cuts.get("turns_removed") else ""
+        out.append((names.get(kind, kind), f"{n:,}{rows(kind, turns)}"))
+    for reason, n in (cuts.get("dropped_by") or {}).items():
+        out.append((f"dropped: {reason.replace('_', ' ')}", f"{n:,}"))
+    if cuts.get("dropped_by"):
+        out[-1] = (out[-1][0], out[-1][1] + rows("dropped"))
+    return out

@@ -81,7 +81,8 @@ async def read_body(request, limit: int) -> bytes:
 def create_app(served: Served):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
-    from lmforge.shared.data.templates import parse_calls, prompt_opens_think
+    from lmforge.shared.data.reasoning import prompt_opens_think
+    from lmforge.shared.data.tool_calls import parse_calls
     from lmforge.shared.infer import protocol as api
     from lmforge.shared.infer.protocol import APIError
 
@@ -121,7 +122,9 @@ def create_app(served: Served):
         """The request's generation settings, checked against its prompt -> (Job, Settings)."""
         settings = api.Settings.check(body, prompt_tokens=len(prompt_ids), context=served.context)
         job = Job(prompt_ids=prompt_ids, max_tokens=settings.max_tokens, temperature=settings.temperature,
-                  top_p=settings.top_p, seed=settings.seed, n=settings.n, stop=settings.stop)
+                  top_p=settings.top_p, seed=settings.seed, n=settings.n, stop=settings.stop,
+                  repetition_penalty=settings.repetition_penalty, frequency_penalty=settings.frequency_penalty,
+                  presence_penalty=settings.presence_penalty)
         return job, settings
 
     by_thinking: dict[str, object] = {}
@@ -316,7 +319,8 @@ async def _stream(served: Served, slots, request, job: Job, head: list[str], on_
 
 def _stream_chat(served: Served, slots, request, job: Job, chat_id: str, tools: bool, style: str | None,
                  usage: bool, thinks: bool = False, opened: bool = False):
-    from lmforge.shared.data.templates import ThinkStream, parse_calls, split_generated
+    from lmforge.shared.data.reasoning import ThinkStream, split_generated
+    from lmforge.shared.data.tool_calls import parse_calls
     from lmforge.shared.infer.protocol import ChatChunk, ChunkChoice, Delta, Usage
 
     created = int(time.time())
@@ -423,26 +427,25 @@ def prepare(model_dir: str, adapter: str | None, template: str, backend: str, ma
 
     from lmforge.shared.data import multimodal
 
-    vision = None
+    from lmforge.shared.modeldir.config import context_length, load_config
+
     if backend == "vllm":
-        from lmforge.shared.data.tokenizing import load_tokenizer
-        from transformers import AutoConfig
+        from lmforge.shared.modeldir.tokenizers import load_tokenizer
 
         tokenizer = load_tokenizer(adapter or model_dir)
-        render = renderer_for(template, tokenizer, model_dir, adapter)
-        # a vision-language model's requests carry their images to vLLM's own processor
-        vision = multimodal.Vision(model_dir, tokenizer) if multimodal.is_vision_model(model_dir) else None
-        engine: HFEngine | VLLMEngine = VLLMEngine(model_dir, adapter, max_concurrency, images=vision is not None,
-                                                   max_images=max_images)
-        config = AutoConfig.from_pretrained(str(model_dir))
-        context = getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", 4096) or 4096
+        config = load_config(model_dir)
     else:
         model, tokenizer = load(model_dir, adapter)
-        render = renderer_for(template, tokenizer, model_dir, adapter)
-        vision = multimodal.Vision(model_dir, tokenizer) if multimodal.is_vision_model(model_dir) else None
+        config = model.config
+    render = renderer_for(template, tokenizer, model_dir, adapter)
+    # a vision-language model's requests carry their images (to vLLM's own processor with vllm)
+    vision = multimodal.Vision(model_dir, tokenizer) if multimodal.is_vision_model(model_dir) else None
+    engine: HFEngine | VLLMEngine
+    if backend == "vllm":
+        engine = VLLMEngine(model_dir, adapter, max_concurrency, images=vision is not None, max_images=max_images)
+    else:
         engine = HFEngine(model, tokenizer, stop_token_ids(tokenizer, render.stop_words()), max_batch, vision)
-        context = getattr(getattr(model.config, "text_config", None) or model.config, "max_position_embeddings",
-                          2048) or 2048
+    context = context_length(config)
     served_name = name or Path(adapter or model_dir).name or str(model_dir)
     return Served(engine, tokenizer, render, served_name, context, api_key, max_concurrency, vision=vision,
                   max_images=max_images)

@@ -24,7 +24,7 @@ from typing import Any
 from lmforge.shared.core.catalog import defaults
 from lmforge.shared.core.errors import BadInput
 from lmforge.shared.infer.detokenize import RowText, first_stop, visible
-from lmforge.shared.model.generation import left_pad, pad_id_of, sampling_args
+from lmforge.shared.model.generation import left_pad, pad_id_of, penalty_processors, sampling_args
 
 MAX_IMAGES: int = defaults("serve")["max_images"]   # images one request may carry (serve --max-images)
 
@@ -42,6 +42,9 @@ class Job:
     stop: list[str] = field(default_factory=list)
     lead: str = ""              # spaces ending the rendered prompt that the model writes itself
     images: list[bytes] = field(default_factory=list)   # a vision-language prompt's images
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     cancelled: bool = False
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
@@ -51,11 +54,15 @@ class Job:
         greedy = self.temperature == 0
         if self.images:   # a request with images runs in a batch of its own
             return (id(self),)
-        return (greedy, None if greedy else self.temperature, None if greedy else self.top_p, self.seed)
+        return (greedy, None if greedy else self.temperature, None if greedy else self.top_p, self.seed,
+                self.repetition_penalty, self.frequency_penalty, self.presence_penalty)
 
     def emit(self, event: dict) -> None:
         assert self.loop is not None and self.events is not None, "emit() before generate()"
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:   # the asking event loop is closed: nobody listens, and the engine goes on
+            self.cancelled = True
 
 
 # ----------------------------------------------------------------------------- engines
@@ -111,6 +118,9 @@ class HFEngine:
                 rows += job.n
             for job in taken:
                 self.waiting.remove(job)
+            for job in taken:
+                if job.cancelled:   # given up before it ran: its caller may still wait for the end
+                    job.emit({"done": True, "choices": [], "prompt_tokens": len(job.prompt_ids)})
             try:
                 self.running = len(taken)
                 self._run([j for j in taken if not j.cancelled])
@@ -182,6 +192,10 @@ class HFEngine:
                       pad_token_id=self.pad_id, use_cache=True, streamer=Rows(),
                       stopping_criteria=StoppingCriteriaList([RowStop()]),
                       **sampling_args(first.temperature, first.top_p))  # top-k: generate()'s own
+        penalties = penalty_processors(ids, mask, first.repetition_penalty, first.frequency_penalty,
+                                       first.presence_penalty)
+        if penalties is not None:
+            kwargs["logits_processor"] = penalties
         if first.images and self.vision is not None:   # one job: its images for each of its n rows
             kwargs.update({k: v.to(self.device) for k, v in self.vision.pixels(first.images * first.n).items()})
             kwargs.update(self.vision.token_types(self.model, ids))
@@ -245,7 +259,8 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         params = SamplingParams(n=job.n, temperature=job.temperature, top_p=job.top_p, max_tokens=job.max_tokens,
-                                seed=job.seed, stop=job.stop or None)
+                                seed=job.seed, stop=job.stop or None, repetition_penalty=job.repetition_penalty,
+                                frequency_penalty=job.frequency_penalty, presence_penalty=job.presence_penalty)
         request_id = uuid.uuid4().hex
         sent: dict[int, str] = {}
         final: Any = None

@@ -15,7 +15,8 @@ from typing import Any
 from lmforge.shared.core import log
 from lmforge.shared.core.commands.infer import EvalBenchmark, EvalGenerate, EvalPerplexity, EvalRM
 from lmforge.shared.core.errors import BadInput
-from lmforge.shared.data.templates import prompt_opens_think, renderer_for
+from lmforge.shared.data.reasoning import prompt_opens_think
+from lmforge.shared.data.templates import renderer_for
 from lmforge.shared.model.models import load_for_inference as load
 from lmforge.shared.model.models import prefer_attention
 
@@ -202,7 +203,9 @@ def generate_eval(o: EvalGenerate) -> dict:
     prefer_attention(o.attn)
     model_dir, adapter, data, template, batch_size, max_samples, output = (
         o.model, o.adapter, o.data, o.template, o.batch_size, o.max_samples, o.output)
-    sampling = Sampling(max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=o.top_p, seed=o.seed)
+    sampling = Sampling(max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=o.top_p, seed=o.seed,
+                        repetition_penalty=o.repetition_penalty, frequency_penalty=o.frequency_penalty,
+                        presence_penalty=o.presence_penalty)
     source = open_arrow(data)
     require(source.meta, source.name, kind="aligned", stages=("sft",),
             hint="eval generate reads aligned chat data (prompt + reference answer)")
@@ -228,7 +231,7 @@ def generate_eval(o: EvalGenerate) -> dict:
         for start in range(0, len(rows), batch_size):
             part = rows[start:start + batch_size]
             images: list[bytes] = []
-            if vision is not None:   # issue 17: image tokens in the prompts, the images beside them
+            if vision is not None:   # image tokens in the prompts, the images beside them
                 prompts, ids = [], []
                 for r in part:
                     got = multimodal.generation_inputs(vision, render, turns_of(r["prompt"]), r["system"], r["tools"],
@@ -295,7 +298,8 @@ def reward_eval(o: EvalRM) -> dict:
     import torch
     from lmforge.shared.data.packed import check_tokenizer, open_packed
     from lmforge.shared.data.collate import PairCollator
-    from lmforge.shared.model.value import HEAD_FILE, ValueModel, load_head
+    from lmforge.shared.model.value import ValueModel
+    from lmforge.shared.modeldir.weights import HEAD_FILE, load_value_head
 
     prefer_attention(o.attn)
     model_dir, reward, data, batch_size = o.model, o.reward, o.data, o.batch_size
@@ -308,7 +312,7 @@ def reward_eval(o: EvalRM) -> dict:
         causal, tokenizer = load(reward, None)
     check_tokenizer(packed, tokenizer, model_dir)
     hidden = causal.config.get_text_config().hidden_size
-    scorer = ValueModel(causal, load_head(reward, hidden)).eval()
+    scorer = ValueModel(causal, load_value_head(reward, hidden)).eval()
     collate = PairCollator(tokenizer.pad_token_id or 0)
     chosen_all, rejected_all = [], []
     with torch.no_grad(), log.Progress("eval rm", total=packed.rows, unit="pairs") as progress:

@@ -185,7 +185,7 @@ class ChatRequest(_Request):
         if not value:
             return None
         from lmforge.shared.data.aligned import RowError
-        from lmforge.shared.data.formats import normalize_tools
+        from lmforge.shared.data.row_values import normalize_tools
 
         renderer = _context(info)["renderer"]
         if not renderer.supports_tools:
@@ -250,6 +250,9 @@ class Settings(_Checked):
     top_p: Any = 1.0
     seed: Any = None
     n: Any = 1
+    frequency_penalty: Any = 0.0
+    presence_penalty: Any = 0.0
+    repetition_penalty: Any = 1.0   # not OpenAI's: vLLM's and transformers' (1: off)
 
     @field_validator("max_tokens", mode="before")
     @classmethod
@@ -311,6 +314,19 @@ class Settings(_Checked):
     def _n(cls, value):
         return _number("n", value, 1, 1, 16, int)
 
+    @field_validator("frequency_penalty", "presence_penalty", mode="before")
+    @classmethod
+    def _occurrence_penalty(cls, value, info: ValidationInfo):
+        return _number(str(info.field_name), value, 0.0, -2, 2)
+
+    @field_validator("repetition_penalty", mode="before")
+    @classmethod
+    def _repetition_penalty(cls, value):
+        value = _number("repetition_penalty", value, 1.0)
+        if value <= 0:
+            raise _invalid("'repetition_penalty' must be above 0 (1: no penalty)", "repetition_penalty")
+        return value
+
     @property
     def include_usage(self) -> bool:
         """stream_options.include_usage: end the stream with a chunk carrying the usage."""
@@ -324,7 +340,8 @@ def messages_to_turns(messages: object, media_dir: str | None = None,
     Images as data: URLs; by local path or file:// URL only inside `media_dir` (serve --media-dir):
     a client must not make the server read any file it likes, nor fetch URLs."""
     from lmforge.shared.data.aligned import RowError, check_turns, message
-    from lmforge.shared.data.formats import converter, make_spec
+    from lmforge.shared.data.converters import converter
+    from lmforge.shared.data.formats import make_spec
 
     if not isinstance(messages, list) or not messages:
         raise _invalid("'messages' must be a non-empty list", "messages")

@@ -30,7 +30,7 @@ class Rule:
 
 def _no_generation_marker(tokenizer) -> bool:
     """The chat template ignores add_generation_prompt, yet its answers open with a header."""
-    from lmforge.shared.data.templates import JinjaRenderer
+    from lmforge.shared.data.jinja_template import JinjaRenderer
 
     return bool(getattr(tokenizer, "chat_template", None)) and bool(JinjaRenderer(tokenizer).implied_header)
 
@@ -78,7 +78,7 @@ RULES: tuple[Rule, ...] = (
     Rule("no generation marker", _no_generation_marker, ("chatml without add_generation_prompt",),
          "the chat template ignores add_generation_prompt but opens each answer with a header: --template auto "
          "finds the header by rendering an answer and adds it to every generation prompt, so it is never "
-         "trained and eval/serve prompt with it (templates.JinjaRenderer.implied_header)", on="tokenizer"),
+         "trained and eval/serve prompt with it (jinja_template.JinjaRenderer.implied_header)", on="tokenizer"),
 )
 
 

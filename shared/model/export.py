@@ -137,7 +137,9 @@ PROBE = [{"role": "system", "content": "You are terse."}, {"role": "user", "cont
 def matching_template(tokenizer) -> str | None:
     """The lmforge template whose rendering of a probe conversation equals the tokenizer's own
     chat template's (with and without a system message), if one does."""
-    from lmforge.shared.data.templates import TEMPLATES, Renderer, render_chat_template
+    from lmforge.shared.data.jinja_template import render_chat_template
+    from lmforge.shared.data.rendering import Renderer
+    from lmforge.shared.data.templates import TEMPLATES
 
     turns = [{"role": m["role"], "content": m["content"]} for m in PROBE[1:]]
     wanted = []
@@ -242,8 +244,10 @@ def modelfile(gguf_name: str, template: str | None, stops: list[str], system: st
 
 def export(o: ModelExport) -> Path:
     """`model export`: the model (with its adapter merged in) as one GGUF file at `o.output`."""
-    from lmforge.shared.data.templates import JinjaRenderer, Renderer, get, renderer_for
-    from lmforge.shared.model.models import load_tokenizer_for
+    from lmforge.shared.data.jinja_template import JinjaRenderer
+    from lmforge.shared.data.rendering import Renderer
+    from lmforge.shared.data.templates import get, renderer_for
+    from lmforge.shared.modeldir.tokenizers import load_tokenizer_for
 
     model, adapter, output, fmt, quant = o.model, o.adapter, Path(o.output), o.format, o.quant
     template, system, ollama, overwrite = o.template, o.system, o.ollama, o.overwrite

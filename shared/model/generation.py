@@ -19,6 +19,9 @@ class Sampling:
     top_k: int = 0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)   # text stop strings
+    repetition_penalty: float = 1.0   # 1: off
+    frequency_penalty: float = 0.0    # 0: off
+    presence_penalty: float = 0.0     # 0: off
 
 
 @dataclass
@@ -84,10 +87,51 @@ def sampling_args(temperature: float | None, top_p: float = 1.0, top_k: int | No
     return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
 
 
+def penalty_processors(ids, mask, repetition: float = 1.0, frequency: float = 0.0, presence: float = 0.0):
+    """generate()'s `logits_processor` for the repetition, frequency and presence penalties of a
+    left-padded batch (None when all are off). generate() runs these before temperature and top-p,
+    on the raw logits, as OpenAI and vLLM apply them.
+
+    The repetition penalty is transformers' own (CTRL's: a seen token's logit divided by it when
+    positive, multiplied when negative), over the prompt and the answer, the padding left out;
+    frequency and presence penalties count the generated tokens only (OccurrencePenalty)."""
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    processors = LogitsProcessorList()
+    if repetition != 1.0:
+        padding = (mask == 0).sum(dim=1)
+        processors.append(RepetitionPenaltyLogitsProcessor(float(repetition), prompt_ignore_length=padding))
+    if frequency or presence:
+        processors.append(OccurrencePenalty(frequency, presence, start=ids.shape[1]))
+    return processors or None
+
+
+class OccurrencePenalty:
+    """OpenAI's frequency and presence penalties as a transformers logits processor:
+
+        logits[t] -= frequency * count(t) + presence * (count(t) > 0)
+
+    where count(t) is how often token t appears among the tokens generated so far (the columns of
+    input_ids from `start` on: the prompt, padded to one width, is not counted)."""
+
+    def __init__(self, frequency: float, presence: float, start: int):
+        self.frequency, self.presence, self.start = float(frequency), float(presence), start
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        generated = input_ids[:, self.start:]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros(scores.shape, dtype=scores.dtype, device=scores.device)
+        counts.scatter_add_(1, generated, torch.ones(generated.shape, dtype=scores.dtype, device=scores.device))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
 def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, stop_ids: list[int],
              streamer=None, vision=None, images: list[bytes] | None = None) -> list[Output]:
     """Generate for a batch of prompt token ids (one forward pass per new token, all together).
-    A vision-language model's prompts carry image tokens; `images` are theirs, in order (issue 17)."""
+    A vision-language model's prompts carry image tokens; `images` are theirs, in order."""
     import torch
 
     pad = pad_id_of(tokenizer, stop_ids)
@@ -98,6 +142,10 @@ def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, sto
     if vision is not None and images:
         kwargs.update({k: v.to(ids.device) for k, v in vision.pixels(images).items()})
         kwargs.update(vision.token_types(model, ids))
+    penalties = penalty_processors(ids, mask, sampling.repetition_penalty, sampling.frequency_penalty,
+                                   sampling.presence_penalty)
+    if penalties is not None:
+        kwargs["logits_processor"] = penalties
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     with torch.no_grad():

@@ -31,12 +31,15 @@ def load_with_adapters(base: str, adapters: list[str], dtype, device: str = "cpu
                        attn: str = "auto"):
     """Base model + adapters; returns (model, tokenizer, records). All adapters but the last are
     merged in; the last stays a PEFT adapter (it can be switched off) unless merge_all."""
-    from lmforge.shared.model.models import _config, attention_for, load_tokenizer_for, model_class, resize_to
+    from lmforge.shared.model.models import attention_for, resize_to
+    from lmforge.shared.modeldir.config import load_config
+    from lmforge.shared.modeldir.tokenizers import load_tokenizer_for
+    from lmforge.shared.modeldir.weights import model_class
 
     dirs = [_adapter_dir(a) for a in adapters]
     records = [rundir.read_record(d) for d in dirs]
     half = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(dtype), "fp32")
-    kernel = attention_for(_config(base), attn, device, half)
+    kernel = attention_for(load_config(base), attn, device, half)
     added = []
     for record in records:
         for token in record.get("added_tokens", []):
@@ -46,7 +49,7 @@ def load_with_adapters(base: str, adapters: list[str], dtype, device: str = "cpu
     for d, record in zip(dirs, records):
         want = record.get("tokenizer_fingerprint")
         if want:
-            from lmforge.shared.data.tokenizing import fingerprint
+            from lmforge.shared.modeldir.tokenizers import fingerprint
 
             have = fingerprint(tokenizer)
             if have != want:
@@ -83,12 +86,13 @@ def _check_shard_size(size: str) -> None:
 def merge(o: AdapterMerge) -> Path:
     """`adapter merge`: the base with the adapters folded in, a plain model directory at `o.output`."""
     import torch
-    from lmforge.shared.model.models import is_quantized_dir, write_generation_config
+    from lmforge.shared.modeldir.config import is_quantized
+    from lmforge.shared.modeldir.weights import write_generation_config
 
     base, adapters, out, dtype_name = o.base, o.adapters, Path(o.output), o.dtype
     max_shard_size, overwrite = o.max_shard_size, o.overwrite
     _check_shard_size(max_shard_size)   # before minutes of loading
-    if is_quantized_dir(base):
+    if is_quantized(base):
         raise BadInput(f"{base}: holds quantized weights, which adapters cannot be merged into",
                        "merge into the original model, then quantize the result with `lmforge model quantize`")
     busy = (out.is_dir() and any(out.iterdir())) or (out.exists() and not out.is_dir())
@@ -98,12 +102,12 @@ def merge(o: AdapterMerge) -> Path:
     model, tokenizer, records = load_with_adapters(base, adapters, dtype, merge_all=True)
     with rundir.staged(out) as tmp:
         model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
-        from lmforge.shared.data.tokenizing import save_tokenizer
+        from lmforge.shared.modeldir.tokenizers import save_tokenizer
 
         save_tokenizer(tokenizer, str(tmp))  # checked to load back alike
-        from lmforge.shared.model.models import copy_image_processor
+        from lmforge.shared.modeldir.weights import copy_image_processor
 
-        copy_image_processor(base, tmp)   # issue 17: a merged vision-language model stays one
+        copy_image_processor(base, tmp)   # a merged vision-language model stays one
         stops = []
         for record in records:
             stops += [s for s in record.get("stop_words", []) if s not in stops]

@@ -77,7 +77,7 @@ def init_model(o: ModelInit) -> dict:
     if busy and not overwrite:
         raise BadInput(f"{out}: exists", "pass --overwrite to replace it")
     if tokenizer_dir:
-        from lmforge.shared.data.tokenizing import load_tokenizer
+        from lmforge.shared.modeldir.tokenizers import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_dir)
     else:
@@ -97,10 +97,10 @@ def init_model(o: ModelInit) -> dict:
     model = AutoModelForCausalLM.from_config(config)
     with rundir.staged(out) as tmp:
         model.save_pretrained(str(tmp))
-        from lmforge.shared.data.tokenizing import save_tokenizer
+        from lmforge.shared.modeldir.tokenizers import save_tokenizer
 
         save_tokenizer(tokenizer, str(tmp))  # checked to load back alike
-        from lmforge.shared.model.models import write_generation_config
+        from lmforge.shared.modeldir.weights import write_generation_config
 
         stops = ["<|im_end|>"] if "<|im_end|>" in tokenizer.get_vocab() else [tokenizer.eos_token]
         write_generation_config(str(tmp), tmp, tokenizer, stops)

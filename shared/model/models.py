@@ -16,10 +16,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from lmforge.shared.core import log
 from lmforge.shared.core.errors import BadInput
+from lmforge.shared.modeldir.config import is_quantized, is_vision, load_config
+from lmforge.shared.modeldir.tokenizers import load_tokenizer_for
+from lmforge.shared.modeldir.weights import load_weights
 
 
 @dataclass
@@ -109,21 +111,6 @@ def _cuda_capability() -> tuple[int, int] | None:
     return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
 
 
-def _config(name: str | Path):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(str(name))
-    except OSError:
-        if Path(name).exists():
-            raise BadInput(f"{name}: not a model directory (no config.json)",
-                           "point --model at a Hugging Face model directory") from None
-        raise BadInput(f"model '{name}' not found: not a local directory, and not loadable from the "
-                       "Hugging Face Hub", "check the path or id (and your network)") from None
-    except ValueError as exc:
-        raise BadInput(f"{name}: cannot read its config ({str(exc).splitlines()[0]})") from None
-
-
 def rope_scaling_for(config, cutoff: int | None, kind: str = "auto") -> dict | None:
     """RoPE parameters stretched to `cutoff` when it exceeds the model's context (None: leave as is)."""
     context = getattr(config, "max_position_embeddings", None)
@@ -143,7 +130,7 @@ def check_context(model: str, data: dict, generated: int = 0) -> None:
     context: positions it never saw."""
     from lmforge.shared.data.packed import longest_sequence
 
-    context = getattr(_config(model).get_text_config(), "max_position_embeddings", None)
+    context = getattr(load_config(model).get_text_config(), "max_position_embeddings", None)
     for what, packed in data.items():
         if not context or packed is None:
             continue
@@ -161,7 +148,7 @@ def load_model(name: str | Path, device: Device, *, cutoff: int | None = None, r
     `masters`: every weight trains (full, freeze, ...) in mixed precision on a GPU: the weights
     stay fp32 (the optimizer's master copy) and the Trainer's autocast computes in `device.dtype`;
     in bf16 alone, most updates of a small learning rate would fall below bf16's resolution."""
-    config = _config(name)
+    config = load_config(name)
     scaling = rope_scaling_for(config, cutoff, rope)
     device.attn = attention_for(config, device.attn, device.kind, device.dtype_name)
     kwargs = {"dtype": weights_dtype(device, masters, bool(quant)), "attn_implementation": device.attn}
@@ -173,16 +160,15 @@ def load_model(name: str | Path, device: Device, *, cutoff: int | None = None, r
     if quant:
         kwargs["quantization_config"] = quantization_config(quant, device)
         kwargs["device_map"] = {"": 0} if device.kind == "cuda" else {"": "cpu"}
-    elif is_quantized_dir(name):  # GPTQ/AWQ/bitsandbytes weights: loaded as stored
+    elif is_quantized(name):  # GPTQ/AWQ/bitsandbytes weights: loaded as stored
         kwargs["device_map"] = {"": 0} if device.kind == "cuda" else {"": "cpu"}
         kwargs.pop("dtype")
         quant = True
-    loader = model_class(name)
-    try:
-        model = loader.from_pretrained(str(name), **kwargs)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BadInput(f"{name}: cannot load the model ({first})") from None
+    if is_vision(name):
+        from lmforge.shared.data import multimodal
+
+        multimodal.family_of(str(name))   # a family lmforge does not support is refused, naming those it does
+    model = load_weights(name, **kwargs)
     if tokenizer is not None:
         resize_to(model, tokenizer)
     if for_training:
@@ -200,30 +186,6 @@ def weights_dtype(device: Device, masters: bool, quantized: bool = False):
     if masters and device.kind != "cpu" and device.dtype_name in ("bf16", "fp16") and not quantized:
         return torch.float32
     return device.dtype
-
-
-def model_class(name: str | Path) -> Any:
-    """AutoModelForCausalLM, or AutoModelForImageTextToText for a vision-language model (issue 17;
-    a family lmforge does not support is refused, naming those it does)."""
-    from lmforge.shared.data import multimodal
-
-    if multimodal.is_vision_model(str(name)):
-        multimodal.family_of(str(name))
-        from transformers import AutoModelForImageTextToText
-
-        return AutoModelForImageTextToText
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM
-
-
-def copy_image_processor(base: str | Path, out: Path) -> None:
-    """A vision-language model's image processor travels with its trained or merged weights."""
-    import shutil
-
-    source = Path(base) / "preprocessor_config.json"
-    if source.is_file():
-        shutil.copyfile(source, out / "preprocessor_config.json")
 
 
 def resize_to(model, tokenizer) -> None:
@@ -249,51 +211,10 @@ def quantization_config(bits: int, device: Device):
     raise BadInput(f"--quant {bits}: use 4 or 8")
 
 
-def load_tokenizer_for(name: str | Path, added: list[str] | None = None):
-    """The model's tokenizer with the tokens `data pack` added."""
-    from lmforge.shared.data.tokenizing import load_tokenizer
-
-    tokenizer = load_tokenizer(name)
-    if added:
-        tokenizer.add_special_tokens({"additional_special_tokens": list(added)}, replace_extra_special_tokens=False)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def is_quantized_dir(path: str | Path) -> bool:
-    """A GPTQ/AWQ/bitsandbytes model directory (its config carries a quantization_config)."""
-    import json
-
-    cfg = Path(path) / "config.json"
-    if not cfg.exists():
-        return False
-    try:
-        return "quantization_config" in json.loads(cfg.read_text())
-    except ValueError:
-        return False
-
-
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
-
-
-def write_generation_config(base: str | Path, out: Path, tokenizer, stop_words: list[str]) -> None:
-    """generation_config.json whose EOS ids are the template's stop words (so generation stops)."""
-    from transformers import GenerationConfig
-
-    try:
-        config = GenerationConfig.from_pretrained(str(base))
-    except (OSError, ValueError):
-        config = GenerationConfig()
-    ids = [i for i in tokenizer.convert_tokens_to_ids(list(stop_words)) if i is not None and i != tokenizer.unk_token_id]
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    config.eos_token_id = ids if len(ids) > 1 else (ids[0] if ids else None)
-    config.pad_token_id = tokenizer.pad_token_id
-    config.save_pretrained(str(out))
 
 
 def load_for_inference(model_dir: str, adapter: str | None, precision: str = "auto", attn: str | None = None):

@@ -38,8 +38,9 @@ def _texts_and_ids(path: str | None, tokenizer, limit: int, max_length: int):
 def quantize(o: ModelQuantize) -> dict:
     """`model quantize`: the quantized model in `o.output`; returns perplexity before and after."""
     import torch
-    from lmforge.shared.data.tokenizing import load_tokenizer
-    from lmforge.shared.model.models import _config, attention_for, choose_device
+    from lmforge.shared.modeldir.tokenizers import load_tokenizer
+    from lmforge.shared.model.models import attention_for, choose_device
+    from lmforge.shared.modeldir.config import load_config
     from lmforge.shared.model.perplexity import perplexity
 
     model, out, method, bits, group_size = o.model, Path(o.output), o.method, o.bits, o.group_size
@@ -50,7 +51,7 @@ def quantize(o: ModelQuantize) -> dict:
     bits = bits or BITS[method][0]
     if bits not in BITS[method]:
         raise BadInput(f"--bits {bits} does not go with --method {method}", f"use {' or '.join(map(str, BITS[method]))}")
-    config = _config(model)   # a missing or unusable model is named first
+    config = load_config(model)   # a missing or unusable model is named first
     if method in ("gptq", "awq") and not calib:
         raise BadInput(f"--method {method} needs calibration data", "pass --calib an aligned or packed dataset")
     busy = (out.is_dir() and any(out.iterdir())) or (out.exists() and not out.is_dir())
@@ -103,7 +104,7 @@ def quantize(o: ModelQuantize) -> dict:
                                      f"{str(exc).strip() or 'no message'})",
                                      ("try --bits 4 or 8, or " if bits not in (4, 8) else "")
                                      + "run with --debug to see where it failed") from exc
-        from lmforge.shared.data.tokenizing import save_tokenizer
+        from lmforge.shared.modeldir.tokenizers import save_tokenizer
 
         save_tokenizer(tokenizer, str(tmp))  # checked to load back alike
         with log.captured("quantize"):

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 from lmforge.shared.core.errors import BadInput
+from lmforge.shared.modeldir.weights import HEAD_FILE, save_value_head
 
-HEAD_FILE = "value_head.safetensors"
+__all__ = ["HEAD_FILE", "VISION_INPUTS", "ValueModel", "attach_reward_adapter", "save_value_model"]
 
 
 # what a vision-language model's batch adds (multimodal.Vision.pixels and .token_types)
@@ -27,6 +28,9 @@ class ValueModel(torch.nn.Module):
             torch.nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
             torch.nn.init.zeros_(self.head.bias)
         self.config = causal.config
+        # (hidden, last_index) -> each row's last-token state; context parallelism sets one that
+        # reads it from whichever process's shard holds it
+        self.picker = None
 
     def decoder(self):
         inner = self.causal.get_base_model() if hasattr(self.causal, "get_base_model") else self.causal
@@ -35,14 +39,17 @@ class ValueModel(torch.nn.Module):
     def forward(self, input_ids, last_index, position_ids=None, **inputs):
         images = {k: v for k, v in inputs.items() if k in VISION_INPUTS and v is not None}
         if images.get("pixel_values") is not None:
-            # a vision-language model with images in the batch (issue 17): its multimodal body (vision
+            # a vision-language model with images in the batch: its multimodal body (vision
             # tower, projector, language model), not the language model alone
             inner = self.causal.get_base_model() if hasattr(self.causal, "get_base_model") else self.causal
             hidden = inner.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                  **images).last_hidden_state
         else:
             hidden = self.decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
+        if self.picker is not None:
+            picked = self.picker(hidden, last_index)
+        else:
+            picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
         return self.head(picked.to(self.head.weight.dtype)).squeeze(-1)
 
     def gradient_checkpointing_enable(self, **kwargs):
@@ -53,22 +60,9 @@ class ValueModel(torch.nn.Module):
 
 
 def save_value_model(model: ValueModel, directory: str | Path) -> None:
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
+    """The causal LM (or its adapter) and the value head, in one directory."""
     model.causal.save_pretrained(str(directory))
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(directory / HEAD_FILE))
-
-
-def load_head(directory: str | Path, hidden: int) -> torch.nn.Linear:
-    from safetensors.torch import load_file
-
-    path = Path(directory) / HEAD_FILE
-    if not path.exists():
-        raise BadInput(f"{directory}: not a reward model (no {HEAD_FILE})", "train one with `lmforge train rm`")
-    head = torch.nn.Linear(hidden, 1)
-    head.load_state_dict(load_file(str(path)))
-    return head
+    save_value_head(model.head, directory)
 
 
 def attach_reward_adapter(model, directory: str | Path, what: str, hint: str) -> None:

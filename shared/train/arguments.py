@@ -83,7 +83,7 @@ def training_arguments(o, device, out: Path, evaluating: bool):
         gradient_checkpointing_kwargs=checkpointing_kwargs(checkpointing, getattr(o, "checkpoint_every", 1))
         if o.gradient_checkpointing else None,
         remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0,
-        neftune_noise_alpha=getattr(o, "neftune_alpha", None),
+        neftune_noise_alpha=_neftune(o),
         use_cpu=device.kind == "cpu", save_only_model=False, ddp_find_unused_parameters=False,
     )
     if distributed and device.kind == "cpu":
@@ -99,6 +99,14 @@ def training_arguments(o, device, out: Path, evaluating: bool):
     if device.kind == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     return TrainingArguments(**kwargs)
+
+
+def _neftune(o) -> float | None:
+    """NEFTune's alpha as the Trainer applies it: the noise scales with 1/sqrt(row length), and a
+    context-parallel process holds 1/N of the row, so alpha/sqrt(N) keeps the row's magnitude."""
+    alpha = getattr(o, "neftune_alpha", None)
+    size = int(getattr(o, "context_parallel", 1) or 1)
+    return alpha / size ** 0.5 if alpha is not None else None
 
 
 def run_parameters(o, device) -> dict:

@@ -1,4 +1,4 @@
-"""`--checkpointing selective`: gradient checkpointing that keeps the expensive outputs (issue 21).
+"""`--checkpointing selective`: gradient checkpointing that keeps the expensive outputs.
 
 Full checkpointing (`--gradient-checkpointing`, transformers' own) keeps only each decoder layer's
 input and runs the whole layer forward again in backward: every product and every attention kernel

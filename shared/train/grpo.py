@@ -18,7 +18,7 @@ One GRPO step (TRL's maths, its defaults changed only where a flag says so):
 The data is `data pack --stage ppo` output: the prompt ids are used as they are (TRL never
 re-tokenizes them), the reference answer (response_ids) is decoded for the rewards.
 
-Images (issue 17): a vision-language model's prompts carry their images (`prompt_images`, image
+Images: a vision-language model's prompts carry their images (`prompt_images`, image
 tokens already expanded at pack time). TRL's own image path wants raw conversations and re-renders
 them with the processor, so it stays unused; instead each prompt keeps its row number through TRL's
 batch ("lmforge_row"), and the rows' images are processed (pixel values, Qwen's grids, token types)
@@ -99,7 +99,7 @@ def build_grpo_trainer(o: TrainGRPO, model, tokenizer, args, data, eval_data):
         tokenizer.pad_token = tokenizer.eos_token
     dataset, ids_by_text, has_reference = prompts_dataset(data, tokenizer, stop_words)
     images = None
-    if data.meta.get("vision"):   # issue 17
+    if data.meta.get("vision"):   # a vision-language model's image prompts
         from lmforge.shared.data.multimodal import PromptImages
         from lmforge.shared.model.vision import require_vlm
 

@@ -48,13 +48,16 @@ def validate(o: Training) -> None:
     """What needs more than the options themselves, before anything loads: the trackers'
     packages, the attention kernel S² needs, the model's own weights, the stage's own checks."""
     reporting.check(o.report)   # known trackers, their packages installed
+    from lmforge.shared.train.contextpar import stage as context_parallel
+
+    context_parallel.check(o)
     if getattr(o, "shift_attn", False):
         from lmforge.shared.train.patches.shiftattn import check_attention
 
         check_attention(o.attn)
-    from lmforge.shared.model.models import is_quantized_dir
+    from lmforge.shared.modeldir.config import is_quantized
 
-    if is_quantized_dir(o.model):
+    if is_quantized(o.model):
         if not o.is_adapter:
             raise BadInput(f"--model {o.model} holds quantized weights: they train adapters only, "
                            f"not --method {o.method}", "use --method lora, dora or pissa")
@@ -67,8 +70,8 @@ def validate(o: Training) -> None:
 
 
 def train(o: Training, out: Path, resume_from: Path | None) -> None:
-    from lmforge.shared.model.models import check_context, choose_device, count_parameters, load_model, \
-        load_tokenizer_for
+    from lmforge.shared.model.models import check_context, choose_device, count_parameters, load_model
+    from lmforge.shared.modeldir.tokenizers import load_tokenizer_for
     from lmforge.shared.train.patches import kernels
     from lmforge.shared.train.methods import apply as apply_method
 
@@ -77,8 +80,12 @@ def train(o: Training, out: Path, resume_from: Path | None) -> None:
     eval_data = open_packed(eval_path, o.accepts(), "--eval-data") if eval_path else None
     if o.rope_scaling == "none":   # positions past the model's context: refused before the model loads
         check_context(o.model, {"--data": data, "--eval-data": eval_data}, getattr(o, "max_new_tokens", 0))
+    from lmforge.shared.train.contextpar import stage as context_parallel
+
+    context_parallel.check(o, vision=bool(data.meta.get("vision")))
     device = choose_device(o.precision, o.attn)
     arguments.setup_distributed(o, device)
+    layout = context_parallel.setup(o, device)   # its process groups exist before the model loads
     from transformers import set_seed
 
     set_seed(o.seed)  # before the model is built: adapter and new-block initialisation are random
@@ -91,8 +98,8 @@ def train(o: Training, out: Path, resume_from: Path | None) -> None:
     kernel = getattr(o, "kernels", "none")
     shift = getattr(o, "shift_attn", False)
     kernels.check(kernel, device.kind, o.method, o.quant)   # CUDA only: refused before loading
-    if shift and device.attn == "auto":
-        device.attn = "sdpa"   # S² reads sdpa's (or eager's) masks: not flash-attention's
+    if (shift or layout is not None) and device.attn == "auto":
+        device.attn = "sdpa"   # S² reads sdpa's (or eager's) masks; context parallelism runs sdpa inside
     if kernel == "unsloth":
         model = kernels.load_unsloth(o.model, device, cutoff=data.meta.get("cutoff"), quant=o.quant)
         from lmforge.shared.model.models import resize_to
@@ -105,7 +112,8 @@ def train(o: Training, out: Path, resume_from: Path | None) -> None:
         # attention and kernel patches go in before PEFT wraps the model, and come out before the
         # model is saved (the saved model, and anything reusing it, gets its own attention back)
         patched.enter_context(patches.model_patches(model, device, shift=shift, kernels=kernel,
-                                                    neat=data.meta.get("packing") == "neat"))
+                                                    neat=data.meta.get("packing") == "neat", layout=layout,
+                                                    mode=getattr(o, "context_parallel_mode", "auto")))
         if o.quant:
             from peft import prepare_model_for_kbit_training
 
@@ -123,6 +131,8 @@ def train(o: Training, out: Path, resume_from: Path | None) -> None:
                  f"lr {o.lr():g}; {data.rows:,} rows")
         args = arguments.training_arguments(o, device, out, eval_data is not None)
         trainer, collator = builder_of(o)(o, model, tokenizer, args, data, eval_data)
+        if layout is not None:
+            context_parallel.shard_trainer(trainer, layout, o.stage, tokenizer.pad_token_id or 0)
         patched.enter_context(patches.trainer_patches(trainer, model, o))
         metrics = _fit(o, trainer, collator, out, resume_from, device, eval_data)
         metrics.update(trainable_parameters=trainable, total_parameters=total)
@@ -134,7 +144,7 @@ def _fit(o: Training, trainer, collator, out: Path, resume_from: Path | None, de
     run's included)."""
     previous = progress.progress_of(resume_from)
     reporter = progress.make_callbacks(collator, out, total_hint=0, resumed_step=progress.step_of(resume_from),
-                                       previous=previous)
+                                       previous=previous, replicas=int(getattr(o, "context_parallel", 1) or 1))
     reporter[0].trainer = trainer
     for callback in reporter:
         trainer.add_callback(callback)
@@ -186,7 +196,7 @@ def _save(o: Training, trainer, model, tokenizer, data: PackedData, out: Path, m
         # a plain LoRA (rank 2r) that applies to the original base weights, not PiSSA's residual
         trainer.model.save_pretrained(str(out), path_initial_model_for_weight_conversion=str(pissa_init))
         shutil.rmtree(pissa_init, ignore_errors=True)
-    from lmforge.shared.model.models import copy_image_processor
+    from lmforge.shared.modeldir.weights import copy_image_processor
 
     copy_image_processor(o.model, out)   # a trained vision-language model keeps its image processor
     stops = data.meta.get("stop_words") or [tokenizer.eos_token]

@@ -56,8 +56,8 @@ def save_common(out: Path, tokenizer, generation_source: str, stops: list[str], 
     """What every finished run writes beside its weights: the tokenizer (checked to load back
     alike), a generation config that stops at the template's stop words, the loss plot; and
     the checkpoints go unless asked to stay."""
-    from lmforge.shared.data.tokenizing import save_tokenizer
-    from lmforge.shared.model.models import write_generation_config
+    from lmforge.shared.modeldir.tokenizers import save_tokenizer
+    from lmforge.shared.modeldir.weights import write_generation_config
 
     save_tokenizer(tokenizer, str(out))
     write_generation_config(generation_source, out, tokenizer, stops)

@@ -30,7 +30,7 @@ def decoder_layers(model):
     from lmforge.shared.model import vision
 
     best = None
-    skip = vision.vision_modules(model)   # issue 17: a vision tower's blocks are not the decoder
+    skip = vision.vision_modules(model)   # a vision tower's blocks are not the decoder
     for name, module in model.named_modules():
         if skip and any(name.startswith(v + ".") for v in skip):
             continue
@@ -53,7 +53,7 @@ def apply(model, o: Method, added_token_ids: list[int] | None = None):
     chosen = _apply(model, o, added_token_ids or [])
     from lmforge.shared.model import vision
 
-    if vision.is_vlm(model) and not o.is_adapter:   # issue 17: vision tower / projector frozen by default
+    if vision.is_vlm(model) and not o.is_adapter:   # a vision-language model: vision tower / projector frozen by default
         vision.set_trainable(chosen, o.train_projector, o.train_vision_tower)
     if archrules.wants_router_loss(chosen):  # a trainable MoE router: add the load-balancing loss
         base = chosen.get_base_model() if hasattr(chosen, "get_base_model") else chosen
@@ -93,7 +93,7 @@ def _lora(model, o: Method, added_token_ids: list[int]):
             linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
             raise BadInput(f"--lora-target: {', '.join(unknown)} not in the model", f"its linear layers: {', '.join(linear)}")
     vlm = vision.is_vlm(model)
-    if vlm:   # issue 17: adapters on the language model only (its linear layers, by full name)
+    if vlm:   # adapters on the language model only (its linear layers, by full name)
         names = set(target) if isinstance(target, list) else None   # given names, or a quantized model's
         target = [n for n in vision.language_linears(model, linear_layers(model))
                   if names is None or n.split(".")[-1] in names]

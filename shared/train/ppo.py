@@ -23,7 +23,7 @@ One PPO step on a batch of prompts x:
  6. kl_coef     adaptive (Ziegler et al. 2019): coef *= 1 + clip(KL/target - 1, -0.2, 0.2) n/horizon,
                 or fixed with --kl-target 0
 
-Images (issue 17): with a vision-language model and prompts packed with their images, every pass
+Images: with a vision-language model and prompts packed with their images, every pass
 (sampling, policy and value, reference, reward) gets the rows' pixel inputs and image-token types,
 processed per batch (per mini-batch in the update); the model computes its own positions (Qwen's
 3D ones from the images), and the value and reward heads read the whole multimodal body.
@@ -210,8 +210,10 @@ def adapter(model, name: str):
 
 def build(o: TrainPPO, tokenizer, device):
     """The roles for the layout, from --model/--sft/--reward."""
-    from lmforge.shared.model.models import load_model, model_class, resize_to
-    from lmforge.shared.model.value import attach_reward_adapter, load_head
+    from lmforge.shared.model.models import load_model, resize_to
+    from lmforge.shared.modeldir.weights import model_class
+    from lmforge.shared.model.value import attach_reward_adapter
+    from lmforge.shared.modeldir.weights import load_value_head
     from peft import LoraConfig, PeftModel, get_peft_model
 
     def sft_model():
@@ -240,7 +242,7 @@ def build(o: TrainPPO, tokenizer, device):
         model = get_peft_model(sft_model(), lora)
         attach_reward_adapter(model, reward_dir, f"--reward {o.reward}", "train the reward model on the same (SFT) model")
         hidden_size = model.config.get_text_config().hidden_size
-        reward_head = load_head(reward_dir, hidden_size)
+        reward_head = load_value_head(reward_dir, hidden_size)
         roles = SharedRoles(model, torch.nn.Linear(hidden_size, 1), reward_head)
     else:
         actor = get_peft_model(sft_model(), lora)
@@ -254,7 +256,7 @@ def build(o: TrainPPO, tokenizer, device):
         for p in [*reference.parameters(), *reward_model.parameters()]:
             p.requires_grad_(False)
         hidden_size = actor.config.get_text_config().hidden_size
-        reward_head = load_head(reward_dir, hidden_size)
+        reward_head = load_value_head(reward_dir, hidden_size)
         roles = SeparateRoles(actor, critic, torch.nn.Linear(hidden_size, 1), reference, reward_model, reward_head)
     roles.value_head.load_state_dict(reward_head.state_dict())  # the critic starts from the reward head
     for p in reward_head.parameters():
@@ -438,11 +440,8 @@ class PPO:
 def train(o: TrainPPO, out: Path, resume_from: Path | None) -> None:
     """PPO's loop inside the run lifecycle (lifecycle.py): load, sample, score, update, save."""
     from lmforge.shared.data.packed import check_tokenizer, open_packed
-    from lmforge.shared.model.models import (
-        choose_device,
-        count_parameters,
-        load_tokenizer_for,
-    )
+    from lmforge.shared.model.models import choose_device, count_parameters
+    from lmforge.shared.modeldir.tokenizers import load_tokenizer_for
     from transformers import set_seed
 
     data = open_packed(o.data, ("ppo",))
@@ -457,7 +456,7 @@ def train(o: TrainPPO, out: Path, resume_from: Path | None) -> None:
     stop_ids = [i for i in tokenizer.convert_tokens_to_ids(stop_words) if i is not None]
     roles = build(o, tokenizer, device)
     images = None
-    if data.meta.get("vision"):   # issue 17: image prompts
+    if data.meta.get("vision"):   # a vision-language model's image prompts
         from lmforge.shared.data.multimodal import PromptImages
         from lmforge.shared.model.vision import require_vlm
 
@@ -535,7 +534,7 @@ def validate(o: TrainPPO) -> None:
         raise BadInput(f"--learning-rate {o.learning_rate:g}: must be above 0")
     if not Path(o.reward).is_dir():
         raise BadInput(f"--reward {o.reward}: not a directory", "give a reward model made by `lmforge train rm`")
-    from lmforge.shared.model.value import HEAD_FILE
+    from lmforge.shared.modeldir.weights import HEAD_FILE
 
     if not (Path(o.reward) / HEAD_FILE).exists():
         rundir.require_finished(o.reward)

@@ -77,7 +77,7 @@ def build_rm_trainer(o, model, tokenizer, args, data, eval_data):
     for p in model.head.parameters():
         p.requires_grad_(True)
     collator: Any = PairCollator(tokenizer.pad_token_id or 0)
-    if data.meta.get("vision"):   # issue 17: the prompts' images, processed per batch
+    if data.meta.get("vision"):   # the prompts' images, processed per batch
         collator = VisionPairs(collator, o.model, model.causal, tokenizer, data)
     args.remove_unused_columns = False
     trainer = reward_trainer_class()(model=model, args=args, train_dataset=data.dataset,
@@ -190,12 +190,17 @@ def _ref_free_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             unwrapped = self.accelerator.unwrap_model(model)
-            if lean_applies(self, unwrapped):
+            if getattr(self, "cp_layout", None) is not None:   # each process holds a shard of the rows
+                from lmforge.shared.train.contextpar import stage as context_parallel
+
+                sums, counts = context_parallel.policy_logps(self, model, inputs)
+                mean_logps = sums / counts.clamp(min=1)
+            elif lean_applies(self, unwrapped):
                 sums, counts = completion_logps(unwrapped, inputs, self.accelerator.autocast)
                 mean_logps = sums / counts.clamp(min=1)   # p: mean per-token log-prob
             else:   # the model's own output layer (quantized or adapted, soft-capped, several processes)
                 ids, mask = inputs["input_ids"], inputs["completion_mask"]
-                images = {k: inputs[k] for k in VISION_INPUTS if k in inputs}   # issue 17: VisionPairs' batch
+                images = {k: inputs[k] for k in VISION_INPUTS if k in inputs}   # VisionPairs' batch
                 logits = model(input_ids=ids, attention_mask=inputs["attention_mask"], use_cache=False,
                                **images).logits[:, :-1]
                 targets, keep = ids[:, 1:], mask[:, 1:].float()
@@ -252,7 +257,7 @@ def build_dpo_trainer(o, model, tokenizer, args, data, eval_data):
         from trl.trainer.dpo_trainer import DataCollatorForPreference
 
         collate: Any = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id or 0)
-        if data.meta.get("vision"):   # issue 17: the prompts' images, processed per batch
+        if data.meta.get("vision"):   # the prompts' images, processed per batch
             collate = VisionPairs(collate, o.model, model, tokenizer, data)
         args.remove_unused_columns = False
         counter = TokenCounter(collate)
@@ -262,7 +267,7 @@ def build_dpo_trainer(o, model, tokenizer, args, data, eval_data):
                                             gamma=o.simpo_gamma, ftx=ftx)
         return trainer, counter
     pairs: Any = trainer.data_collator
-    if data.meta.get("vision"):   # issue 17: the prompts' images, processed per batch
+    if data.meta.get("vision"):   # the prompts' images, processed per batch
         pairs = VisionPairs(pairs, o.model, model, tokenizer, data, paired=loss != "kto")
     counter = TokenCounter(pairs)
     trainer.data_collator = counter
@@ -270,7 +275,7 @@ def build_dpo_trainer(o, model, tokenizer, args, data, eval_data):
 
 
 class VisionPairs:
-    """A preference batch + each prompt's images, processed by the model's image processor (issue 17).
+    """A preference batch + each prompt's images, processed by the model's image processor.
     Paired (dpo, rm: rows [chosen; rejected]) the images go twice, in that order; unpaired (kto) once,
     for the answer rows and again for the KL rows (the same prompts with a neighbour's answer), which
     get their own token types (KL_*)."""

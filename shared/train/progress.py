@@ -34,7 +34,9 @@ def progress_of(checkpoint: Path | None) -> dict:
 
 
 
-def make_callbacks(collator, out: Path, total_hint: int, resumed_step: int, previous: dict | None = None):
+def make_callbacks(collator, out: Path, total_hint: int, resumed_step: int, previous: dict | None = None,
+                   replicas: int = 1):
+    """`replicas`: processes that see the same rows (a context-parallel group), counted once in tokens/s."""
     from transformers import TrainerCallback
 
     journal = rundir.JsonlLog(out / rundir.LOG)
@@ -80,7 +82,7 @@ def make_callbacks(collator, out: Path, total_hint: int, resumed_step: int, prev
             self.consumed += 1   # a gradient-accumulation micro-batch
 
         def tokens_per_second(self) -> float:
-            world = int(os.environ.get("WORLD_SIZE", "1"))
+            world = int(os.environ.get("WORLD_SIZE", "1")) // replicas
             return (collator.tokens - self.tokens_at_start) * world / max(time.monotonic() - self.start, 1e-9)
 
         def on_step_end(self, args, state, control, **kw):

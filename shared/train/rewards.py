@@ -313,7 +313,7 @@ class RewardModel(Reward):
     def __init__(self, directory: Path, policy, model_path: str, tokenizer, device):
         import torch
         from lmforge.shared.core import rundir
-        from lmforge.shared.model.value import HEAD_FILE, load_head
+        from lmforge.shared.modeldir.weights import HEAD_FILE, load_value_head
         from peft import PeftModel
 
         rundir.require_finished(directory)
@@ -340,11 +340,11 @@ class RewardModel(Reward):
             for p in self.model.parameters():
                 p.requires_grad_(False)
         hidden = self.model.config.get_text_config().hidden_size
-        self.head = load_head(directory, hidden).to(next(self.model.parameters()).device)
+        self.head = load_value_head(directory, hidden).to(next(self.model.parameters()).device)
         for p in self.head.parameters():
             p.requires_grad_(False)
         self.prompt_ids: dict[str, list[int]] = {}
-        self.images: Any = None     # multimodal.PromptImages when the prompts hold images (issue 17)
+        self.images: Any = None     # multimodal.PromptImages when the prompts hold images
         self._rows: list[int] | None = None
         self._torch = torch
 

@@ -1,5 +1,5 @@
 """`train dpo --method lora` memory and speed on SmolLM2-135M, side by side with LLaMA-Factory 0.9.5
-(issue 21: the reference pass can double a DPO run's cost); with `kto`, the KTO loss on kto_en_demo
+(the reference pass can double a DPO run's cost); with `kto`, the KTO loss on kto_en_demo
 (LLaMA-Factory's stage kto), where a step also scores each prompt with a neighbour's answer (the KL
 rows) under the policy and the reference.
 

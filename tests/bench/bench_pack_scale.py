@@ -1,5 +1,5 @@
 """`data align` + `data pack` on a million alpaca rows: rows/s and peak memory, which must stay
-flat as the input grows (issue 21).
+flat as the input grows.
 
     python tests/bench/bench_pack_scale.py [ROWS [LF_ROWS]]   # default 1,000,000; also runs ROWS / 10;
                                                               # LLaMA-Factory on LF_ROWS (default ROWS)

@@ -9,7 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 ALL = ["bench_help", "bench_align", "bench_pack", "bench_train", "bench_memory", "bench_ppo", "bench_grpo", "bench_mmlu", "bench_serve", "bench_vlm", "bench_board", "bench_gpu",
-       "bench_loss", "bench_pack_scale", "bench_shiftattn", "bench_dpo"]  # issue 21
+       "bench_loss", "bench_pack_scale", "bench_shiftattn", "bench_dpo"]
 
 
 def main() -> None:

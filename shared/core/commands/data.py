@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from lmforge.shared.core.commands.common import (DATA_SEED, INPUT, JSON_OUT, MAX_SAMPLES, MODEL, OUTPUT,
                                                   STREAM_OUTPUT, TEMPLATE)
@@ -16,6 +17,14 @@ MIXES = ("concat", "interleave-under", "interleave-over")
 
 @declaration
 class DataAlign(Options):
+    summary: ClassVar[str] = "Convert source data into the aligned schema (prompt, response, system, tools[, label])."
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge data align alpaca.json -o sft.arrow",
+        "lmforge data align chats/ --format sharegpt --tags role=speaker,content=text,user=me,assistant=bot -o "
+        "chats.arrow",
+        "lmforge data align --dataset-info data/dataset_info.json --name glaive_toolcall_en_demo -o tools.arrow",
+    )
+
     inputs: list[str] | None = Opt(
         default=None, argument=True, show_default=False,
         help="JSON, JSONL, CSV, Parquet, Arrow or TXT files, directories of them, datasets directories, "
@@ -43,6 +52,12 @@ class DataAlign(Options):
 
 @declaration
 class DataMerge(Options):
+    summary: ClassVar[str] = "Merge datasets of the same kind and stage into one."
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge data merge a.arrow b.arrow -o ab.arrow",
+        "lmforge data merge a.arrow b.arrow --mix interleave-under --probs 0.7,0.3 --seed 1 -o mix.arrow",
+    )
+
     inputs: list[str] = Opt(default=REQUIRED, argument=True, help="Datasets to merge (one of them may be '-' for stdin).")
     output: Path | None = STREAM_OUTPUT
     mix: str = Opt(choices=MIXES, default="concat",
@@ -62,6 +77,13 @@ class DataMerge(Options):
 
 @declaration
 class DataSplit(Options):
+    summary: ClassVar[str] = ("Split a dataset into train and validation sets (random rows, order kept). Prints the "
+                              "directory.")
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge data split mix.arrow --val-size 0.1 -o splits",
+        "lmforge data split mix.arrow --val-size 500 -o splits",
+    )
+
     input: str = INPUT.but(help="Dataset to split, or '-' for stdin.")
     output: Path = OUTPUT.but(default=Path("split"), help="Directory to write train.arrow and val.arrow into.")
     val_size: float = Opt(default=0.1, min=0, min_open=True,
@@ -71,15 +93,41 @@ class DataSplit(Options):
 
 @declaration
 class DataShow(Options):
+    summary: ClassVar[str] = "Print rows as JSON lines (for jq), or the schema, or statistics."
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge data show mix.arrow -n 3",
+        "lmforge data show mix.arrow --stats",
+        "lmforge data show mix.arrow --schema --json",
+    )
+
     input: str = INPUT.but(help="Dataset to show, or '-' for stdin.")
     rows: int = Opt(default=5, flags=("--rows", "-n"), min=0, help="How many rows to print (0: all).")
     schema: bool = Opt(default=False, flags=("--schema",), help="Print the columns and the lmforge metadata.")
     stats: bool = Opt(default=False, flags=("--stats",), help="Print row count, kind, stage and provenance.")
     json_out: bool = JSON_OUT.but(help="With --stats/--schema: one JSON object.")
+    decode: bool = Opt(default=False, flags=("--decode",),
+                       help="Packed data as text: trained tokens marked ([[ ]] in a pipe, green on a terminal), each "
+                            "example of a packed row apart, and where --cutoff cut tokens.")
+    model: str | None = Opt(default=None, flags=("--model", "-m"),
+                            help="With --decode: the model (or tokenizer directory) the data was packed for "
+                                 "(default: the tokenizer the packed data names, when it is a local directory).")
+
+    def check_own(self) -> None:
+        if self.decode and (self.schema or self.stats):
+            raise BadInput("--decode prints rows; --schema and --stats print facts about the data", "choose one")
+        if self.model is not None and not self.decode:
+            raise BadInput("--model is the tokenizer of --decode", "add --decode, or drop --model")
 
 
 @declaration
 class DataPack(Options):
+    summary: ClassVar[str] = "Tokenize aligned data with a chat template: ids, loss labels, truncation, packing."
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge data pack sft.arrow -m Qwen/Qwen3-0.6B -t qwen3 --cutoff 2048 --packing -o sft.packed",
+        "lmforge data pack pairs.arrow -m ./base -t llama3 --stage dpo -o dpo.packed",
+        "lmforge data pack chats.arrow -m ./qwen3 --thinking off -o nothink.packed",
+    )
+
     model: str = MODEL.but(help="Model directory or Hub id whose tokenizer to use.")
     input: str = INPUT.but(help="Aligned dataset, or '-' for stdin.")
     output: Path | None = STREAM_OUTPUT
@@ -87,6 +135,13 @@ class DataPack(Options):
                                  help="Chat template name, or auto for the tokenizer's own (`lmforge data templates`).")
     stage: str = Opt(choices=STAGES, default="sft", flags=("--stage", "-s"), help="Training stage the data is for.")
     cutoff: int = Opt(default=1024, help="Maximum tokens per example (and per packed row).")
+    truncation: str = Opt(choices=("auto", "left", "right", "drop"), default="auto",
+                          help="An example longer than --cutoff: auto (LLaMA-Factory's split: a short answer stays "
+                               "whole, else a short prompt, else both shrink in proportion; a cut prompt keeps its "
+                               "start and the answer's header), left (the prompt loses its beginning, the answer "
+                               "stays whole; dropped if the answer alone does not fit), right (the answer loses its "
+                               "end; dropped if the prompt alone fills --cutoff), or drop. What was cut is reported "
+                               "by row; `data show --decode` marks it.")
     packing: bool = Opt(default=False, help="Pack several examples per row (best-fit decreasing).")
     neat_packing: bool = Opt(default=False,
                              help="Pack, keeping each example's own positions so attention never crosses examples.")
@@ -129,10 +184,22 @@ class DataPack(Options):
 
 @declaration
 class DataStats(Options):
+    summary: ClassVar[str] = "Token statistics of packed data: lengths, truncation, packing efficiency, loss share."
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge data stats sft.packed",
+        "lmforge data stats sft.packed --json",
+    )
+
     input: str = INPUT.but(help="Packed dataset, or '-' for stdin.")
     json_out: bool = JSON_OUT.but(help="One JSON object instead of a table.")
 
 
 @declaration
 class DataTemplates(Options):
+    summary: ClassVar[str] = "List the chat templates `data pack --template` knows."
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge data templates",
+        "lmforge data templates --json",
+    )
+
     json_out: bool = JSON_OUT.but(help="As JSON.")

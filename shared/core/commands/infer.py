@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from lmforge.shared.core.commands.common import (ADAPTER, ATTENTION, BATCH_SIZE, JSON_OUT, MAX_NEW_TOKENS, MAX_SAMPLES,
                                                   MODEL, REWARD, SEED, STREAM_OUTPUT, TEMPERATURE, TEMPLATE, TOP_P)
+from lmforge.shared.core.errors import BadInput
 from lmforge.shared.core.options import REQUIRED, Opt, Options, declaration
+
+
+# sampling penalties (eval generate, chat; serve takes them per request, as OpenAI's fields)
+REPETITION_PENALTY = Opt(default=1.0, min=0, min_open=True,
+                         help="Penalise tokens already in the prompt or the answer: a seen token's logit is divided by "
+                              "this when positive, multiplied when negative (transformers' and vLLM's "
+                              "repetition_penalty; 1: off, 1.1-1.3: less repetition).")
+FREQUENCY_PENALTY = Opt(default=0.0, min=-2, max=2,
+                        help="Subtract this times a token's count in the answer so far from its logit (OpenAI's "
+                             "frequency_penalty; 0: off; negative: encourage repeats).")
+PRESENCE_PENALTY = Opt(default=0.0, min=-2, max=2,
+                       help="Subtract this from the logit of every token already in the answer (OpenAI's "
+                            "presence_penalty; 0: off).")
 
 
 @declaration
@@ -19,6 +34,14 @@ class EvalModel(Options):
 @declaration
 class EvalBenchmark(EvalModel):
     """mmlu, cmmlu and ceval: the seed's k-shot letter scoring."""
+
+    summary: ClassVar[str] = ("A multiple-choice benchmark (MMLU, CMMLU, C-Eval): accuracy per subject and category, "
+                              "k-shot (C-Eval's test split has no answers: use --split val).")
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge eval mmlu -m merged -d data/eval/mmlu/mmlu.zip --split val --shots 5 --json",
+        "lmforge eval cmmlu -m ./base --adapter runs/sft -d data/eval/cmmlu/cmmlu.zip --split test",
+        "lmforge eval ceval -m merged -d data/eval/ceval/ceval.zip --split val --subjects accountant,law",
+    )
 
     data: str = Opt(default=REQUIRED, flags=("--data", "-d"),
                     help="The benchmark: a zip or directory of CSVs, with mapping.json beside it.")
@@ -36,11 +59,21 @@ class EvalBenchmark(EvalModel):
 
 @declaration
 class EvalGenerate(EvalModel):
+    summary: ClassVar[str] = ("Generate answers for aligned data; ROUGE-1/2/L, BLEU-4 and exact match against the "
+                              "references.")
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge eval generate -m ./base --adapter runs/sft -d test.arrow -o predictions.jsonl",
+        "lmforge eval generate -m merged -d test.arrow --max-samples 100 --max-new-tokens 64 --json",
+    )
+
     data: str = Opt(default=REQUIRED, flags=("--data", "-d"), help="Aligned sft data (prompts with reference answers).")
     template: str = TEMPLATE.but(help="auto (what the model was trained with, else its chat template) or a name.")
     max_new_tokens: int = MAX_NEW_TOKENS
     temperature: float = TEMPERATURE.but(default=0.0, help="Sampling temperature (0: greedy, the default).")
     top_p: float = TOP_P
+    repetition_penalty: float = REPETITION_PENALTY
+    frequency_penalty: float = FREQUENCY_PENALTY
+    presence_penalty: float = PRESENCE_PENALTY
     seed: int = SEED.but(help="Sampling seed.")
     batch_size: int = BATCH_SIZE.but(default=8, help="Prompts generated together.", min=1)
     max_samples: int | None = MAX_SAMPLES
@@ -50,6 +83,12 @@ class EvalGenerate(EvalModel):
 
 @declaration
 class EvalPerplexity(EvalModel):
+    summary: ClassVar[str] = "Perplexity (exp of the mean token loss) on packed pt/sft data."
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge eval perplexity -m merged -d heldout.packed",
+        "lmforge eval perplexity -m ./base --adapter runs/sft -d heldout.packed --json",
+    )
+
     data: str = Opt(default=REQUIRED, flags=("--data", "-d"), help="Packed pt or sft data.")
     batch_size: int = BATCH_SIZE.but(default=4, help="Rows per forward pass.", min=1)
     json_out: bool = JSON_OUT
@@ -57,6 +96,11 @@ class EvalPerplexity(EvalModel):
 
 @declaration
 class EvalRM(Options):
+    summary: ClassVar[str] = "A reward model's pairwise accuracy and mean margin on packed pairwise data."
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge eval rm -m ./sft-model --reward runs/rm -d pairs.packed",
+    )
+
     model: str = MODEL.but(help="The base model the reward model was trained on.")
     reward: str = REWARD
     data: str = Opt(default=REQUIRED, flags=("--data", "-d"), help="Pairs packed with `data pack --stage rm`.")
@@ -67,6 +111,13 @@ class EvalRM(Options):
 
 @declaration
 class Serve(Options):
+    summary: ClassVar[str] = "Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming, tools)."
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge serve -m merged --port 8000 --api-key \"$KEY\"",
+        "lmforge serve -m HuggingFaceTB/SmolLM2-135M-Instruct --adapter runs/sft",
+        "lmforge serve -m vl-merged --media-dir ./images --max-images 4",
+    )
+
     model: str = MODEL.but(panel="Model")
     adapter: str | None = ADAPTER.but(help="A PEFT adapter to serve on the model.", panel="Model")
     template: str = TEMPLATE.but(help="auto (what the model was trained with, else its chat template) or a template "
@@ -96,17 +147,51 @@ class Serve(Options):
 
 @declaration
 class Chat(Options):
-    model: str = MODEL
+    summary: ClassVar[str] = ("Talk to a model in the terminal (loaded here, or a running `lmforge serve` with --url): "
+                              "answers stream as they are written; /help lists the commands.")
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge chat -m merged --system \"You are terse.\"",
+        "lmforge chat -m ./base --adapter runs/sft --temperature 0 --repetition-penalty 1.1",
+        "lmforge chat --url http://127.0.0.1:8000 --api-key \"$KEY\"",
+    )
+
+    model: str | None = MODEL.but(default=None, show_default=False,
+                                  help="Model directory or Hub id to load; with --url, the served model to talk to "
+                                       "(default: the first the server lists).")
     adapter: str | None = ADAPTER.but(help="A PEFT adapter to use.")
     template: str = TEMPLATE.but(help="auto or a template name.")
-    system: str = Opt(default="", help="A system prompt.")
-    max_tokens: int = Opt(default=512, min=1, help="Longest answer.")
+    system: str = Opt(default="", help="A system prompt (/system changes it during the chat).")
+    max_tokens: int = Opt(default=512, min=1,
+                          help="Longest answer (with --url and not given: the server's own limit).")
     temperature: float = TEMPERATURE
+    repetition_penalty: float = REPETITION_PENALTY
+    frequency_penalty: float = FREQUENCY_PENALTY
+    presence_penalty: float = PRESENCE_PENALTY
     attn: str = ATTENTION
+    url: str | None = Opt(default=None,
+                          help="Talk to a running `lmforge serve` at this address (e.g. http://127.0.0.1:8000) "
+                               "instead of loading a model.")
+    api_key: str | None = Opt(default=None, envvar="LMFORGE_API_KEY",
+                              help="With --url: the server's API key (its --api-key; also LMFORGE_API_KEY).")
+
+    def check_own(self) -> None:
+        if self.url is None and self.model is None:
+            raise BadInput("chat needs a model: --model DIR (loaded here) or --url URL (a running lmforge serve)")
+        if self.url is not None:
+            local = sorted(name for name in ("adapter", "template", "attn") if name in self.chosen)
+            if local:
+                raise BadInput(f"--{local[0]} applies to a model chat loads; with --url the server has its own",
+                               f"drop --{local[0]}, or set it on `lmforge serve`")
 
 
 @declaration
 class Board(Options):
+    summary: ClassVar[str] = "Fine-tune from a web page: configure, preview data, run, monitor, evaluate and chat."
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge board --workspace ~/work",
+        "lmforge board --host 0.0.0.0 --port 8080 --workspace ~/work --token \"$TOKEN\"",
+    )
+
     host: str = Opt(default="127.0.0.1",
                     help="Address to listen on (127.0.0.1: this machine only; any other address needs --token).")
     port: int = Opt(default=7860, help="Port to listen on.", min=1, max=65535)
@@ -120,4 +205,10 @@ class Board(Options):
 
 @declaration
 class Completion(Options):
+    summary: ClassVar[str] = "Print the completion script for a shell (see completions/ for installed copies)."
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge completion bash > ~/.local/share/bash-completion/completions/lmforge",
+        "lmforge completion zsh > ~/.zfunc/_lmforge",
+    )
+
     shell: str = Opt(choices=("bash", "zsh", "fish"), default=REQUIRED, argument=True, help="The shell.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from lmforge.shared.core.commands.common import ADAPTER, ATTENTION, MODEL, OUTPUT, OVERWRITE, SEED, TEMPLATE
 from lmforge.shared.core.options import REQUIRED, Opt, Options, declaration
@@ -16,6 +17,12 @@ MERGE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 @declaration
 class ModelQuantize(Options):
+    summary: ClassVar[str] = "Quantize a model; prints perplexity before and after (stderr) and the directory (stdout)."
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge model quantize ./merged -o merged-int8 --method bnb-int8 --eval-data heldout.arrow",
+        "lmforge model quantize ./merged -o merged-gptq --method gptq --bits 4 --group-size 128 --calib calib.arrow",
+    )
+
     model: str = MODEL.but(flags=(), argument=True)
     output: Path = OUTPUT.but(help="Directory for the quantized model (printed on stdout).")
     method: str = Opt(choices=QUANT_METHODS, default="bnb-int8",
@@ -36,6 +43,13 @@ class ModelQuantize(Options):
 
 @declaration
 class ModelInit(Options):
+    summary: ClassVar[str] = ("A randomly initialised model in Hugging Face format (with a tokenizer trained on data "
+                              "when asked).")
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge model init -o tiny --arch llama --layers 4 --hidden 128 --heads 4 --train-tokenizer aligned.arrow",
+        "lmforge model init -o small --arch qwen3 --layers 8 --hidden 256 --heads 8 --kv-heads 2 --tokenizer ./base",
+    )
+
     output: Path = OUTPUT.but(help="Directory for the new model (printed on stdout).")
     arch: str = Opt(choices=ARCHS, default="llama", help="Architecture.")
     layers: int = Opt(default=4, help="Decoder layers.")
@@ -54,6 +68,15 @@ class ModelInit(Options):
 
 @declaration
 class ModelExport(Options):
+    summary: ClassVar[str] = ("A model (plus an adapter) as one GGUF file for llama.cpp / Ollama / LM Studio; prints "
+                              "its path.")
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge model export ./base --adapter runs/sft -o tuned.gguf",
+        "lmforge model export merged -o tuned-q4.gguf --quant q4_k_m --ollama",
+        "lmforge model export ./base --adapter runs/sft -o tuned.gguf --template chatml --system \"Be brief.\" "
+        "--ollama",
+    )
+
     model: str = MODEL.but(flags=(), argument=True, help="Model directory (a base model, a merged or fully trained one).")
     adapter: str | None = ADAPTER.but(help="A PEFT adapter trained on MODEL: merged in on the way.")
     output: Path = OUTPUT.but(help="The GGUF file to write, e.g. model.gguf (printed on stdout).")
@@ -71,6 +94,12 @@ class ModelExport(Options):
 
 @declaration
 class AdapterMerge(Options):
+    summary: ClassVar[str] = "Merge adapters into the base model: a plain Hugging Face model directory."
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge adapter merge ./base runs/sft -o merged",
+        "lmforge adapter merge ./base runs/sft runs/dpo -o merged --dtype bf16 --max-shard-size 2GB",
+    )
+
     base: str = Opt(default=REQUIRED, argument=True,
                     help="The base model the adapters were trained on (directory or Hub id).")
     adapters: list[str] = Opt(default=REQUIRED, argument=True, help="Adapter directories, applied in order.")

@@ -10,7 +10,8 @@ from lmforge.shared.core.commands.common import BATCH_SIZE, MAX_NEW_TOKENS, PREC
 from lmforge.shared.core.commands.training import (EPOCHS, GRAD_ACCUM, KEEP_CHECKPOINTS, LEARNING_RATE, LOGGING_STEPS,
                                                     LORA_ALPHA, LORA_RANK, LORA_TARGET, MAX_GRAD_NORM, MAX_STEPS,
                                                     METHODS, P, R, REPORT, RESUME, SAVE_STEPS, TRAIN_MODEL,
-                                                    TRAIN_OUTPUT, TRAIN_OVERWRITE, Base, Distributed, Efficiency,
+                                                    TRAIN_OUTPUT, TRAIN_OVERWRITE, Base, ContextParallel, Distributed,
+                                                    Efficiency,
                                                     EvalData, EvalSteps, LoraPlus, Method, Neftune, Optimiser,
                                                     Precision, Run, Steps)
 from lmforge.shared.core.errors import BadInput
@@ -45,23 +46,42 @@ class Training(Options, Base, Method, Optimiser, Steps, Precision, Run):
 
 
 @declaration
-class Supervised(Training, EvalData, Efficiency, EvalSteps, Distributed):
+class Supervised(Training, EvalData, Efficiency, EvalSteps, Distributed, ContextParallel):
     """rm and the dpo family: the model, the method, how it trains, the run. pt and sft add LoRA+
     and NEFTune, which touch only their own loss."""
 
 
 @declaration
 class TrainPT(Supervised, LoraPlus, Neftune):
+    summary: ClassVar[str] = "Continued pre-training on packed text (`data pack --stage pt`)."
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge train pt -m ./base -d corpus.packed -o runs/pt --method full --lr 1e-5",
+        "lmforge train pt -m ./base -d book.packed -o runs/pt-long --shift-attn --rope-scaling linear",
+    )
+
     stage = "pt"
 
 
 @declaration
 class TrainSFT(Supervised, LoraPlus, Neftune):
+    summary: ClassVar[str] = "Supervised fine-tuning on packed chat data (`data pack --stage sft`)."
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge train sft -m ./base -d sft.packed -o runs/sft --method lora --lora-rank 16 --epochs 2",
+        "lmforge train sft -m ./base -d sft.packed -o runs/qlora --method lora --quant 4 --checkpointing selective",
+        "lmforge train sft -m ./base -d sft.packed -o runs/full --method full --lr 1e-5 --gradient-checkpointing",
+    )
+
     stage = "sft"
 
 
 @declaration
 class TrainRM(Supervised):
+    summary: ClassVar[str] = "Reward model: the base + a value head, trained on pairwise data (`data pack --stage rm`)."
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge train rm -m ./sft-model -d rm.packed -o runs/rm",
+        "lmforge train rm -m ./sft-model -d rm.packed -o runs/rm --eval-data rm-val.packed --lora-rank 16",
+    )
+
     stage = "rm"
     method: str = _methods("badam", "pissa")   # a reward model keeps a value head beside the adapter
 
@@ -80,6 +100,13 @@ REFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "kto")   # these compare with a r
 
 @declaration
 class TrainDPO(Supervised):
+    summary: ClassVar[str] = "Preference optimisation: DPO, IPO, hinge, ORPO, SimPO, KTO; DPO-ftx with --ftx."
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge train dpo -m ./sft-model -d dpo.packed -o runs/dpo --loss sigmoid --beta 0.1 --ftx 0.5",
+        "lmforge train dpo -m ./sft-model -d dpo.packed -o runs/simpo --loss simpo --simpo-gamma 0.5",
+        "lmforge train dpo -m ./sft-model -d kto.packed -o runs/kto --loss kto --desirable-weight 1.0",
+    )
+
     stage = "dpo"
     method: str = _methods("badam")
 
@@ -126,6 +153,12 @@ G = "PPO"
 @declaration
 class TrainPPO(Options):
     """RLHF with PPO: its own loop (a step samples a batch of prompts), so its own settings."""
+
+    summary: ClassVar[str] = "RLHF with PPO: SFT model + reward model, one shared base model in memory."
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge train ppo -m ./sft-model --reward runs/rm -d prompts.packed -o runs/ppo",
+        "lmforge train ppo -m ./base --sft runs/sft --reward runs/rm -d prompts.packed -o runs/ppo --kl-coef 0.1",
+    )
 
     stage: ClassVar[str] = "ppo"
 
@@ -186,6 +219,16 @@ class TrainGRPO(Training):
     """Online RL with verifiable rewards, through TRL's GRPOTrainer: a step samples completions
     for a batch of prompts, so batches and steps are its own. It runs in one process (no
     DeepSpeed or FSDP)."""
+
+    summary: ClassVar[str] = ("Online RL with verifiable rewards (GRPO, TRL): prompts packed with `data pack --stage "
+                              "ppo`.")
+    examples: ClassVar[tuple[str, ...]] = (
+        "lmforge train grpo -m ./sft-model -d prompts.packed -o runs/grpo --reward exact --reward format "
+        "--reward-weights 1,0.2",
+        "lmforge train grpo -m ./sft-model -d prompts.packed -o runs/dapo --reward numeric --loss-type dapo "
+        "--clip-range-high 0.28",
+        "lmforge train grpo -m ./sft-model -d prompts.packed -o runs/short --reward 'cmd:awk -f short.awk'",
+    )
 
     stage = "grpo"
     method: str = _methods("badam")

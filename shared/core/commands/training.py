@@ -275,6 +275,20 @@ class EvalSteps:
 
 
 @declaration
+class ContextParallel:
+    """One sequence split across processes (pt, sft, rm, the dpo family)."""
+
+    context_parallel: int = Opt(default=1, min=1, panel=D,
+                                help="Split each row across N processes of a torchrun launch (a multiple of N "
+                                     "processes; data parallel across the groups): the activations and attention "
+                                     "work per process fall about N times. 1: off.")
+    context_parallel_mode: str = Opt(choices=("auto", "ulysses", "ring"), default="auto", panel=D,
+                                     help="How attention spans the split row: ulysses (all-to-all over heads; the "
+                                          "heads must divide among N), ring (key/value blocks passed around; any "
+                                          "heads) or auto (ulysses where it fits).")
+
+
+@declaration
 class Distributed:
     deepspeed: str | None = Opt(default=None, panel=D,
                                 help="DeepSpeed: z2, z3, z3-offload, or a config JSON (launch with torchrun/deepspeed).")

@@ -22,13 +22,20 @@ SEAMS = [
 
 
 @contextmanager
-def model_patches(model, device, *, shift: bool, kernels: str, neat: bool):
-    """The attention and kernel patches a run asks for, undone on exit."""
+def model_patches(model, device, *, shift: bool, kernels: str, neat: bool, layout=None, mode: str = "auto"):
+    """The attention and kernel patches a run asks for, undone on exit. With a context-parallel
+    `layout`, attention spans the group (Ulysses or ring) and keeps neat-packed examples apart."""
     from lmforge.shared.train.patches import kernels as kernels_
     from lmforge.shared.train.patches import packedattn, shiftattn
 
     with ExitStack() as undo:
-        if shift:
+        if layout is not None:
+            from lmforge.shared.train.contextpar import attention as context_parallel
+
+            chosen = context_parallel.install(model, layout, mode)
+            undo.callback(context_parallel.uninstall, model)
+            log.info(f"train: context parallel over {layout.size} processes per row ({chosen})")
+        elif shift:
             shiftattn.check_model(model.config)
             shiftattn.install(model)
             undo.callback(shiftattn.uninstall, model)

@@ -1,4 +1,4 @@
-"""Neat-packed rows attended example by example (training with sdpa, issue 21).
+"""Neat-packed rows attended example by example (training with sdpa).
 
 With `--neat-packing` data, every packed row holds several examples and no token may attend
 across an example's boundary. transformers expresses that with a block-diagonal mask built from

@@ -102,10 +102,10 @@ def dpo_trainer_class():
         def _set_signature_columns_if_needed(self):
             super()._set_signature_columns_if_needed()
             if self._signature_columns is not None and "prompt_images" not in self._signature_columns:
-                self._signature_columns = [*self._signature_columns, "prompt_images"]   # issue 17
+                self._signature_columns = [*self._signature_columns, "prompt_images"]   # VisionPairs reads them
 
         def _compute_loss(self, model, inputs, return_outputs):
-            if self._lean and not return_outputs:
+            if (self._lean or getattr(self, "cp_layout", None) is not None) and not return_outputs:
                 return self._lean_loss(model, inputs)
             result = super()._compute_loss(model, inputs, return_outputs)
             if self._ftx:  # log the SFT term: mean negative log-likelihood per chosen token
@@ -120,14 +120,21 @@ def dpo_trainer_class():
             assert self.model is not None  # set from __init__ on
             mode = "train" if self.model.training else "eval"
             autocast = self.accelerator.autocast   # (the wrapped forward it bypasses would apply it)
-            logps, counts = completion_logps(self.accelerator.unwrap_model(model), inputs, autocast)
+            split = getattr(self, "cp_layout", None) is not None   # each process holds a shard of the rows
+            if split:
+                from lmforge.shared.train.contextpar import stage as context_parallel
+
+                logps, counts = context_parallel.policy_logps(self, model, inputs)
+            else:
+                logps, counts = completion_logps(self.accelerator.unwrap_model(model), inputs, autocast)
             chosen, rejected = logps.chunk(2)
             n_chosen, n_rejected = counts.chunk(2)
             if self.precompute_ref_logps:
                 ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
             else:
                 with reference_of(self) as ref:
-                    ref_logps, _ = completion_logps(ref, inputs, autocast)
+                    ref_logps = context_parallel.reference_logps(ref, self, inputs) if split \
+                        else completion_logps(ref, inputs, autocast)[0]
                 ref_chosen, ref_rejected = ref_logps.chunk(2)
             loss = torch.zeros((), device=logps.device)
             sft = -chosen.sum() / n_chosen.sum().clamp(min=1)   # mean negative log-likelihood per chosen token
@@ -138,7 +145,7 @@ def dpo_trainer_class():
             chosen_rewards = self.beta * (chosen - ref_chosen).detach()
             rejected_rewards = self.beta * (rejected - ref_rejected).detach()
             if mode == "train":
-                self._total_train_tokens += int(inputs["attention_mask"].sum())
+                self._total_train_tokens += int(inputs["row_tokens"] if split else inputs["attention_mask"].sum())
             metrics = self._metrics[mode]
             metrics["num_tokens"] = [self._total_train_tokens]
             for key, value in (("rewards/chosen", chosen_rewards.mean()), ("rewards/rejected", rejected_rewards.mean()),
@@ -229,6 +236,6 @@ def kto_trainer_class():
         def _set_signature_columns_if_needed(self):
             super()._set_signature_columns_if_needed()
             if self._signature_columns is not None and "prompt_images" not in self._signature_columns:
-                self._signature_columns = [*self._signature_columns, "prompt_images"]   # issue 17
+                self._signature_columns = [*self._signature_columns, "prompt_images"]   # VisionPairs reads them
 
     return PackedKTOTrainer

@@ -1,4 +1,5 @@
-"""Loading tokenizers, their fingerprints, and the special tokens a chat template needs.
+"""A model directory's tokenizer: loading it (with the tokens `data pack` added), its fingerprint,
+the special tokens a chat template needs, and saving it beside trained weights.
 
 The fingerprint identifies a tokenizer by content (its serialized Rust tokenizer, special
 tokens included), so `train` can refuse data packed with another tokenizer, naming both.
@@ -36,6 +37,16 @@ def load_tokenizer(name: str | Path):
         raise BadInput(f"{name}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise RunFailure(f"{name}: has no fast (Rust) tokenizer", "convert it with transformers first")
+    return tokenizer
+
+
+def load_tokenizer_for(name: str | Path, added: list[str] | None = None):
+    """The model's tokenizer with the tokens `data pack` added (and a pad token)."""
+    tokenizer = load_tokenizer(name)
+    if added:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(added)}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
