@@ -271,13 +271,15 @@ def test_lora_trains_the_language_model_then_merge_eval_and_serve(work, model, p
 
 
 def test_full_and_freeze_keep_the_vision_tower_frozen_unless_asked(model):
-    from lmforge.shared.model import vision as V
     from lmforge.shared.core.commands.training import Method
+    from lmforge.shared.data.modalities import of_model
     from lmforge.shared.train.methods import apply
     from transformers import AutoModelForImageTextToText
 
     net = AutoModelForImageTextToText.from_pretrained(str(model))
-    assert V.vision_modules(net) == ["model.visual"] and V.projector_modules(net) == ["model.visual.merger"]
+    V = of_model(net)
+    assert V is not None and V.tower_modules(net) == ["model.visual"]
+    assert V.projector_modules(net) == ["model.visual.merger"]   # type: ignore[attr-defined]
     apply(net, Method(method="full"))
     grads = {n: p.requires_grad for n, p in net.named_parameters()}
     assert not any(g for n, g in grads.items() if n.startswith("model.visual."))
@@ -378,7 +380,7 @@ def test_dpo_on_images(work, model):
     the model accepts it (image features and image tokens agree); train dpo runs."""
     import torch
     from lmforge.shared.data.packed import PackedData
-    from lmforge.shared.train.preference import VisionPairs
+    from lmforge.shared.data.modalities import MODALITIES
     from transformers import AutoModelForImageTextToText, AutoTokenizer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -391,7 +393,8 @@ def test_dpo_on_images(work, model):
     assert all(runs_of(r["prompt_ids"], meta["vision"]["image_token_id"]) for r in got)
     net = AutoModelForImageTextToText.from_pretrained(str(model)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model))
-    pairs = VisionPairs(DataCollatorForPreference(pad_token_id=0), str(model), net, tokenizer,
+    pairs = MODALITIES["vision"].pair_collator(DataCollatorForPreference(pad_token_id=0), str(model), net,
+                                               tokenizer,
                         PackedData(packed, meta, len(got), None))
     batch = pairs(got[:3])
     assert batch["input_ids"].shape[0] == 6 and batch["image_grid_thw"].shape[0] == 6
@@ -428,7 +431,7 @@ def test_kto_on_images(work, model, monkeypatch):
     runs. An image in an answer is refused at pack, naming the row."""
     import torch
     from lmforge.shared.data.packed import PackedData
-    from lmforge.shared.train.preference import VisionPairs
+    from lmforge.shared.data.modalities import MODALITIES
     from transformers import AutoModelForImageTextToText, AutoTokenizer
     from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
@@ -442,7 +445,8 @@ def test_kto_on_images(work, model, monkeypatch):
     image_token = meta["vision"]["image_token_id"]
     net = AutoModelForImageTextToText.from_pretrained(str(model)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model))
-    unpaired = VisionPairs(DataCollatorForUnpairedPreference(pad_token_id=0), str(model), net, tokenizer,
+    unpaired = MODALITIES["vision"].pair_collator(DataCollatorForUnpairedPreference(pad_token_id=0), str(model), net,
+                                                  tokenizer,
                            PackedData(packed, meta, len(got), None), paired=False)
     rows3 = [dict(r, completion_ids=r.pop("response_ids")) for r in got[:3]]
     for i, r in enumerate(rows3):   # as TRL's KTO makes them: the neighbour's answer
@@ -457,8 +461,10 @@ def test_kto_on_images(work, model, monkeypatch):
             pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
             mm_token_type_ids=batch["KL_mm_token_type_ids"])
     seen: list[set] = []
-    collate = VisionPairs.__call__
-    monkeypatch.setattr(VisionPairs, "__call__", lambda self, rows: seen.append(set(b := collate(self, rows))) or b)
+    from lmforge.shared.data.modalities.images import ImagePairs
+
+    collate = ImagePairs.__call__
+    monkeypatch.setattr(ImagePairs, "__call__", lambda self, rows: seen.append(set(b := collate(self, rows))) or b)
     ok(["train", "dpo", "-m", model, "-d", packed, "-o", work / "kto", "--loss", "kto", "--max-steps", "2",
         "--batch-size", "4", "--grad-accum", "1"])
     assert seen and all({"pixel_values", "KL_input_ids", "KL_mm_token_type_ids"} <= keys for keys in seen), seen
@@ -536,7 +542,7 @@ def test_reward_model_on_images(work, model, image_rm):
     from lmforge.shared.data.collate import PairCollator
     from lmforge.shared.data.packed import PackedData
     from lmforge.shared.model.value import ValueModel
-    from lmforge.shared.train.preference import VisionPairs
+    from lmforge.shared.data.modalities import MODALITIES
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     packed, out = image_rm
@@ -545,7 +551,8 @@ def test_reward_model_on_images(work, model, image_rm):
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     net = AutoModelForImageTextToText.from_pretrained(str(model)).eval()
     value = ValueModel(net)
-    pairs = VisionPairs(PairCollator(0), str(model), net, tokenizer, PackedData(packed, meta, len(got), None))
+    pairs = MODALITIES["vision"].pair_collator(PairCollator(0), str(model), net, tokenizer,
+                                               PackedData(packed, meta, len(got), None))
     batch = pairs(got[:2])
     assert batch["input_ids"].shape[0] == 4 and batch["image_grid_thw"].shape[0] == 4 and pairs.tokens > 0
     with torch.no_grad():

@@ -181,11 +181,11 @@ class Encoder:
 
         self.fast = FastBPE.from_hf(self.tokenizer) if os.environ.get("LMFORGE_FAST_TOKENIZER", "1") != "0" else None
         # a vision-language model's image facts (None for a text model)
-        from lmforge.shared.data import multimodal
+        from lmforge.shared.data import modalities
 
-        self.vision = (multimodal.Vision(options.model, self.tokenizer, options.image_max_pixels,
-                                         options.image_min_pixels)
-                       if options.stage != "pt" and multimodal.is_vision_model(options.model) else None)
+        media = modalities.of_model_dir(options.model) if options.stage != "pt" else None
+        self.vision = (media.encoder(options.model, self.tokenizer, max_pixels=options.image_max_pixels,
+                                     min_pixels=options.image_min_pixels) if media is not None else None)
         # tokens of the answer header (kept when a pairwise/KTO/PPO prompt is cut)
         self.header_tokens = len(self._encode([self.render.header])[0].ids) if self.render and self.render.header else 0
 

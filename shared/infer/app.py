@@ -425,7 +425,7 @@ def prepare(model_dir: str, adapter: str | None, template: str, backend: str, ma
     from lmforge.shared.model.generation import stop_token_ids
     from lmforge.shared.model.models import load_for_inference as load
 
-    from lmforge.shared.data import multimodal
+    from lmforge.shared.data import modalities
 
     from lmforge.shared.modeldir.config import context_length, load_config
 
@@ -439,7 +439,8 @@ def prepare(model_dir: str, adapter: str | None, template: str, backend: str, ma
         config = model.config
     render = renderer_for(template, tokenizer, model_dir, adapter)
     # a vision-language model's requests carry their images (to vLLM's own processor with vllm)
-    vision = multimodal.Vision(model_dir, tokenizer) if multimodal.is_vision_model(model_dir) else None
+    media = modalities.of_model_dir(model_dir)
+    vision = media.encoder(model_dir, tokenizer) if media is not None else None
     engine: HFEngine | VLLMEngine
     if backend == "vllm":
         engine = VLLMEngine(model_dir, adapter, max_concurrency, images=vision is not None, max_images=max_images)

@@ -212,9 +212,10 @@ def generate_eval(o: EvalGenerate) -> dict:
     model, tokenizer = load(model_dir, adapter)
     render = renderer_for(template, tokenizer, model_dir, adapter)
     stops = stop_token_ids(tokenizer, render.stop_words())
-    from lmforge.shared.data import multimodal
+    from lmforge.shared.data import modalities, multimodal
 
-    vision = multimodal.Vision(model_dir, tokenizer) if multimodal.is_vision_model(model_dir) else None
+    media = modalities.of_model_dir(model_dir)
+    vision = media.encoder(model_dir, tokenizer) if media is not None else None
     rows = []
     from lmforge.shared.data.aligned import batches as aligned_batches
 

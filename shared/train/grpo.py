@@ -33,6 +33,7 @@ from pathlib import Path
 from lmforge.shared.core import log
 from lmforge.shared.core.commands.train import TrainGRPO
 from lmforge.shared.core.errors import BadInput
+from lmforge.shared.data import modalities
 from lmforge.shared.train import rewards as rewards_
 
 class TokenCount:
@@ -98,16 +99,13 @@ def build_grpo_trainer(o: TrainGRPO, model, tokenizer, args, data, eval_data):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dataset, ids_by_text, has_reference = prompts_dataset(data, tokenizer, stop_words)
+    media = modalities.of_packed(data)
     images = None
-    if data.meta.get("vision"):   # a vision-language model's image prompts
-        from lmforge.shared.data.multimodal import PromptImages
-        from lmforge.shared.model.vision import require_vlm
-
-        require_vlm(model, o.model, data)
+    if media is not None:   # a vision-language model's image prompts
         if o.vllm:
             raise BadInput("--vllm with image prompts: the prompts' images do not reach vLLM here",
                            "drop --vllm (transformers generates, with the images)")
-        images = PromptImages(o.model, model, tokenizer, data)
+        images = media.prompts(o.model, model, tokenizer, data)
 
     rewards: list = []
     device = choose_device(o.precision)
@@ -123,6 +121,9 @@ def build_grpo_trainer(o: TrainGRPO, model, tokenizer, args, data, eval_data):
         rewards.append(parsed)
     rewards_.unique_names(rewards)
     weights = rewards_.weights(o.reward_weights, len(rewards))
+    samples = rewards_.Samples() if o.log_completions else None
+    for reward in rewards:
+        reward.samples = samples
 
     kwargs = {k: v for k, v in args.to_dict().items() if k in _init_fields(type(args))}
     kwargs.update(per_device_train_batch_size=o.batch_size * o.num_generations,
@@ -142,7 +143,53 @@ def build_grpo_trainer(o: TrainGRPO, model, tokenizer, args, data, eval_data):
 
     trainer = packed_grpo_trainer_class()(model=model, reward_funcs=rewards, args=config, train_dataset=dataset,
                                processing_class=tokenizer, prompt_ids=ids_by_text, counter=counter, images=images)
+    if samples is not None:
+        trainer.add_callback(completion_log(samples, Path(o.output), o.log_completions,
+                                            [r.__name__ for r in rewards], weights))
     log.info(f"grpo: {len(dataset):,} prompts x {o.num_generations} completions; rewards "
              f"{', '.join(f'{w:g} x {r.__name__}' for w, r in zip(weights, rewards))}; loss {o.loss_type}, "
-             f"beta {o.kl_coef:g}")
+             f"beta {o.kl_coef:g}" + (f"; sample completions in {COMPLETIONS}" if samples is not None else ""))
     return trainer, counter
+
+
+# ----------------------------------------------------------------------------- sample completions
+
+COMPLETIONS = "completions.jsonl"
+
+
+def completion_log(samples, out: Path, keep: int, names: list[str], weights: list[float]):
+    """The callback that writes, at each logging step, one line to OUT/completions.jsonl: the first
+    prompt of the latest batch, its reference, and its first `keep` completions with each reward
+    and the weighted total. TRL's own log_completions stays off: it prints tables on stdout (where
+    lmforge prints only the run's directory) and writes a parquet file per step."""
+    from lmforge.shared.core import rundir
+    from transformers import TrainerCallback
+
+    journal = rundir.JsonlLog(out / COMPLETIONS)
+
+    class CompletionLog(TrainerCallback):
+        written = 0   # the last batch written (Samples.serial): a step may log without sampling anew
+
+        def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero:   # a resumed run: what came after its checkpoint goes
+                journal.truncate_after(state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or samples.batch is None or samples.serial == self.written:
+                return
+            self.written = samples.serial
+            journal.write(sample_entry(samples.batch, state.global_step, keep, names, weights))
+
+    return CompletionLog()
+
+
+def sample_entry(batch: dict, step: int, keep: int, names: list[str], weights: list[float]) -> dict:
+    """One logging step's line of completions.jsonl, from a Samples batch."""
+    prompt = batch["prompts"][0]
+    group = [i for i, p in enumerate(batch["prompts"]) if p == prompt][:keep]
+    completions = []
+    for i in group:
+        scores = {name: batch["rewards"][name][i] for name in names if name in batch["rewards"]}
+        total = sum(w * scores[name] for name, w in zip(names, weights) if name in scores)
+        completions.append({"completion": batch["completions"][i], "rewards": scores, "reward": round(total, 6)})
+    return {"step": step, "prompt": prompt, "reference": batch["references"][0], "completions": completions}

@@ -27,10 +27,11 @@ def decoder_layers(model):
     """The ModuleList of transformer blocks (model.model.layers for Llama-like models)."""
     import torch
 
-    from lmforge.shared.model import vision
+    from lmforge.shared.data import modalities
 
     best = None
-    skip = vision.vision_modules(model)   # a vision tower's blocks are not the decoder
+    media = modalities.of_model(model)
+    skip = media.tower_modules(model) if media is not None else []   # a tower's blocks are not the decoder
     for name, module in model.named_modules():
         if skip and any(name.startswith(v + ".") for v in skip):
             continue
@@ -51,10 +52,11 @@ def apply(model, o: Method, added_token_ids: list[int] | None = None):
     """Set up `model` for method `o.method`; returns the model to train (PEFT-wrapped for adapters).
     `added_token_ids`: tokens the data's template added, trained beside an adapter."""
     chosen = _apply(model, o, added_token_ids or [])
-    from lmforge.shared.model import vision
+    from lmforge.shared.data import modalities
 
-    if vision.is_vlm(model) and not o.is_adapter:   # a vision-language model: vision tower / projector frozen by default
-        vision.set_trainable(chosen, o.train_projector, o.train_vision_tower)
+    media = modalities.of_model(model)
+    if media is not None and not o.is_adapter:   # a vision-language model: its tower and projector frozen by default
+        media.freeze(chosen, o.train_projector, o.train_vision_tower)
     if archrules.wants_router_loss(chosen):  # a trainable MoE router: add the load-balancing loss
         base = chosen.get_base_model() if hasattr(chosen, "get_base_model") else chosen
         base.config.output_router_logits = True
@@ -80,7 +82,7 @@ def _apply(model, o: Method, added_token_ids: list[int]):
 def _lora(model, o: Method, added_token_ids: list[int]):
     from peft import LoraConfig, get_peft_model
 
-    from lmforge.shared.model import vision
+    from lmforge.shared.data import modalities
 
     quantized = _quantized_linears(model)
     if o.lora_target == "all":
@@ -92,10 +94,10 @@ def _lora(model, o: Method, added_token_ids: list[int]):
         if unknown:
             linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
             raise BadInput(f"--lora-target: {', '.join(unknown)} not in the model", f"its linear layers: {', '.join(linear)}")
-    vlm = vision.is_vlm(model)
-    if vlm:   # adapters on the language model only (its linear layers, by full name)
+    media = modalities.of_model(model)
+    if media is not None:   # adapters on the language model only (its linear layers, by full name)
         names = set(target) if isinstance(target, list) else None   # given names, or a quantized model's
-        target = [n for n in vision.language_linears(model, linear_layers(model))
+        target = [n for n in media.language_linears(model, linear_layers(model))
                   if names is None or n.split(".")[-1] in names]
     # PEFT's annotations are narrower than what it accepts: lora_alpha is declared int (a float
     # works: the scale is alpha / rank), and its Literal cannot spell "pissa_niter_<n>"
@@ -104,7 +106,8 @@ def _lora(model, o: Method, added_token_ids: list[int]):
         lora_dropout=o.lora_dropout, target_modules=target, use_dora=o.method == "dora",
         use_rslora=o.rslora, init_lora_weights="pissa_niter_16" if o.method == "pissa" else True,  # type: ignore[arg-type]
         trainable_token_indices=added_token_ids or None,
-        modules_to_save=vision.modules_to_save(model, o.train_projector, o.train_vision_tower) or None if vlm else None)
+        modules_to_save=(media.modules_to_save(model, o.train_projector, o.train_vision_tower) or None)
+        if media is not None else None)
     linears = linear_layers(model)
     try:
         wrapped = get_peft_model(model, config)

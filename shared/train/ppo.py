@@ -455,13 +455,10 @@ def train(o: TrainPPO, out: Path, resume_from: Path | None) -> None:
     stop_words = data.meta.get("stop_words") or [tokenizer.eos_token]
     stop_ids = [i for i in tokenizer.convert_tokens_to_ids(stop_words) if i is not None]
     roles = build(o, tokenizer, device)
-    images = None
-    if data.meta.get("vision"):   # a vision-language model's image prompts
-        from lmforge.shared.data.multimodal import PromptImages
-        from lmforge.shared.model.vision import require_vlm
+    from lmforge.shared.data import modalities
 
-        require_vlm(roles.generator(), o.model, data)
-        images = PromptImages(o.model, roles.generator(), tokenizer, data)
+    media = modalities.of_packed(data)   # image prompts: their pixels reach every pass
+    images = media.prompts(o.model, roles.generator(), tokenizer, data) if media is not None else None
     trainer = PPO(o, roles, tokenizer, data.dataset, stop_ids, images)
     trainable, total = count_parameters(roles.generator())
     steps = o.max_steps

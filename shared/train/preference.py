@@ -28,6 +28,7 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+from lmforge.shared.data import modalities
 from lmforge.shared.data.collate import PairCollator
 from lmforge.shared.model.value import VISION_INPUTS, ValueModel
 from lmforge.shared.train.patches.lossfn import plain_head
@@ -77,8 +78,9 @@ def build_rm_trainer(o, model, tokenizer, args, data, eval_data):
     for p in model.head.parameters():
         p.requires_grad_(True)
     collator: Any = PairCollator(tokenizer.pad_token_id or 0)
-    if data.meta.get("vision"):   # the prompts' images, processed per batch
-        collator = VisionPairs(collator, o.model, model.causal, tokenizer, data)
+    media = modalities.of_packed(data)
+    if media is not None:   # the prompts' media (images), processed per batch
+        collator = media.pair_collator(collator, o.model, model.causal, tokenizer, data)
     args.remove_unused_columns = False
     trainer = reward_trainer_class()(model=model, args=args, train_dataset=data.dataset,
                                       eval_dataset=eval_data.dataset if eval_data else None,
@@ -200,7 +202,7 @@ def _ref_free_trainer_class():
                 mean_logps = sums / counts.clamp(min=1)   # p: mean per-token log-prob
             else:   # the model's own output layer (quantized or adapted, soft-capped, several processes)
                 ids, mask = inputs["input_ids"], inputs["completion_mask"]
-                images = {k: inputs[k] for k in VISION_INPUTS if k in inputs}   # VisionPairs' batch
+                images = {k: inputs[k] for k in VISION_INPUTS if k in inputs}   # the image modality's batch
                 logits = model(input_ids=ids, attention_mask=inputs["attention_mask"], use_cache=False,
                                **images).logits[:, :-1]
                 targets, keep = ids[:, 1:], mask[:, 1:].float()
@@ -231,6 +233,7 @@ def build_dpo_trainer(o, model, tokenizer, args, data, eval_data):
     """The trainer builder of `train dpo --loss ...` (hfstage.py runs it)."""
     from lmforge.shared.train.patches.preference import dpo_trainer_class, kto_trainer_class
 
+    media = modalities.of_packed(data)
     loss = o.loss
     beta, ftx = o.strength, o.ftx
     kwargs = {k: v for k, v in args.to_dict().items() if k in _init_fields(type(args))}
@@ -257,8 +260,8 @@ def build_dpo_trainer(o, model, tokenizer, args, data, eval_data):
         from trl.trainer.dpo_trainer import DataCollatorForPreference
 
         collate: Any = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id or 0)
-        if data.meta.get("vision"):   # the prompts' images, processed per batch
-            collate = VisionPairs(collate, o.model, model, tokenizer, data)
+        if media is not None:   # the prompts' media (images), processed per batch
+            collate = media.pair_collator(collate, o.model, model, tokenizer, data)
         args.remove_unused_columns = False
         counter = TokenCounter(collate)
         trainer = _ref_free_trainer_class()(model=model, args=args, train_dataset=data.dataset,
@@ -267,42 +270,11 @@ def build_dpo_trainer(o, model, tokenizer, args, data, eval_data):
                                             gamma=o.simpo_gamma, ftx=ftx)
         return trainer, counter
     pairs: Any = trainer.data_collator
-    if data.meta.get("vision"):   # the prompts' images, processed per batch
-        pairs = VisionPairs(pairs, o.model, model, tokenizer, data, paired=loss != "kto")
+    if media is not None:   # the prompts' media (images), processed per batch
+        pairs = media.pair_collator(pairs, o.model, model, tokenizer, data, paired=loss != "kto")
     counter = TokenCounter(pairs)
     trainer.data_collator = counter
     return trainer, counter
-
-
-class VisionPairs:
-    """A preference batch + each prompt's images, processed by the model's image processor.
-    Paired (dpo, rm: rows [chosen; rejected]) the images go twice, in that order; unpaired (kto) once,
-    for the answer rows and again for the KL rows (the same prompts with a neighbour's answer), which
-    get their own token types (KL_*)."""
-
-    def __init__(self, collate, model_dir: str, model, tokenizer, data, paired: bool = True):
-        from lmforge.shared.data import multimodal
-        from lmforge.shared.model.vision import require_vlm
-
-        require_vlm(model, model_dir, data)
-        self.collate, self.model, self.paired = collate, model, paired
-        self.vision = multimodal.for_packed(model_dir, tokenizer, data)
-
-    def __call__(self, rows):
-        images = [b for r in rows for b in r.get("prompt_images") or []]
-        batch = self.collate([{k: v for k, v in r.items() if k != "prompt_images"} for r in rows])
-        if images:
-            batch.update(self.vision.pixels(images + images if self.paired else images))
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        batch.update(self.vision.token_types(base, batch["input_ids"]))
-        if "KL_input_ids" in batch:
-            batch.update({"KL_" + k: v for k, v in self.vision.token_types(base, batch["KL_input_ids"]).items()})
-        return batch
-
-    def __getattr__(self, name):   # the wrapped collator's token counts (tokens, counts) for tokens/s
-        if name == "collate":
-            raise AttributeError(name)
-        return getattr(self.collate, name)
 
 
 def _init_fields(cls) -> set[str]:

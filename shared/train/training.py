@@ -1,6 +1,6 @@
-"""`train pt` and `train sft`: the plain Trainer on packed rows with the padding-free collator (or,
-for a vision-language model, the collator that processes each batch's images), LoRA+ and BAdam
-optimisers where asked, and the output layer's loss in chunks (patches/model.py)."""
+"""`train pt` and `train sft`: the plain Trainer on packed rows with the padding-free collator (or
+the data's modality's, which adds each batch's media), LoRA+ and BAdam optimisers where asked, and
+the output layer's loss in chunks (patches/model.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ def build_default_trainer(o, model, tokenizer, args, data: PackedData, eval_data
     from lmforge.shared.data.collate import PackedCollator
     from transformers import Trainer
 
-    collator = PackedCollator(neat=data.meta.get("packing") == "neat", pad_id=tokenizer.pad_token_id or 0)
-    if data.meta.get("vision"):   # images decoded and processed per batch
-        collator = vision_collator(o.model, model, tokenizer, data)
+    from lmforge.shared.data import modalities
+
+    media = modalities.of_packed(data)
+    collator = (media.sft_collator(o.model, model, tokenizer, data) if media is not None   # pixels per batch
+                else PackedCollator(neat=data.meta.get("packing") == "neat", pad_id=tokenizer.pad_token_id or 0))
     optimizers: tuple[Any, None] = (None, None)  # (a torch optimizer, or None for the Trainer's own; no scheduler)
     if getattr(o, "loraplus_ratio", None):
         import torch
@@ -35,23 +37,3 @@ def build_default_trainer(o, model, tokenizer, args, data: PackedData, eval_data
                       optimizers=optimizers)
     trainer.lmforge_chunked_loss = True   # type: ignore[attr-defined]
     return trainer, collator
-
-
-def vision_collator(model_dir: str, model, tokenizer, data: PackedData):
-    """The collator for a vision-language model's packed sft data."""
-    import inspect
-
-    from lmforge.shared.data import multimodal
-    from lmforge.shared.data.collate import VisionCollator
-    from lmforge.shared.model import vision
-
-    vision.require_vlm(model, model_dir, data)
-    images = multimodal.for_packed(model_dir, tokenizer, data)
-    family = images.name
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "model", base)
-    rope_index = getattr(inner, "get_rope_index", None) if family.startswith("qwen") else None
-    accepted = inspect.signature(base.forward).parameters
-    token_types = next((n for n in ("mm_token_type_ids", "token_type_ids") if n in accepted), None)
-    return VisionCollator(neat=data.meta.get("packing") == "neat", pad_id=tokenizer.pad_token_id or 0,
-                          vision=images, rope_index=rope_index, token_types=token_types)
