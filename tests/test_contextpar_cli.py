@@ -53,8 +53,10 @@ def _losses(out: Path) -> list[float]:
     return [e["loss"] for e in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines()) if "loss" in e]
 
 
-@pytest.mark.parametrize("stage, mode", [("sft", "ulysses"), ("sft", "ring"), ("dpo", "auto")])
-def test_two_processes_train_what_one_does(data, tmp_path, stage, mode):
+@pytest.mark.parametrize("stage, mode, more", [("sft", "ulysses", []), ("sft", "ring", []), ("dpo", "auto", []),
+                                               ("sft", "ulysses", ["--deepspeed", "z2"])],
+                         ids=["sft-ulysses", "sft-ring", "dpo", "sft-zero2"])
+def test_two_processes_train_what_one_does(data, tmp_path, stage, mode, more):
     # SGD, not Adam: Adam's update divides by the gradient's own size, so a gradient of 1e-9 in one run
     # and -1e-9 in the other (rounding) moves a weight by +-lr; SGD's difference stays that of the gradients
     common = ["-m", data["base"], "-d", data[stage], "--max-steps", "3", "--batch-size", "2", "--grad-accum", "1",
@@ -63,7 +65,7 @@ def test_two_processes_train_what_one_does(data, tmp_path, stage, mode):
     ok(["train", stage, *common, "-o", one])
     two = tmp_path / "two"
     result = _launch(2, ["train", stage, *common, "-o", two, "--context-parallel", "2",
-                         "--context-parallel-mode", mode])
+                         "--context-parallel-mode", mode, *more])
     assert result.returncode == 0, result.stderr.decode()[-4000:]
     assert f"context parallel over 2 processes per row ({'ring' if mode == 'ring' else 'ulysses'})" in \
         result.stderr.decode()
@@ -86,6 +88,8 @@ def test_refusals_come_before_anything_loads(data, tmp_path):
     assert "exclude each other" in bad(["train", "sft", *common, "--context-parallel", "2", "--shift-attn"],
                                        env={"WORLD_SIZE": "2"})
     assert "--attn" in bad(["train", "sft", *common, "--context-parallel", "2", "--attn", "eager"],
+                           env={"WORLD_SIZE": "2"})
+    assert "ZeRO-3" in bad(["train", "sft", *common, "--context-parallel", "2", "--deepspeed", "z3"],
                            env={"WORLD_SIZE": "2"})
     assert "--loss kto" in bad(["train", "dpo", *common, "--context-parallel", "2", "--loss", "kto"],
                                env={"WORLD_SIZE": "2"})

@@ -40,8 +40,11 @@ def check_options(size: int, mode: str, *, stage: str, world_size: int, attn: st
     if shift_attn:
         raise BadInput("--shift-attn and --context-parallel exclude each other", "drop one of them")
     if deepspeed:
-        raise BadInput("--context-parallel does not run under --deepspeed",
-                       "use plain data parallelism (torchrun) or FSDP with it")
+        from lmforge.shared.core.commands.training import zero3
+
+        if zero3(deepspeed):   # ZeRO-3 gathers each layer's weights in its forward, outside the group's collectives
+            raise BadInput("--context-parallel does not run under --deepspeed z3 (ZeRO-3)",
+                           "use --deepspeed z2 (or z1), plain data parallelism, or FSDP with it")
     if kernels not in ("none", "", None):
         raise BadInput(f"--kernels {kernels} with --context-parallel: the fused kernels compute the loss over "
                        "whole sequences", "drop --kernels (lmforge's chunked loss runs on the shards)")
