@@ -139,6 +139,21 @@ def given() -> set[str]:
     return set(_invocation["given"])
 
 
+def serve_until_stopped(what: str, app: Any, host: str, port: int) -> None:
+    """Run an HTTP app until Ctrl-C or SIGTERM: for a server, the normal way to stop (exit 0, a
+    "stopped" line), not an error."""
+    import uvicorn
+
+    from lmforge.shared.core.errors import Terminated
+
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning" if not log.debug() else "info",
+                    access_log=log.debug())
+    except (KeyboardInterrupt, Terminated):
+        pass
+    log.info(f"{what}: stopped")
+
+
 def print_json(obj: object) -> None:
     sys.stdout.write(json.dumps(obj, ensure_ascii=False, indent=2, default=str) + "\n")
     sys.stdout.flush()

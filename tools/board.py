@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ._cli import declared
+from ._cli import declared, serve_until_stopped
 
 
 def usage_error(argv: list[str]) -> str | None:
@@ -36,7 +36,6 @@ def board(o) -> None:
     """Fine-tune from a web page: configure, preview data, run, monitor, evaluate and chat."""
     host, port, workspace, token = o.host, o.port, o.workspace, o.token
     from lmforge.shared.board.guard import check_token, new_token
-    from lmforge.shared.core import log
     from lmforge.shared.core.errors import BadInput
     from lmforge.shared.infer.app import check_port
 
@@ -47,7 +46,6 @@ def board(o) -> None:
     if not workspace.is_dir():
         raise BadInput(f"--workspace {workspace}: not a directory", "create it, or name another")
     check_port(host, port)
-    import uvicorn
     from lmforge.shared.board.server import Board, create_app
 
     state = Board(workspace, token=token or new_token(), check=usage_error, host=host, port=port)
@@ -56,5 +54,4 @@ def board(o) -> None:
     # (even with --quiet: without it nobody gets in)
     print(f"board: open http://{shown}:{port}/?token={state.token} (workspace {state.ws.root})", file=sys.stderr,
           flush=True)
-    uvicorn.run(create_app(state), host=host, port=port, log_level="warning" if not log.debug() else "info",
-                access_log=log.debug())
+    serve_until_stopped("board", create_app(state), host, port)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from ._cli import declared
+from ._cli import declared, serve_until_stopped
 
 
 @declared("serve")
@@ -29,12 +29,10 @@ def serve(o) -> None:
     served.max_request_bytes = max_request_bytes
     served.media_dir = media
     app.limit_images(served, max_image_bytes, max_image_pixels)
-    import uvicorn
 
     log.info(f"serve: {served.name} ({served.renderer.name} template, {backend} backend) at http://{host}:{port}/v1"
              + (" (API key required)" if api_key else ""))
-    uvicorn.run(app.create_app(served), host=host, port=port, log_level="warning" if not log.debug() else "info",
-                access_log=log.debug())
+    serve_until_stopped("serve", app.create_app(served), host, port)
 
 
 @declared("chat")

@@ -79,6 +79,7 @@ class Progress:
         self.total = total
         self.unit = unit
         self.done = 0
+        self.base = 0   # units done before this process started (a resumed run): not in the rate
         self.fields: dict[str, object] = {}
         self._start = time.monotonic()
         self._last_line = self._start
@@ -110,8 +111,15 @@ class Progress:
         return "  ".join(f"{k} {_fmt_num(v) if isinstance(v, (int, float)) else v}"
                          for k, v in self.fields.items())
 
+    def resume_at(self, done: int) -> None:
+        """Start counting at `done` units already done (a resumed run): the rate and the time
+        left are this run's own, not the whole count over this run's seconds."""
+        self.done = self.base = done
+        if self._bar is not None and self._task is not None:
+            self._bar.reset(self._task, total=self.total, completed=done)
+
     def rate(self) -> float:
-        return self.done / max(time.monotonic() - self._start, 1e-9)
+        return (self.done - self.base) / max(time.monotonic() - self._start, 1e-9)
 
     def advance(self, n: int = 1, **fields: object) -> None:
         self.done += n

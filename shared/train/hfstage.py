@@ -156,10 +156,13 @@ def _fit(o: Training, trainer, collator, out: Path, resume_from: Path | None, de
         trainer.add_callback(arguments.tensorboard_callback(out))
     if arguments.trackers(o):
         trainer.add_callback(reporting.run_config_callback(arguments.trackers(o), arguments.run_parameters(o, device)))
+    stop = progress.graceful_stop()
+    trainer.add_callback(stop)
     started = time.monotonic()
     try:
-        with patches.trainer_state_kept(trainer):
+        with stop.handling_signals(), patches.trainer_state_kept(trainer):
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        stop.raise_if_stopped()
     except RuntimeError as exc:
         if "out of memory" in str(exc).lower():
             raise RunFailure("out of memory while training",

@@ -13,6 +13,8 @@ from lmforge.shared.core import log, rundir
 from lmforge.shared.train.patches import trainer as trainer_seams
 
 PROGRESS = "lmforge_progress.json"   # in each checkpoint: the run's totals so far (for --resume)
+# what a log line holds that the progress line shows too, and how it is labelled there
+SHOWN = {"reward": "reward", "kl": "kl", "rewards/accuracies": "acc", "rewards/margins": "margin", "accuracy": "acc"}
 
 
 def step_of(checkpoint: Path | None) -> int:
@@ -53,7 +55,8 @@ def make_callbacks(collator, out: Path, total_hint: int, resumed_step: int, prev
             self.batches_at_start = 0
             self.consumed = 0
             self.last_loss = None
-            self.shown: dict = {}   # grpo: the mean reward and KL on the progress line too
+            self.shown: dict = {}   # rewards, accuracies, KL on the progress line too (SHOWN)
+            self.pending = False    # a step ended whose log line comes next
 
         def on_train_begin(self, args, state, control, **kw):
             if state.is_world_process_zero:
@@ -61,7 +64,7 @@ def make_callbacks(collator, out: Path, total_hint: int, resumed_step: int, prev
                     journal.truncate_after(resumed_step)
                 self.bar = log.Progress("train", total=state.max_steps or total_hint, unit="steps").__enter__()
                 if resumed_step:
-                    self.bar.done = resumed_step
+                    self.bar.resume_at(resumed_step)
             self.start = time.monotonic()
             self.tokens_at_start = collator.tokens
             self.batches_at_start = len(getattr(collator, "counts", []))
@@ -87,6 +90,16 @@ def make_callbacks(collator, out: Path, total_hint: int, resumed_step: int, prev
 
         def on_step_end(self, args, state, control, **kw):
             self.consumed += 1
+            # the Trainer logs a step's loss after on_step_end: a step that logs is shown then, with
+            # its own loss (and rewards), not the previous log line's
+            logs = args.logging_steps and (state.global_step % args.logging_steps == 0
+                                           or (state.global_step == 1 and args.logging_first_step))
+            self.pending = bool(logs)
+            if not self.pending:
+                self.show()
+
+        def show(self) -> None:
+            self.pending = False
             if self.bar is not None:
                 fields = {"tok/s": round(self.tokens_per_second())}
                 if self.last_loss is not None:
@@ -98,13 +111,17 @@ def make_callbacks(collator, out: Path, total_hint: int, resumed_step: int, prev
                 return
             if "loss" in logs:
                 self.last_loss = float(logs["loss"])
-            self.shown = {k: round(float(logs[k]), 3) for k in ("reward", "kl") if isinstance(logs.get(k), (int, float))}
+            shown = {label: round(float(logs[k]), 3) for k, label in SHOWN.items() if isinstance(logs.get(k), (int, float))}
+            if shown or "loss" in logs:
+                self.shown = shown
             entry = {"step": state.global_step, "epoch": round(state.epoch or 0, 4),
                      "elapsed_s": round(before["runtime_seconds"] + time.monotonic() - self.start, 2),
                      "tokens_per_second": round(self.tokens_per_second(), 1), **logs}
             journal.write(entry)
             if "eval_loss" in logs:
                 log.info(f"train: step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+            if getattr(self, "pending", False):
+                self.show()
 
         def on_save(self, args, state, control, **kw):
             """Beside the checkpoint: the totals a resumed run starts from."""
@@ -126,3 +143,93 @@ def make_callbacks(collator, out: Path, total_hint: int, resumed_step: int, prev
                 self.bar = None
 
     return [Reporter()]
+
+
+def graceful_stop():
+    """Ctrl-C or SIGTERM (or SIGHUP) while training, once a step has finished: the step under way
+    finishes, a checkpoint is saved, the run stops and says how to resume. A second signal, or one
+    before the first step, stops at once as usual. In a multi-process run every process stops at
+    the same step (the request is shared at each step's end)."""
+    from transformers import TrainerCallback
+
+    class GracefulStop(TrainerCallback):
+        def __init__(self):
+            self.requested: int | None = None   # the signal that asked for the stop
+            self.armed = False                   # a step has finished: there is something to save
+            self.stopped_at: int | None = None
+
+        def on_step_end(self, args, state, control, **kw):
+            self.armed = True
+            if _shared_request(self.requested):
+                control.should_save = True
+                control.should_training_stop = True
+                self.stopped_at = state.global_step
+
+        def handling_signals(self):
+            import signal
+            import threading
+            from contextlib import contextmanager
+
+            from lmforge.shared.core.errors import Terminated
+
+            @contextmanager
+            def installed():
+                if threading.current_thread() is not threading.main_thread():
+                    yield
+                    return
+
+                def handle(signum, frame):
+                    if not self.armed or self.requested is not None:   # nothing to save yet, or asked twice
+                        if signum == signal.SIGINT:
+                            raise KeyboardInterrupt
+                        raise Terminated(signum)
+                    self.requested = signum
+                    if int(os.environ.get("RANK", "0")) == 0:
+                        log.info(f"train: {signal.Signals(signum).name}: stopping after this step, with a checkpoint "
+                                 "(again to stop now)")
+
+                sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                previous = {s: signal.signal(s, handle) for s in sigs}
+                try:
+                    yield
+                finally:
+                    for s, h in previous.items():
+                        signal.signal(s, h)
+
+            return installed()
+
+        def raise_if_stopped(self) -> None:
+            """After trainer.train(): a requested stop ends the run here, its checkpoint kept."""
+            if self.requested is None or self.stopped_at is None:
+                return
+            import shlex
+            import signal
+            import sys
+
+            from lmforge.shared.core.errors import Terminated
+
+            if int(os.environ.get("RANK", "0")) == 0:
+                argv = [a for a in sys.argv if a != "--resume"]
+                command = shlex.join(["lmforge" if Path(argv[0]).name == "lmforge" else argv[0], *argv[1:], "--resume"])
+                log.info(f"train: stopped at step {self.stopped_at}, its checkpoint saved; to go on: {command}")
+            if self.requested == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise Terminated(self.requested)
+
+    return GracefulStop()
+
+
+def _shared_request(requested) -> bool:
+    """Whether any process asked to stop (every process must stop at the same step)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return requested is not None
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return requested is not None
+    flag = torch.tensor([1 if requested is not None else 0])
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
