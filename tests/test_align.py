@@ -227,3 +227,35 @@ def test_config_file_supplies_options_and_flags_win(tmp_path):
     assert len(read_rows(ok(["data", "align", src, "--config", cfg, "--max-samples", "2"]).stdout)) == 2
     cfg.write_text("colums: x\n")
     assert "no option 'colums'" in bad(["data", "align", src, "--config", cfg])
+
+
+def test_llamafactory_v1_preference_rows_align(tmp_path):
+    """LLaMA-Factory v1's DPO rows: two whole conversations (chosen_messages, rejected_messages) of
+    parts with a `value` and a loss_weight; the shared turns are the prompt, the system turn the
+    system prompt, the last turns the two answers."""
+    def turn(role, text, weight):
+        return {"role": role, "content": [{"type": "text", "value": text}], "loss_weight": weight}
+
+    shared = [turn("system", "Be brief.", 0.0), turn("user", "Capital of France?", 0.0)]
+    row = {"chosen_messages": [*shared, turn("assistant", "Paris.", 1.0)],
+           "rejected_messages": [*shared, turn("assistant", "Lyon.", 1.0)]}
+    got = read_rows(ok(["data", "align", write_jsonl(tmp_path / "v1.jsonl", [row])]).stdout)[0]
+    assert got["system"] == "Be brief." and [m["content"] for m in got["prompt"]] == ["Capital of France?"]
+    assert [m["content"] for m in got["response"]] == ["Paris.", "Lyon."]
+    bad_row = {**row, "rejected_messages": [turn("user", "Capital of Spain?", 0.0), turn("assistant", "Madrid.", 1.0)]}
+    assert "differ before their last turn" in bad(["data", "align", write_jsonl(tmp_path / "b.jsonl", [bad_row])])
+
+
+def test_a_tool_result_after_a_call_written_in_text_aligns(tmp_path):
+    """LLaMA-Factory's glaive data has rows whose call is in the assistant's text, then the tool's
+    result: LLaMA-Factory trains them as they are, and so does lmforge; a result after a user turn
+    is still refused."""
+    row = {"conversations": [{"from": "human", "value": "20% off 200?"},
+                             {"from": "gpt", "value": "Let me compute: calculate_discount {\"price\": 200}"},
+                             {"from": "observation", "value": "{\"price\": 160}"},
+                             {"from": "gpt", "value": "You pay 160."}], "tools": "[]"}
+    got = read_rows(ok(["data", "align", write_jsonl(tmp_path / "g.jsonl", [row])]).stdout)[0]
+    assert [m["role"] for m in got["prompt"]] == ["user", "assistant", "tool"]
+    row["conversations"][1:2] = []
+    assert "tool result at turn 2 does not follow an assistant turn" in bad(
+        ["data", "align", write_jsonl(tmp_path / "h.jsonl", [row])])

@@ -103,11 +103,13 @@ def check_turns(prompt: list[Message], response: list[Message], stage: str) -> N
         role = m["role"]
         if role not in ROLES:
             raise RowError(f"unknown role '{role}' in turn {i + 1}")
-        allowed = {None: (USER,), USER: (ASSISTANT,), ASSISTANT: (USER, TOOL) if calls else (USER,),
+        # a tool result may also follow an assistant turn whose call is written in its text (as in
+        # LLaMA-Factory's glaive data, which LLaMA-Factory trains as it is): never a user turn
+        allowed = {None: (USER,), USER: (ASSISTANT,), ASSISTANT: (USER, TOOL),
                    TOOL: (TOOL, ASSISTANT, USER)}[prev]
         if role not in allowed:
             if role == TOOL:
-                raise RowError(f"wrong turn order: tool result at turn {i + 1} does not follow a tool call")
+                raise RowError(f"wrong turn order: tool result at turn {i + 1} does not follow an assistant turn")
             raise RowError(f"wrong turn order: turn {i + 1} is '{role}' after '{prev or 'nothing'}'")
         if role == ASSISTANT:
             calls = {c["id"] for c in m.get("tool_calls") or [] if c.get("id")} | (

@@ -147,6 +147,8 @@ def _chat(spec: Spec) -> Callable[[dict], Converted]:
     def convert(row: dict) -> Converted:
         refuse_media_columns(row)
         msgs = row.get(c["messages"])
+        if msgs is None and stage == "pairwise":
+            msgs, row = _shared_prompt(row, c["chosen"], c["rejected"], role_tag)
         if msgs is None:
             raise RowError(f"missing '{c['messages']}'")
         if not isinstance(msgs, list):
@@ -174,6 +176,22 @@ def _chat(spec: Spec) -> Callable[[dict], Converted]:
         return prompt, response, system, tools, label
 
     return _checked(convert, stage)
+
+
+def _shared_prompt(row: dict, chosen: str, rejected: str, role_tag: str) -> tuple[list | None, dict]:
+    """Two whole conversations (LLaMA-Factory v1's chosen_messages / rejected_messages): the turns
+    they share are the prompt, their last (assistant) turns the two answers."""
+    a, b = row.get(chosen), row.get(rejected)
+    if not (isinstance(a, list) and isinstance(b, list) and len(a) > 1 and len(b) > 1):
+        return None, row
+    strip = [{k: v for k, v in m.items() if k != "loss_weight"} if isinstance(m, dict) else m for m in a[:-1]]
+    other = [{k: v for k, v in m.items() if k != "loss_weight"} if isinstance(m, dict) else m for m in b[:-1]]
+    if strip != other:
+        raise RowError(f"'{chosen}' and '{rejected}' differ before their last turn: the prompt must be shared")
+    for side in (a[-1], b[-1]):
+        if not isinstance(side, dict) or side.get(role_tag) not in ("assistant", "gpt"):
+            raise RowError(f"'{chosen}' and '{rejected}' must each end with the assistant's answer")
+    return strip, {**row, chosen: [a[-1]], rejected: [b[-1]]}
 
 
 def _side(row: dict, col: str, convert_message: Callable) -> Message:

@@ -21,6 +21,12 @@ def detect(fmt: str, names: list[str], first: dict | None, columns: dict[str, st
                 break
     if "label" not in columns and "kto_tag" in present:
         columns["label"] = "kto_tag"
+    if {"chosen_messages", "rejected_messages"} <= present:   # LLaMA-Factory v1: two whole conversations
+        columns.setdefault("chosen", "chosen_messages")
+        columns.setdefault("rejected", "rejected_messages")
+        whole = first.get("chosen_messages") if isinstance(first, dict) else None
+        sample = whole[0] if isinstance(whole, list) and whole and isinstance(whole[0], dict) else {}
+        return make_spec("openai" if "role" in sample else "sharegpt", "pairwise", columns, tags)
     reverse = {src: ours for ours, src in columns.items()}
     keys = {reverse.get(n, n) for n in names}
 
