@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -21,6 +22,13 @@ from lmforge.shared.core.options import Opt
 from typer.core import TyperCommand, TyperGroup
 
 _invocation: dict[str, Any] = {"command": "", "options": {}, "given": set()}
+
+# --help into a pipe or a file (a CI log, `| less`): rich would lay it out for 80 columns and cut
+# long flags and help lines; 120 holds every command's (TERMINAL_WIDTH, typer's own setting, still wins)
+if not os.environ.get("TERMINAL_WIDTH") and not sys.stdout.isatty():
+    import typer.rich_utils
+
+    typer.rich_utils.MAX_WIDTH = 120
 
 
 def _config_callback(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> None:

@@ -30,6 +30,10 @@ def _option_info(param) -> dict:
     args = getattr(annotation, "__args__", ())
     if getattr(annotation, "__origin__", None) is Literal:
         choices = [str(a) for a in args]
+    elif param.name == "template":   # any name is taken (a model's own template is `auto`): offer the known ones
+        from lmforge.shared.data.templates import TEMPLATES
+
+        choices = ["auto", "none", *sorted(TEMPLATES)]
     name = (getattr(annotation, "__name__", "") or str(annotation)).lower()
     path_like = "path" in name or (param.name in ("input", "inputs", "model", "data", "adapter", "output"))
     return {"opts": [o for o in list(param.opts) + list(getattr(param, "secondary_opts", []))],

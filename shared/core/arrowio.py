@@ -230,6 +230,15 @@ def spool_stdin(source: ArrowSource, directory: str | Path | None = None) -> Arr
 # ----------------------------------------------------------------------------- writing
 
 
+def make_parent(target: Path) -> None:
+    """Every command makes the folders its output goes into, as `train` always has (`-o runs/x`
+    creates runs/); a path through a file is refused with one line."""
+    for parent in [target.parent, *target.parent.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise BadInput(f"{target}: {parent} is a file, not a directory", "choose another output path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+
 def check_output(path: str | Path | None) -> None:
     """Fail early, before any work, when the output cannot be written."""
     if is_stdin(path):
@@ -241,9 +250,7 @@ def check_output(path: str | Path | None) -> None:
     target = Path(path)
     if target.is_dir():
         raise BadInput(f"{target}: is a directory", "give a file path to -o")
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise BadInput(f"{target}: directory {parent} does not exist", "create it first")
+    make_parent(target)
 
 
 @contextmanager

@@ -36,6 +36,8 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
+from lmforge.shared.data.roles import ASSISTANT, FUNCTION, OBSERVATION, ROLES, TOOL, USER  # noqa: F401
+
 VERSION = 2
 IMAGE_FORMATS = ("png", "jpeg", "gif", "webp", "bmp", "tiff")
 PART = pa.struct([("type", pa.string()), ("text", pa.string()), ("image", pa.binary()),
@@ -45,10 +47,6 @@ MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string()), ("parts", 
                      ("reasoning", pa.string()), ("tool_calls", pa.list_(CALL)),
                      ("tool_call_id", pa.string()), ("name", pa.string())])
 MESSAGES = pa.list_(MESSAGE)
-USER, ASSISTANT, TOOL = "user", "assistant", "tool"
-ROLES = (USER, ASSISTANT, TOOL)
-# version 1's roles (read when upgrading, and accepted from legacy (role, content) pairs)
-FUNCTION, OBSERVATION = "function_call", "observation"
 STAGES = ("sft", "pairwise", "kto", "pt")
 FIELDS = tuple(f.name for f in MESSAGE)
 Message = dict[str, Any]

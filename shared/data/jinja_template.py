@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from lmforge.shared.core.errors import BadInput
-from lmforge.shared.data.aligned import ASSISTANT, USER
+from lmforge.shared.data.roles import ASSISTANT, USER
 from lmforge.shared.data.reasoning import Reasoning, split_generated
 from lmforge.shared.data.rendering import Rendered, mask_empty_think, messages_of, refuse_images
 
@@ -18,7 +18,7 @@ def to_messages(turns, system: str = "", null_content: str | None = None,
     reasoning as `reasoning_content`, tool calls as {id, type, function: {name, arguments}} with
     arguments as objects, tool results as `tool` messages with their `tool_call_id`. A message
     without content keeps content None (`null_content` replaces it for templates that need text)."""
-    from lmforge.shared.data.aligned import TOOL
+    from lmforge.shared.data.roles import TOOL
 
     keep = (reasoning or Reasoning()).keep
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
@@ -155,7 +155,7 @@ class JinjaRenderer:
                            "fix or skip the row, or use a named template (--template NAME)") from None
 
     def _check(self, messages: list[dict], tools: str) -> None:
-        from lmforge.shared.data.aligned import TOOL
+        from lmforge.shared.data.roles import TOOL
 
         refuse_images(messages, "the model's chat template")
         if tools and not self.supports_tools:

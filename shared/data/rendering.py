@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass, field
 
 from lmforge.shared.core.errors import BadInput
-from lmforge.shared.data.aligned import FUNCTION, OBSERVATION, USER
+from lmforge.shared.data.roles import FUNCTION, OBSERVATION, USER
 from lmforge.shared.data.reasoning import EMPTY_THINK, Reasoning, split_generated, split_think
 from lmforge.shared.data.tool_calls import calls_text, mistral_result, results_text, tools_block
 

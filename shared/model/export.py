@@ -260,8 +260,6 @@ def export(o: ModelExport) -> Path:
     for path in (output, side) if ollama else (output,):
         if path.exists() and not overwrite:
             raise BadInput(f"{path}: exists", "pass --overwrite to replace it")
-    if not output.parent.is_dir():
-        raise BadInput(f"-o {output}: directory {output.parent} does not exist")
     if quant not in CONVERTER_TYPES and quant not in QUANT_FTYPES:
         raise BadInput(f"--quant {quant}: unknown", f"use one of {', '.join((*CONVERTER_TYPES, *QUANT_FTYPES))}")
     model_dir = Path(model)
@@ -311,6 +309,9 @@ def export(o: ModelExport) -> Path:
     # named by pid like every temporary: what a killed export leaves (a merged model, a GGUF) is
     # removed by the next command that writes in that directory
     work = rundir.temp_sibling(output.with_name(f"{output.name}.export"))
+    from lmforge.shared.core.arrowio import make_parent
+
+    make_parent(output)   # the folders -o names, made once everything is checked
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     final = rundir.temp_sibling(output)

@@ -38,7 +38,8 @@ class DataAlign(Options):
              "tools, chosen, rejected, label, prompt, completion, text).")
     tags: str | None = Opt(
         default=None,
-        help="Chat role tags: role=from,content=value,user=human,assistant=gpt,observation=...,function=...,system=...")
+        help="Chat role tags, comma-separated: role=from, content=value, user=human, assistant=gpt, "
+             "observation=..., function=..., system=...")
     dataset_info: Path | None = Opt(
         default=None, help="A LLaMA-Factory dataset_info.json (or its directory): align entries named by --name.")
     name: list[str] | None = Opt(default=None, help="Entry of --dataset-info to align (repeat for several).")
@@ -139,7 +140,7 @@ class DataPack(Options):
                           help="An example longer than --cutoff: auto (LLaMA-Factory's split: a short answer stays "
                                "whole, else a short prompt, else both shrink in proportion; a cut prompt keeps its "
                                "start and the answer's header), left (the prompt loses its beginning, the answer "
-                               "stays whole; dropped if the answer alone does not fit), right (the answer loses its "
+                               "stays whole; dropped if the answer with its header does not fit), right (the answer loses its "
                                "end; dropped if the prompt alone fills --cutoff), or drop. What was cut is reported "
                                "by row; `data show --decode` marks it.")
     packing: bool = Opt(default=False, help="Pack several examples per row (best-fit decreasing).")
