@@ -261,12 +261,12 @@ def test_lora_trains_the_language_model_then_merge_eval_and_serve(work, model, p
         refused = client.post("/v1/chat/completions", json=ask)
         assert refused.status_code == 400 and "data: URLs" in refused.text
     # chat: /image PATH attaches a local image to the next message; a remote URL is refused
-    from lmforge.shared.infer.chat import chat_loop
+    from lmforge.shared.infer.chat import LocalModel, Settings, chat_loop
 
     lines = iter([f"/image {work / 'img' / '3-0.png'}", "What colour is the square ?",
                   "/image https://example.com/a.png", "/exit"])
     said: list[str] = []
-    chat_loop(served, "", 3, 0.0, lambda: next(lines), said.append)
+    chat_loop(LocalModel(served), "", Settings(max_tokens=3, temperature=0.0), lambda: next(lines), said.append)
     assert "[image 1 attached" in "".join(said) and "remote URL" in "".join(said)
 
 
