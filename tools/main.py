@@ -29,7 +29,7 @@ from lmforge.shared.core.errors import (
     no_space,
 )
 
-from . import adapter, board, completion, data, evaluation, model, serve, train
+from . import adapter, board, completion, data, evaluation, model, run, serve, train
 from ._cli import command, declared, group
 
 app = group("Fine-tune large language models with small composable tools.\n\n"
@@ -43,6 +43,7 @@ command(app, "serve")(serve.serve)
 command(app, "chat")(serve.chat)
 command(app, "completion")(completion.completion)
 command(app, "board")(board.board)
+command(app, "run")(run.run)
 
 
 def _version(value: bool) -> None:

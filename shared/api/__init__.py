@@ -15,7 +15,7 @@ a failure at run time RunFailure. Data-making functions return the path they wro
 functions the output directory, evaluations their report as a dict.
 """
 
-from lmforge.shared.api import adapter, data, model, train
+from lmforge.shared.api import adapter, data, jobs, model, train
 from lmforge.shared.api import evaluate as eval  # noqa: A001 - `api.eval.mmlu(...)` reads as `lmforge eval mmlu`
 
-__all__ = ["adapter", "data", "eval", "model", "train"]
+__all__ = ["adapter", "data", "eval", "jobs", "model", "train"]

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 from pathlib import Path
 from typing import Any
 
 from lmforge.shared.board.workspace import Workspace
-from lmforge.shared.core import catalog
+from lmforge.shared.core import catalog, recipes
 from lmforge.shared.core.errors import BadInput
 from lmforge.shared.core.options import REQUIRED, Opt
 
@@ -52,16 +51,6 @@ def opt_json(o: Opt) -> dict[str, Any]:
             "argument": o.argument, "min": o.min, "max": o.max}
 
 
-def _same(value: Any, default: Any) -> bool:
-    if default is REQUIRED:
-        return False
-    if isinstance(value, bool) or isinstance(default, bool):
-        return bool(value) == bool(default)
-    if default is None:
-        return value in (None, "", [])
-    return str(value).strip() == str(default)
-
-
 # values that carry a path inside them: a reward function's file (FILE.py:function)
 _FILE_IN_VALUE = re.compile(r"^(?P<path>.+\.py):(?P<name>[A-Za-z_]\w*)$")
 
@@ -82,40 +71,12 @@ def _checked(ws: Workspace, o: Opt, value: str) -> str:
 def argv(ws: Workspace, command: str, values: dict[str, Any], fixed: dict[str, Any]) -> list[str]:
     """`lmforge COMMAND ...` as an argument list: the options in `fixed` (wired by the board) and
     the user's `values` that differ from their defaults, in declaration order."""
-    opts = catalog.COMMANDS[command]
-    known = {o.name for o in opts}
+    known = {o.name for o in catalog.COMMANDS[command]}
     unknown = sorted(set(values) - known)
     if unknown:
         raise BadInput(f"'{command}' has no option '--{unknown[0].replace('_', '-')}'", "reload the board")
-    head, tail = ["lmforge", *command.split()], []
-    for o in opts:
-        if o.name in fixed:
-            value = fixed[o.name]
-        elif o.name in values and o.name not in wired(command):
-            value = values[o.name]
-            if _same(value, o.default):
-                continue
-            if not o.type == "bool" and not o.many:
-                value = str(value).strip()
-        else:
-            continue
-        if value is None or value == "" or value == []:
-            continue
-        if o.type == "bool":
-            value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
-            if value:
-                head.append(o.long)
-            elif not o.flags:
-                head.append("--no-" + o.name.replace("_", "-"))
-            continue
-        items = value if isinstance(value, list) else [value]
-        items = [_checked(ws, o, str(v).strip()) if o.name not in fixed else str(v)
-                 for v in items if str(v).strip()]
-        if o.argument:
-            tail += items
-        else:
-            head += [f"{o.long}={v}" for v in items]   # --flag=value: a value never reads as an option
-    return head + (["--", *tail] if any(t.startswith("-") and t != "-" for t in tail) else tail)
+    chosen = {k: v for k, v in values.items() if k not in wired(command)}
+    return recipes.argv(command, {**chosen, **fixed}, always=set(fixed), path=lambda o, v: _checked(ws, o, v))
 
 
 def train_steps(ws: Workspace, config: dict[str, Any], run: str) -> list[dict[str, Any]]:
@@ -203,15 +164,9 @@ def _run_data(steps: list[dict[str, Any]], packed: bool) -> str | None:
 
 def shell(steps: list[dict[str, Any]]) -> str:
     """The pipeline as one shell line (run from the workspace)."""
-    return " && \\\n  ".join(shlex.join(s["argv"]) for s in steps)
+    return recipes.shell(steps)
 
 
 def makefile(steps: list[dict[str, Any]], run: str) -> str:
     """The pipeline as a Makefile: one target per step, each depending on the one before."""
-    lines = [f"# lmforge board: run {run} (run `make` in the workspace)", "", ".PHONY: all",
-             f"all: {steps[-1]['target']}", ""]
-    before = ""
-    for s in steps:
-        lines += [f"{s['target']}: {before}".rstrip(), "\t" + shlex.join(s["argv"]).replace("$", "$$"), ""]
-        before = s["target"]
-    return "\n".join(lines)
+    return recipes.makefile(steps, f"lmforge board: run {run} (run `make` in the workspace)")

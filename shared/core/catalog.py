@@ -11,6 +11,7 @@ from lmforge.shared.core.commands.data import (DataAlign, DataMerge, DataPack, D
 from lmforge.shared.core.commands.infer import (Board, Chat, Completion, EvalBenchmark, EvalGenerate, EvalPerplexity,
                                                  EvalRM, Serve)
 from lmforge.shared.core.commands.model import AdapterMerge, ModelExport, ModelInit, ModelQuantize
+from lmforge.shared.core.commands.run import Run
 from lmforge.shared.core.commands.train import TrainDPO, TrainGRPO, TrainPPO, TrainPT, TrainRM, TrainSFT
 from lmforge.shared.core.options import Opt, Options, options_of
 
@@ -54,6 +55,7 @@ CLASSES: dict[str, type[Options]] = {
     "eval generate": EvalGenerate,
     "eval perplexity": EvalPerplexity,
     "eval rm": EvalRM,
+    "run": Run,
     "serve": Serve,
     "chat": Chat,
     "board": Board,

@@ -6,6 +6,7 @@
     training.py  the parts every training stage is composed of (method, LoRA, optimisation, run, ...)
     train.py     train pt | sft | rm | dpo | ppo | grpo
     infer.py     eval ..., serve, chat, board, completion
+    run.py       run (job files)
 
 catalog.py maps each command name to its class.
 """
