@@ -28,6 +28,7 @@ ARCHS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
     "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
                   ("moe",)),
     "mixtral": ("mixtral", {**MOE}, ("moe",)),
+    "phimoe": ("phimoe", {**MOE}, ("moe", "router returns a tuple")),
     "deepseek_v3": ("deepseek_v3", {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1,
                                     "moe_intermediate_size": 32, "first_k_dense_replace": 1, "n_group": 1,
                                     "topk_group": 1, "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8,

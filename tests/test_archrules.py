@@ -45,7 +45,8 @@ IDS = torch.arange(4, archmatrix.VOCAB)[None, :20]
 def test_every_rule_has_a_test_here():
     names = {r.name for r in archrules.RULES}
     assert names == {"attention kernel", "soft-capped logits", "scaled logits", "scaled embeddings",
-                     "router auxiliary loss", "fused experts", "per-layer config lists", "no generation marker"}
+                     "router auxiliary loss", "fused experts", "per-layer config lists", "no generation marker",
+                     "linear layers that are not linear"}
     for rule in archrules.RULES:   # the model types a row names are ones it applies to
         from transformers import AutoConfig
 
@@ -145,6 +146,42 @@ def test_router_loss_when_the_router_trains(tiny):
     assert not frozen.config.output_router_logits     # attention only: the router does not train
     dense = methods.apply(load(tiny("llama")), Method(method="full"))
     assert not getattr(dense.config, "output_router_logits", False)
+
+
+# --- linear layers that are not linear
+def test_lora_all_leaves_out_linear_layers_that_return_more_than_their_product(tiny, tmp_path):
+    """Phi-MoE's router is a torch Linear whose forward returns (logits, weights, experts): LoRA on it
+    broke training inside PEFT. The rule is found by trying the layer, not by the model's name."""
+    import torch
+
+    from lmforge.shared.model import archrules
+    from lmforge.shared.train import methods
+
+    model = load(tiny("phimoe"))
+    assert archrules.not_linear(model) == ["model.layers.0.mlp.router", "model.layers.1.mlp.router"]
+    assert archrules.not_linear(load(tiny("mixtral"))) == []   # its router is a plain Linear
+    wrapped = methods.apply(model, Method(method="lora"))
+    adapted = methods.adapted_modules(wrapped)
+    assert "model.layers.0.self_attn.q_proj" in adapted and not any("router" in n for n in adapted)
+    wrapped(IDS, labels=IDS).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in wrapped.parameters() if p.requires_grad)
+
+    class Tuple(torch.nn.Linear):   # the same rule for a layer of any model's own code
+        def forward(self, x):
+            return super().forward(x), x
+
+    Tuple.__module__ = "transformers.models.custom.modeling_custom"
+    dense = load(tiny("llama"))
+    dense.model.layers[0].mlp.gate_proj.__class__ = Tuple
+    assert archrules.not_linear(dense) == ["model.layers.0.mlp.gate_proj"]
+    data = aligned(tmp_path, "d", archmatrix.sft_rows(4))
+    packed = tmp_path / "p.arrow"
+    ok(["data", "pack", data, "-m", tiny("phimoe"), "-t", "chatml", "--cutoff", "48", "-o", packed])
+    line = bad(["train", "sft", "-m", tiny("phimoe"), "-d", packed, "-o", tmp_path / "out", "--lora-target",
+                "q_proj,router", "--max-steps", "1"])
+    assert "--lora-target router: PhimoeTopKRouter" in line and "leave it out" in line
+    ok(["train", "sft", "-m", tiny("phimoe"), "-d", packed, "-o", tmp_path / "all", "--max-steps", "1",
+        "--batch-size", "2", "--grad-accum", "1"])
 
 
 # --- fused experts

@@ -69,6 +69,11 @@ RULES: tuple[Rule, ...] = (
          "experts are 3-D tensors, not linear layers: LoRA adapts them through PEFT's parameter targets, DoRA "
          "cannot (--method dora with --lora-target all is refused, naming lora or explicit targets); LLaMA-Pro "
          "zeroes their down projections"),
+    Rule("linear layers that are not linear", _moe, ("phimoe",),
+         "a torch Linear subclass whose forward returns something else than its product (Phi-MoE's router "
+         "returns logits, weights and the chosen experts): LoRA on it breaks the layer that calls it, so "
+         "--lora-target all leaves every such layer out (PEFT's exclude_modules) and naming one is refused "
+         "(archrules.not_linear)"),
     Rule("per-layer config lists",
          lambda c: any(getattr(c, k, None) for k in (*LAYER_LISTS, *LAYER_INDICES, "first_k_dense_replace")),
          ("smollm3", "gemma3_text", "gpt_oss", "deepseek_v3"),
@@ -144,3 +149,34 @@ def fused_expert_modules(model) -> list[str]:
     """Names of modules holding experts as 3-D tensors (what PEFT's DoRA cannot adapt)."""
     return [n for n, m in model.named_modules()
             if any(p.ndim == 3 for p in m.parameters(recurse=False))]
+
+
+def not_linear(model) -> list[str]:
+    """Full names of the torch Linear subclasses in a model's own code whose forward returns no
+    tensor (a router returning logits and its choice): a LoRA wrapper would hand the caller the
+    wrong thing. Each such layer's forward is tried once on a row of zeros, in eval mode."""
+    import torch
+
+    found = []
+    for name, module in model.named_modules():
+        cls = type(module)
+        if not isinstance(module, torch.nn.Linear) or cls.forward is torch.nn.Linear.forward:
+            continue
+        if not cls.__module__.startswith("transformers."):   # quantized and adapter linears return their product
+            continue
+        weight = module.weight
+        if weight.is_meta:
+            continue
+        training = module.training
+        try:
+            module.eval()
+            with torch.no_grad():
+                out = module(torch.zeros(1, module.in_features, dtype=weight.dtype, device=weight.device))
+            plain = isinstance(out, torch.Tensor)
+        except Exception:   # noqa: BLE001 - a layer that cannot take its own input shape is no plain linear
+            plain = False
+        finally:
+            module.train(training)
+        if not plain:
+            found.append(name)
+    return found

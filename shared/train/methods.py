@@ -85,6 +85,7 @@ def _lora(model, o: Method, added_token_ids: list[int]):
     from lmforge.shared.data import modalities
 
     quantized = _quantized_linears(model)
+    excluded = archrules.not_linear(model)
     if o.lora_target == "all":
         target: str | list[str] = quantized or "all-linear"
     else:
@@ -94,6 +95,11 @@ def _lora(model, o: Method, added_token_ids: list[int]):
         if unknown:
             linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
             raise BadInput(f"--lora-target: {', '.join(unknown)} not in the model", f"its linear layers: {', '.join(linear)}")
+        named = sorted({n.split(".")[-1] for n in excluded} & set(target))
+        if named:
+            kind = type(model.get_submodule(next(n for n in excluded if n.split(".")[-1] == named[0]))).__name__
+            raise BadInput(f"--lora-target {named[0]}: {kind} is a linear layer whose forward returns more than "
+                           "its product, which LoRA cannot adapt", "leave it out of --lora-target")
     media = modalities.of_model(model)
     if media is not None:   # adapters on the language model only (its linear layers, by full name)
         names = set(target) if isinstance(target, list) else None   # given names, or a quantized model's
@@ -105,7 +111,7 @@ def _lora(model, o: Method, added_token_ids: list[int]):
         task_type="CAUSAL_LM", r=o.lora_rank, lora_alpha=o.lora_alpha or 2 * o.lora_rank,  # type: ignore[arg-type]
         lora_dropout=o.lora_dropout, target_modules=target, use_dora=o.method == "dora",
         use_rslora=o.rslora, init_lora_weights="pissa_niter_16" if o.method == "pissa" else True,  # type: ignore[arg-type]
-        trainable_token_indices=added_token_ids or None,
+        trainable_token_indices=added_token_ids or None, exclude_modules=excluded or None,
         modules_to_save=(media.modules_to_save(model, o.train_projector, o.train_vision_tower) or None)
         if media is not None else None)
     linears = linear_layers(model)
@@ -143,9 +149,10 @@ def linear_layers(model) -> list[str]:
     import torch
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    not_linear = set(archrules.not_linear(model))
     return [n for n, m in model.named_modules()
             if m is not head and (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
-            and "value_head" not in n]
+            and "value_head" not in n and n not in not_linear]
 
 
 def adapted_modules(wrapped) -> set[str]:
