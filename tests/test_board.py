@@ -132,6 +132,79 @@ def test_a_bad_form_value_gets_the_commands_own_line(client, workspace):
     assert not (workspace / "runs").exists() or not any((workspace / "runs").iterdir())
 
 
+def test_a_bad_value_names_its_field_so_the_page_can_mark_it(client):
+    config = _config()
+    config["options"]["data pack"]["cutoff"] = "many"
+    assert client.post("/api/runs", json=config).json()["field"] == {
+        "command": "data pack", "option": "cutoff", "flag": "--cutoff"}
+    answer = client.post("/api/pipeline", json=_config(learning_rate="-1")).json()   # named '--learning-rate' / '--lr'
+    assert answer["error"].startswith("Invalid value for '--learning-rate'")
+    assert answer["field"] == {"command": "train sft", "option": "learning_rate", "flag": "--learning-rate"}
+    answer = client.post("/api/pipeline", json=_config(eval_data="../../etc/passwd")).json()   # refused on its way
+    assert "outside the board's workspace" in answer["error"]
+    assert answer["field"] == {"command": "train sft", "option": "eval_data", "flag": "--eval-data"}
+    assert "field" not in client.post("/api/pipeline", json={**_config(), "model": "../x"}).json()
+
+
+def test_a_link_out_of_the_workspace_is_named_as_a_link(tmp_path):
+    from lmforge.shared.board.workspace import Workspace
+    from lmforge.shared.core.errors import BadInput
+
+    ws, outside = tmp_path / "ws", tmp_path / "elsewhere"
+    (ws / "data").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "rows.jsonl").write_text("{}\n")
+    (ws / "data" / "rows.jsonl").symlink_to(outside / "rows.jsonl")
+    (ws / "shared").symlink_to(outside)
+    (tmp_path / "ws-link").symlink_to(ws)   # the workspace named through a link of its own
+    cases = {
+        "data/rows.jsonl": f"data file 'data/rows.jsonl' is a symbolic link to {outside / 'rows.jsonl'}, "
+                           f"outside the board's workspace {ws}",
+        "./data/rows.jsonl": f"data file './data/rows.jsonl' is a symbolic link to {outside / 'rows.jsonl'}, "
+                             f"outside the board's workspace {ws}",
+        "shared/rows.jsonl": f"data file 'shared/rows.jsonl': 'shared' is a symbolic link to {outside}, "
+                             f"outside the board's workspace {ws}",
+    }
+    for root in (ws, tmp_path / "ws-link"):
+        for name, message in {**cases, f"{root}/shared/rows.jsonl": cases["shared/rows.jsonl"].replace(
+                "'shared/rows.jsonl'", repr(f"{root}/shared/rows.jsonl"), 1)}.items():
+            with pytest.raises(BadInput) as refused:
+                Workspace(root).path(name, "data file")
+            assert refused.value.message == message
+    with pytest.raises(BadInput) as refused:   # outside by its name: no link to speak of
+        Workspace(ws).path("../elsewhere/rows.jsonl", "data file")
+    assert "symbolic link" not in str(refused.value) and "outside the board's workspace" in str(refused.value)
+
+
+def test_dataset_info_entries_say_local_or_hub_local_first(client, workspace):
+    listed = client.get("/api/dataset_info?path=lf/dataset_info.json").json()["entries"]
+    info = json.loads((workspace / "lf" / "dataset_info.json").read_text())
+    assert sorted(e["name"] for e in listed) == sorted(info) and len(listed) > 100
+    by_name = {e["name"]: e for e in listed}
+    assert by_name["identity"]["source"] == "local"   # identity.json is beside it
+    assert by_name["alpaca_en_demo"]["source"] == "missing"   # named, not copied into the workspace
+    for name, entry in info.items():
+        if "file_name" not in entry:
+            hub = "hf" if "hf_hub_url" in entry else "ms" if "ms_hub_url" in entry else "om"
+            assert by_name[name]["source"] == "hub" and by_name[name]["hub"] == hub, name
+    order = [{"local": 0, "hub": 1, "missing": 2}[e["source"]] for e in listed]
+    assert order == sorted(order) and order[0] == 0
+    hubs = [e["name"] for e in listed if e["source"] == "hub"]
+    assert hubs == [name for name in info if by_name[name]["source"] == "hub"]   # the file's order within
+    # a file_name that leads out of the workspace is not looked at: missing, not local
+    (workspace / "lf2").mkdir()
+    try:
+        (workspace / "lf2" / "dataset_info.json").write_text(json.dumps({
+            "out": {"file_name": "../../../../../../../etc/hostname"}, "ms": {"ms_hub_url": "a/b"},
+            "both": {"file_name": "here.json", "hf_hub_url": "a/b"}, "here": {"file_name": "here.json"}}))
+        (workspace / "lf2" / "here.json").write_text("[]")
+        listed = client.get("/api/dataset_info?path=lf2").json()["entries"]
+        assert [(e["name"], e["source"], e["hub"]) for e in listed] == [
+            ("both", "local", "hf"), ("here", "local", None), ("ms", "hub", "ms"), ("out", "missing", None)]
+    finally:
+        shutil.rmtree(workspace / "lf2")
+
+
 def test_paths_stay_inside_the_workspace(client, workspace, tmp_path):
     outside = tmp_path / "secret.jsonl"
     outside.write_text('{"instruction": "a", "output": "b"}\n')
@@ -337,6 +410,18 @@ def test_every_page_string_is_in_every_locale():
     # keys are literals (or the data-i18n attributes checked above): none escapes this check
     assert not re.search(r"\bt\((?!\"|node\.dataset\.i18n)", js.replace("function t(key)", "")), "a computed key"
     assert not re.search(r"(src|href)=\"https?:", html), "nothing is fetched from elsewhere"
+
+
+def test_the_page_names_cjk_fonts_and_the_guide_says_one_is_needed():
+    css = (BOARD / "static" / "board.css").read_text(encoding="utf-8")
+    sans = re.search(r"--sans:([^;]+);", css).group(1)
+    for font in ("Noto Sans CJK SC", "Source Han Sans SC", "PingFang SC", "Microsoft YaHei", "WenQuanYi Micro Hei"):
+        assert f'"{font}"' in sans and f'"{font}"' in re.search(r"--mono:([^;]+);", css).group(1), font
+    assert sans.strip().endswith("sans-serif") and "font: 14px/1.45 var(--sans)" in css
+    assert "font-family: inherit" in css   # form controls too (they default to the system font)
+    assert not re.search(r"font-family:(?! var\(--(sans|mono)\)| inherit)", css), "a font stack without CJK fonts"
+    guide = (ROOT / "docs" / "guides" / "board.md").read_text(encoding="utf-8")
+    assert "needs a CJK font" in guide and "apt install fonts-noto-cjk" in guide
 
 
 # ----------------------------------------------------------------------------- preview, run, monitor
@@ -618,5 +703,98 @@ setTimeout(() => document.getElementById("f").submit(), 500);
         assert not (workspace / "runs" / "csrf").exists() and not (tmp_path / "pwned").exists()
     finally:
         evil.shutdown()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# each help text's lines (a Range's rectangles: the text as drawn, overflow included), at two widths
+HELP_OVERLAPS = """() => {
+  const form = document.querySelector('#form-train-sft');
+  form.querySelectorAll('details').forEach(d => { d.open = true; });
+  const boxes = [...form.querySelectorAll('.opt')].map(opt => {
+    const range = document.createRange();
+    range.selectNodeContents(opt.querySelector('.help'));
+    return { name: opt.querySelector('.name').textContent, opt: opt.getBoundingClientRect(),
+             lines: [...range.getClientRects()] };
+  });
+  const hit = (a, b) => a.left < b.right - .5 && b.left < a.right - .5 && a.top < b.bottom - .5 && b.top < a.bottom - .5;
+  const out = [];
+  for (const a of boxes) {
+    if (a.lines.some(r => r.left < a.opt.left - .5 || r.right > a.opt.right + .5)) out.push(a.name + " leaves its field");
+    for (const b of boxes)
+      if (a !== b && a.lines.some(r => b.lines.some(s => hit(r, s)))) out.push(a.name + " overlaps " + b.name);
+  }
+  return { count: boxes.length, overlaps: out };
+}"""
+
+
+def test_help_texts_wrap_inside_their_fields(workspace):
+    sync_playwright = browser()
+    proc, url = start_board(workspace)
+    try:
+        with sync_playwright() as p:
+            chrome = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            for width in (1280, 700):
+                page = chrome.new_page(viewport={"width": width, "height": 900})
+                page.goto(url)
+                page.wait_for_selector("body[data-ready]")
+                found = page.evaluate(HELP_OVERLAPS)
+                assert found["count"] > 30 and not found["overlaps"], (width, found)
+                # a help text with a word longer than its column (a module list, a path) wraps too
+                page.evaluate("""() => { document.querySelector('#form-train-sft .opt .help').textContent =
+                    'Modules: ' + 'q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj'.repeat(2) + ' (all)'; }""")
+                found = page.evaluate(HELP_OVERLAPS)
+                assert not found["overlaps"], (width, found)
+                page.close()
+            chrome.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_bad_value_is_shown_beside_start_and_its_field_marked(workspace):
+    sync_playwright = browser()
+    from playwright.sync_api import expect
+    proc, url = start_board(workspace)
+    try:
+        with sync_playwright() as p:
+            chrome = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = chrome.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(60_000)
+            page.goto(url)
+            page.wait_for_selector("body[data-ready]")
+            page.check('#data-files input[value="demo/tasks.jsonl"]')
+            fill(page, "data pack", "template", "default")
+            fill(page, "train sft", "max_steps", "soon")
+            page.evaluate("document.querySelectorAll('#forms details').forEach(d => { d.open = true; })")
+            page.locator("#start-btn").scroll_into_view_if_needed()
+            assert page.evaluate("document.documentElement.scrollHeight") > 2500   # a long page
+            field = page.locator('[data-command="train sft"][data-opt="max_steps"]')
+            field.evaluate("input => input.closest('details').open = false")   # the error opens its panel
+            page.click("#start-btn")
+            beside = page.locator("#action-error")
+            expect(beside).to_be_visible()
+            assert "Invalid value for '--max-steps'" in beside.inner_text()
+            start, box = page.locator("#start-btn").bounding_box(), beside.bounding_box()
+            assert abs(box["y"] - start["y"]) < 80, (start, box)   # next to the button, not at the top
+            assert page.inner_text("#error") == beside.inner_text()   # the banner says the same
+            # the field: marked with the message, its panel open, scrolled to and focused
+            marked = page.locator(".opt.invalid")
+            expect(marked).to_have_count(1)
+            assert "Invalid value for '--max-steps'" in marked.locator(".field-error").inner_text()
+            assert marked.locator('[data-opt="max_steps"]').count() == 1
+            expect(field).to_be_focused()
+            expect(field).to_be_in_viewport()
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "0-error-beside-start.png"), full_page=False)
+            # corrected: the mark goes as the user types; both messages go with the next answer
+            field.fill("3")
+            expect(page.locator(".opt.invalid")).to_have_count(0)
+            page.click("#plan-btn")
+            page.wait_for_selector("#plan:not([hidden])")
+            expect(beside).to_be_hidden()
+            expect(page.locator("#error")).to_be_hidden()
+            chrome.close()
+    finally:
         proc.terminate()
         proc.wait(timeout=30)

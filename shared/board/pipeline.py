@@ -30,6 +30,29 @@ WIRED = {
 }
 
 
+class FieldError(BadInput):
+    """A bad value of one form field: the answer names the field, so the page marks it."""
+
+    def __init__(self, message: str, hint: str | None = None, field: dict[str, str] | None = None):
+        super().__init__(message, hint)
+        self.field = field
+
+
+# a flag as error lines name it: quoted (click's usage errors) or leading (the workspace's refusals)
+_FLAG = re.compile(r"(?:^|')(--[A-Za-z0-9][\w-]*)")
+
+
+def field_of(command: str, text: str) -> dict[str, str] | None:
+    """The option of COMMAND that an error line names first ({command, option, flag}), or None."""
+    opts = catalog.COMMANDS.get(command, ())
+    for flag in _FLAG.findall(text):
+        for o in opts:
+            spellings = {o.long, "--no-" + o.name.replace("_", "-")} | {f for fs in o.flags for f in fs.split("/")}
+            if not o.argument and flag in spellings:
+                return {"command": command, "option": o.name, "flag": o.long}
+    return None
+
+
 def wired(command: str) -> tuple[str, ...]:
     return WIRED.get(command) or WIRED.get(command.split()[0], ())
 
@@ -76,7 +99,12 @@ def argv(ws: Workspace, command: str, values: dict[str, Any], fixed: dict[str, A
     if unknown:
         raise BadInput(f"'{command}' has no option '--{unknown[0].replace('_', '-')}'", "reload the board")
     chosen = {k: v for k, v in values.items() if k not in wired(command)}
-    return recipes.argv(command, {**chosen, **fixed}, always=set(fixed), path=lambda o, v: _checked(ws, o, v))
+    try:
+        return recipes.argv(command, {**chosen, **fixed}, always=set(fixed), path=lambda o, v: _checked(ws, o, v))
+    except FieldError:
+        raise
+    except BadInput as exc:   # a value refused on its way (a path outside the workspace): name its field
+        raise FieldError(exc.message, exc.hint, field_of(command, exc.message)) from None
 
 
 def train_steps(ws: Workspace, config: dict[str, Any], run: str) -> list[dict[str, Any]]:
@@ -170,3 +198,31 @@ def shell(steps: list[dict[str, Any]]) -> str:
 def makefile(steps: list[dict[str, Any]], run: str) -> str:
     """The pipeline as a Makefile: one target per step, each depending on the one before."""
     return recipes.makefile(steps, f"lmforge board: run {run} (run `make` in the workspace)")
+
+
+# where LLaMA-Factory reads an entry from when it has no local file
+HUBS = (("hf_hub_url", "hf"), ("ms_hub_url", "ms"), ("om_hub_url", "om"))
+_SOURCE_ORDER = {"local": 0, "hub": 1, "missing": 2}
+
+
+def dataset_entries(ws: Workspace, info_file: Path, entries: dict[str, Any]) -> list[dict[str, Any]]:
+    """A dataset_info.json's entries for the picker, local ones first: each with its source, "local"
+    (its file_name is there, under the file's directory, inside the workspace), "hub" (a Hub URL and
+    no local file) or "missing" (neither), and the Hub it names (hf, ms, om)."""
+    listed: list[dict[str, Any]] = []
+    for name, entry in entries.items():
+        if not isinstance(entry, dict):
+            listed.append({"name": name, "source": "missing", "hub": None})
+            continue
+        file = entry.get("file_name")
+        local = False
+        if isinstance(file, str) and file.strip():
+            try:
+                local = ws.path(info_file.parent / file, "file_name").exists()
+            except BadInput:   # a file_name leading outside the workspace is not read
+                local = False
+        hub = next((short for key, short in HUBS if isinstance(entry.get(key), str) and entry[key].strip()), None)
+        listed.append({"name": name, "file": file, "format": entry.get("formatting", "alpaca"),
+                       "ranking": entry.get("ranking", False), "hub": hub,
+                       "source": "local" if local else "hub" if hub else "missing"})
+    return sorted(listed, key=lambda e: _SOURCE_ORDER[e["source"]])   # stable: the file's order within each

@@ -44,7 +44,7 @@ class Board:
             for step in steps:
                 problem = self.check(step["argv"][1:])
                 if problem:
-                    raise BadInput(problem)
+                    raise pipeline.FieldError(problem, field=pipeline.field_of(step["name"], problem))
         return steps
 
 
@@ -58,7 +58,9 @@ def create_app(board: Board):
 
     @app.exception_handler(BadInput)
     async def bad_input(request, exc: BadInput):
-        return JSONResponse({"error": exc.one_line()}, status_code=413 if isinstance(exc, TooLarge) else 400)
+        field = getattr(exc, "field", None)   # a form field's bad value: the page marks that field
+        return JSONResponse({"error": exc.one_line(), **({"field": field} if field else {})},
+                            status_code=413 if isinstance(exc, TooLarge) else 400)
 
     @app.exception_handler(Exception)
     async def unexpected(request, exc: Exception):
@@ -121,9 +123,9 @@ def create_app(board: Board):
             entries = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             raise BadInput(f"{path}: not a readable dataset_info.json") from None
-        return {"entries": [{"name": k, **({"file": v.get("file_name"), "format": v.get("formatting", "alpaca"),
-                                             "ranking": v.get("ranking", False)} if isinstance(v, dict) else {})}
-                            for k, v in entries.items()]}
+        if not isinstance(entries, dict):
+            raise BadInput(f"{path}: not a dataset_info.json (a JSON object of entries)")
+        return {"entries": pipeline.dataset_entries(board.ws, file, entries)}
 
     @app.post("/api/pipeline")
     async def plan(request: Request):

@@ -16,6 +16,7 @@ RUN_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,99}$")
 class Workspace:
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
+        self.given = Path(os.path.abspath(os.path.expanduser(root)))   # as typed: it may itself be a link
 
     def path(self, name: str | Path, what: str = "path") -> Path:
         """NAME (relative to the workspace, or absolute) resolved; refused outside the workspace."""
@@ -25,13 +26,29 @@ class Workspace:
         named = Path(os.path.normpath(self.root / os.path.expanduser(text)))
         resolved = named.resolve()
         if not resolved.is_relative_to(self.root):
-            if named.is_relative_to(self.root):   # inside by its name, outside through a link
-                raise BadInput(f"{what} {text!r} is a symbolic link to {resolved}, outside the board's workspace "
+            link = self._link_out(named)   # inside by its name, outside through a symbolic link
+            if link is not None:
+                name, target = str(link[0]), link[1]
+                shown = f"{what} {text!r}" if name == os.path.normpath(text) else f"{what} {text!r}: {name!r}"
+                raise BadInput(f"{shown} is a symbolic link to {target}, outside the board's workspace "
                                f"{self.root}", "copy the file into the workspace, or start the board with another "
                                "--workspace")
             raise BadInput(f"{what} {text!r} is outside the board's workspace {self.root}",
                            "use a path inside it (or start the board with another --workspace)")
         return resolved
+
+    def _link_out(self, named: Path) -> tuple[Path, Path] | None:
+        """The first symbolic link on NAMED's way down from the workspace whose target is outside
+        it (that link as the user named it, relative to the workspace, and where it leads)."""
+        for base in (self.root, self.given):
+            if not named.is_relative_to(base):
+                continue
+            current = base
+            for part in named.relative_to(base).parts:
+                current = current / part
+                if current.is_symlink() and not current.resolve().is_relative_to(self.root):
+                    return current.relative_to(base), current.resolve()
+        return None
 
     def existing(self, name: str | Path, what: str = "path") -> Path:
         path = self.path(name, what)

@@ -49,20 +49,49 @@ async function api(path, body) {
     { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
   const response = await fetch(path, options);
   const data = await response.json().catch(() => ({ error: "HTTP " + response.status }));
-  if (!response.ok) throw new Error(data.error || ("HTTP " + response.status));
+  if (!response.ok) {
+    const error = new Error(data.error || ("HTTP " + response.status));
+    error.field = data.field || null;   // {command, option, flag}: the form field whose value is wrong
+    throw error;
+  }
   return data;
 }
 
-function showError(message) {
-  const box = $("#error");
-  box.textContent = message ? "error: " + message : "";
-  box.hidden = !message;
+// One message in two places that come and go together: the banner at the top of the page and the
+// line beside Start (the form is long: the buttons are far below the banner). The field in error,
+// when the board names one, is marked with the message too, opened, scrolled to and focused.
+function showError(message, field = null) {
+  for (const box of [$("#error"), $("#action-error")]) {
+    box.textContent = message ? "error: " + message : "";
+    box.hidden = !message;
+  }
+  $$(".opt.invalid, .basics .invalid").forEach(unmark);
+  if (message && field) markField(field, message);
+}
+
+function unmark(box) {
+  box.classList.remove("invalid");
+  $$(".field-error", box).forEach(n => n.remove());
+}
+
+function markField(field, message) {
+  let input = $(`#forms [data-command="${CSS.escape(field.command)}"][data-opt="${CSS.escape(field.option)}"]`) ||
+              $(`#eval-form [data-command="${CSS.escape(field.command)}"][data-opt="${CSS.escape(field.option)}"]`);
+  if (!input && field.option === "model") input = $("#model");   // wired by the board: the model box above
+  if (!input) return;
+  const panel = input.closest("details");
+  if (panel) panel.open = true;
+  const box = input.closest("label") || input.parentNode;
+  box.classList.add("invalid");
+  box.append(el("span", { class: "field-error", role: "alert", text: message }));
+  input.scrollIntoView({ block: "center" });
+  input.focus({ preventScroll: true });
 }
 
 async function busy(work) {
   showError("");
   $("#busy").hidden = false;
-  try { return await work(); } catch (e) { showError(e.message); return null; } finally { $("#busy").hidden = true; }
+  try { return await work(); } catch (e) { showError(e.message, e.field); return null; } finally { $("#busy").hidden = true; }
 }
 
 // ---------------------------------------------------------------------------- configure
@@ -94,7 +123,10 @@ function control(command, opt) {
   const box = el("label", { class: "opt" },
     el("span", { class: "name", text: opt.flag + (required ? " *" : "") }), input,
     el("span", { class: "help", text: opt.help + (required ? " (" + t("required") + ")" : "") }));
-  input.addEventListener("input", () => box.classList.toggle("changed", value(input) !== input.dataset.default));
+  input.addEventListener("input", () => {
+    box.classList.toggle("changed", value(input) !== input.dataset.default);
+    if (box.classList.contains("invalid")) unmark(box);   // being corrected
+  });
   input.addEventListener("change", () => box.classList.toggle("changed", value(input) !== input.dataset.default));
   return box;
 }
@@ -198,9 +230,18 @@ async function loadEntries() {
   const data = await api("/api/dataset_info?path=" + encodeURIComponent($("#dataset-info").value.trim()));
   const box = $("#info-entries");
   box.innerHTML = "";
-  for (const e of data.entries) {
-    box.append(el("label", { title: (e.file || "") + " " + (e.format || "") },
-      el("input", { type: "checkbox", value: e.name }), " " + e.name));
+  for (const e of data.entries) {   // local entries first (the board sorts them): each marked
+    box.append(el("label", { class: "entry", title: (e.file || "") + " " + (e.format || "") },
+      el("input", { type: "checkbox", value: e.name }), " " + e.name + " ",
+      el("span", { class: "source source-" + e.source, text: sourceText(e) })));
+  }
+}
+
+function sourceText(entry) {
+  switch (entry.source) {
+    case "local": return t("source_local");
+    case "hub": return t("source_hub") + (entry.hub && entry.hub !== "hf" ? " (" + entry.hub + ")" : "");
+    default: return t("source_missing");
   }
 }
 
