@@ -269,13 +269,43 @@ def test_deepspeed_zero_on_gpu(task, tmp_path, zero, method):
 def test_fsdp_on_gpu(task, tmp_path):
     out = tmp_path / "fsdp"
     nproc = min(2, torch.cuda.device_count())
-    result = _launch(nproc, ["train", "sft", "-m", task["base"], "-d", task["train"], "-o", out, "--fsdp",
+    result = _launch(nproc, ["train", "sft", "-m", task["base"], "-d", task["train"], "-o", out, "--fsdp", "full",
                              "--method", "full", "--max-steps", "6", "--lr", "2e-3", *FAST])
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(out))   # whole weights, not shards
     assert sum(p.numel() for p in model.parameters()) == 260_032
+    record = json.loads((out / "lmforge.json").read_text())
+    assert record["hyperparameters"]["fsdp"] == "full" and record["device"]["kind"] == "cuda"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_fsdp_lora_on_two_gpus_merges_exactly(task, tmp_path):
+    """FSDP2 over nccl (bf16 compute from fp32 adapters), its sharded checkpoint, and the merge of the
+    gathered adapter: exactly what PEFT's own merge of that adapter gives."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA GPUs ({torch.cuda.device_count()} here)")
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    result = _launch(2, ["train", "sft", "-m", task["base"], "-d", task["train"], "-o", out, "--fsdp", "full",
+                         "--method", "lora", "--max-steps", "4", "--lr", "1e-2", "--precision", "bf16",
+                         "--keep-checkpoints", *FAST[:4], "--logging-steps", "1", "--save-steps", "2"])
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    marker = json.loads((out / "checkpoints" / "checkpoint-2" / "lmforge_sharded.json").read_text())
+    assert marker["world_size"] == 2 and marker["fsdp"] == "full"
+    merged = tmp_path / "merged"
+    ok(["adapter", "merge", task["base"], out, "-o", merged])
+    base = AutoModelForCausalLM.from_pretrained(str(task["base"]), dtype=torch.float32)
+    expected = PeftModel.from_pretrained(base, str(out)).merge_and_unload().state_dict()
+    got = {k: v for f in merged.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    assert got and set(got) <= set(expected)
+    for name, tensor in got.items():
+        assert torch.equal(tensor, expected[name].to(tensor.dtype)), name
 
 
 @pytest.mark.gpu

@@ -208,6 +208,7 @@ def begin(out: Path) -> None:
 
 def finish(out: Path) -> None:
     """The run is complete: drop the start mark and the lock."""
+    usual_permissions(out)
     if _is_main_rank():
         (out / BEGUN).unlink(missing_ok=True)
         unlock(out / LOCK)
@@ -253,15 +254,31 @@ def output_lock(path: Path):
         unlock(lockfile)
 
 
+def usual_permissions(directory: Path) -> None:
+    """Files the libraries wrote through private temporary files (safetensors: mode 0600) get the
+    mode any file gets here (0666 less the umask), so the people who share the machine can read
+    a model as they can read its config."""
+    umask = os.umask(0)
+    os.umask(umask)
+    wanted = 0o666 & ~umask
+    for path in directory.rglob("*") if directory.is_dir() else ():
+        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) == 0o600 and wanted != 0o600:
+            path.chmod(wanted)
+
+
 @contextmanager
 def staged(out: Path):
     """Build a directory beside OUT and move it into place only once the block completes: a failed
     or interrupted run leaves OUT as it was (or absent), never half-written."""
+    from lmforge.shared.core.arrowio import make_parent
+
+    make_parent(out)
     with output_lock(out):
         tmp = temp_sibling(out)
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             yield tmp
+            usual_permissions(tmp)
             if out.exists():
                 shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
             os.replace(tmp, out)
@@ -270,12 +287,24 @@ def staged(out: Path):
             raise
 
 
+SHARDED_MARK = "lmforge_sharded.json"   # written last into a sharded (--fsdp) checkpoint (train/sharded.py)
+
+
+def checkpoint_complete(checkpoint: Path) -> bool:
+    """Whether a checkpoint directory is whole: the Trainer writes trainer_state.json last; a
+    sharded checkpoint (its shards under model/) also needs its marker, written after every
+    process finished its shards."""
+    if not (checkpoint / "trainer_state.json").exists():
+        return False
+    return not (checkpoint / "model").is_dir() or (checkpoint / SHARDED_MARK).exists()
+
+
 def last_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint (trainer_state.json is written last)."""
+    """The newest complete checkpoint."""
     root = out / CHECKPOINTS
     if not root.is_dir():
         return None
-    done = [p for p in root.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    done = [p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and checkpoint_complete(p)]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 

@@ -64,9 +64,6 @@ def training_arguments(o, device, out: Path, evaluating: bool):
     from lmforge.shared.train.optimizers import galore_arguments, optimizer_name
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if getattr(o, "fsdp", False) and device.kind != "cuda":
-        raise BadInput("--fsdp needs CUDA GPUs (accelerate silently turns FSDP off on a CPU)",
-                       "use --deepspeed z3 on CPUs")
     eval_steps = getattr(o, "eval_steps", None) or o.save_steps
     checkpointing = getattr(o, "checkpointing", "full")
     kwargs = dict(
@@ -90,14 +87,16 @@ def training_arguments(o, device, out: Path, evaluating: bool):
         kwargs["ddp_backend"] = "gloo"
     if getattr(o, "deepspeed", None):
         kwargs["deepspeed"] = deepspeed_config(o.deepspeed)
-    if getattr(o, "fsdp", False):
-        kwargs["fsdp"] = "full_shard auto_wrap"
     if o.method == "galore":
         kwargs.update(galore_arguments(o))
     else:
         kwargs["optim"] = optimizer_name(o.optim, o.method)
     if device.kind == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if getattr(o, "fsdp", None):   # lmforge shards the model itself (fsdp.py), not accelerate
+        from lmforge.shared.train.fsdp import arguments_class
+
+        return arguments_class()(**kwargs)
     return TrainingArguments(**kwargs)
 
 

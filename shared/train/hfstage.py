@@ -21,7 +21,7 @@ from lmforge.shared.core.commands.train import TrainDPO, TrainGRPO, TrainRM, Tra
 from lmforge.shared.core.errors import BadInput, RunFailure
 from lmforge.shared.core.meta import file_digest
 from lmforge.shared.data.packed import PackedData, check_tokenizer, open_packed
-from lmforge.shared.train import arguments, patches, progress, reporting
+from lmforge.shared.train import arguments, distributed, fsdp, patches, progress, reporting, sharded
 from lmforge.shared.train.lifecycle import save_common
 
 
@@ -84,7 +84,12 @@ def train(o: Training, out: Path, resume_from: Path | None) -> None:
 
     context_parallel.check(o, vision=bool(data.meta.get("vision")))
     device = choose_device(o.precision, o.attn)
+    fsdp.check(o, device)
     arguments.setup_distributed(o, device)
+    distributed.start(o, device)
+    sharded.check_resume(o, resume_from, int(os.environ.get("WORLD_SIZE", "1")))
+    distributed.check_same(o, out, resume_from)   # every process: same version, options, shared output
+    sharded.clean_partial(out)
     layout = context_parallel.setup(o, device)   # its process groups exist before the model loads
     from transformers import set_seed
 
@@ -126,11 +131,15 @@ def train(o: Training, out: Path, resume_from: Path | None) -> None:
         if o.method == "pissa" and resume_from is None and int(os.environ.get("RANK", "0")) == 0:
             model.save_pretrained(str(pissa_init))  # the starting point, to convert the result back to plain LoRA
         trainable, total = count_parameters(model)
+        if fsdp.enabled(o):
+            fsdp.shard(model, o, device)
         log.info(f"train: {o.stage} {o.method} on {device.kind} ({device.dtype_name}, {device.attn}); "
                  f"{trainable:,} of {total:,} parameters train ({trainable / max(total, 1):.2%}); "
                  f"lr {o.lr():g}; {data.rows:,} rows")
         args = arguments.training_arguments(o, device, out, eval_data is not None)
         trainer, collator = builder_of(o)(o, model, tokenizer, args, data, eval_data)
+        if fsdp.enabled(o):
+            fsdp.prepare(trainer, o)
         if layout is not None:
             context_parallel.shard_trainer(trainer, layout, o.stage, tokenizer.pad_token_id or 0)
         patched.enter_context(patches.trainer_patches(trainer, model, o))
@@ -143,8 +152,9 @@ def _fit(o: Training, trainer, collator, out: Path, resume_from: Path | None, de
     """trainer.train() with lmforge's progress and trackers; the whole run's figures (a resumed
     run's included)."""
     previous = progress.progress_of(resume_from)
+    replicas = int(getattr(o, "context_parallel", 1) or 1)
     reporter = progress.make_callbacks(collator, out, total_hint=0, resumed_step=progress.step_of(resume_from),
-                                       previous=previous, replicas=int(getattr(o, "context_parallel", 1) or 1))
+                                       previous=previous, replicas=replicas)
     reporter[0].trainer = trainer
     for callback in reporter:
         trainer.add_callback(callback)
@@ -172,7 +182,9 @@ def _fit(o: Training, trainer, collator, out: Path, resume_from: Path | None, de
     # the whole run, a resumed one included: what the checkpoint had done plus this part
     steps_now = int(result.global_step) - progress.step_of(resume_from)
     loss_sum = previous["loss_sum"] + float(result.training_loss) * max(steps_now, 0)
-    tokens = previous["tokens"] + reporter[0].trained_tokens()
+    # every process's batches (rank 0 alone saw its own), so that a run resumed on another number
+    # of processes adds up the same
+    tokens = previous["tokens"] + distributed.total(reporter[0].trained_tokens(), replicas)
     runtime += previous["runtime_seconds"]
     metrics = {"train_loss": round(loss_sum / max(int(result.global_step), 1), 6), "steps": int(result.global_step),
                "runtime_seconds": round(runtime, 2), "tokens": tokens,

@@ -32,23 +32,30 @@ def train(o: Training | TrainPPO) -> Path:
 
 
 def run(o, validate: Callable[[Any], None], body: Callable[[Any, Path, Path | None], None]) -> Path:
-    """The lifecycle around `body(o, out, resume_from)`, which trains and saves the result."""
-    o.check()
-    validate(o)
-    log.quiet_libraries()
-    out = Path(o.output)
-    created = not out.exists()
-    resume_from = rundir.prepare(out, overwrite=o.overwrite, resume=o.resume)
-    try:
-        if o.resume and (out / rundir.RECORD).exists() and resume_from is None:
-            log.info(f"train: {out} is already finished")
-            return out
-        rundir.begin(out)
-        with rundir.removed_on_failure(out, fresh=resume_from is None, created=created):
-            body(o, out, resume_from)
-        rundir.finish(out)
-    finally:
-        rundir.unlock(out / rundir.LOCK)
+    """The lifecycle around `body(o, out, resume_from)`, which trains and saves the result. In a
+    job of several processes, an error says which process it is (distributed.py); a worker that
+    torchrun restarted after a failure continues the run."""
+    from lmforge.shared.train import distributed
+
+    with distributed.as_process():
+        o.check()
+        validate(o)
+        log.quiet_libraries()
+        out = Path(o.output)
+        created = not out.exists()
+        resume, overwrite = distributed.resume_flags(o)
+        resume_from = rundir.prepare(out, overwrite=overwrite, resume=resume)
+        try:
+            if resume and (out / rundir.RECORD).exists() and resume_from is None:
+                log.info(f"train: {out} is already finished")
+                return out
+            rundir.begin(out)
+            with rundir.removed_on_failure(out, fresh=resume_from is None, created=created):
+                body(o, out, resume_from)
+            rundir.finish(out)
+        finally:
+            rundir.unlock(out / rundir.LOCK)
+            distributed.stop()
     return out
 
 

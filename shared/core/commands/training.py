@@ -292,15 +292,48 @@ class ContextParallel:
 class Distributed:
     deepspeed: str | None = Opt(default=None, panel=D,
                                 help="DeepSpeed: z2, z3, z3-offload, or a config JSON (launch with torchrun/deepspeed).")
-    fsdp: bool = Opt(default=False, help="PyTorch FSDP (CUDA GPUs; launch with torchrun or accelerate).", panel=D)
 
     def check_own(self) -> None:
-        if self.deepspeed and self.fsdp:
-            raise BadInput("--deepspeed and --fsdp exclude each other")
         if getattr(self, "checkpointing", None) == "selective" and zero3(self.deepspeed):
             # PEFT under ZeRO-3 needs reentrant checkpointing (TRL forces it), which takes no selective policy
             raise BadInput("--checkpointing selective does not run under --deepspeed z3 (ZeRO-3 checkpoints "
                            "reentrantly)", "use --checkpointing full with ZeRO-3, or --deepspeed z2")
+
+
+FSDP_MODES = ("full", "hybrid", "offload")
+FSDP_OPTIMIZERS = ("adamw", "sgd", "adamw_torch", "adamw_torch_fused", "adagrad", "rmsprop")  # torch's own, on DTensors
+
+
+@declaration
+class Sharding:
+    """PyTorch FSDP2 (pt, sft): the model, its gradients and optimizer state split across processes."""
+
+    fsdp: str | None = Opt(choices=FSDP_MODES, default=None, panel=D,
+                           help="Shard the model across the processes of a torchrun launch (PyTorch FSDP2): full "
+                                "(weights, gradients and optimizer state split across all processes), hybrid (split "
+                                "within each node, replicated across nodes) or offload (full, the shards kept in CPU "
+                                "memory; CUDA). Checkpoints are sharded and resume on any number of processes.")
+
+    def check_own(self) -> None:
+        if not self.fsdp:
+            return
+        if getattr(self, "deepspeed", None):
+            raise BadInput("--deepspeed and --fsdp exclude each other")
+        quant = getattr(self, "quant", None)
+        if quant:
+            raise BadInput(f"--quant {quant} with --fsdp: FSDP cannot shard bitsandbytes' quantized weights",
+                           "train QLoRA without --fsdp (torchrun alone: each process holds the quantized base)")
+        method = getattr(self, "method", "lora")
+        if method in ("galore", "badam", "pissa"):
+            why = "its optimizer works on whole weights" if method != "pissa" else \
+                "its conversion back to plain LoRA needs the whole adapter in one process"
+            raise BadInput(f"--method {method} does not run under --fsdp: {why}",
+                           "use --method full or lora with --fsdp, or --method " + method + " without it")
+        optim = getattr(self, "optim", "adamw")
+        if optim not in FSDP_OPTIMIZERS:
+            # the others keep their own state layout (8-bit blocks, factored moments, paging) that
+            # knows nothing of sharded parameters
+            raise BadInput(f"--optim {optim} does not run under --fsdp", f"use {', '.join(FSDP_OPTIMIZERS[:3])}")
 
 
 def zero3(spec: str | None) -> bool:
