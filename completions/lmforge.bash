@@ -3,24 +3,24 @@
 
 _lmforge_words() {
   case "$1" in
-    "") echo "adapter board chat completion data eval model serve train --version --debug --quiet -q --help -h";;
+    "") echo "adapter board chat completion data eval model run serve train --version --debug --quiet -q --help -h";;
     "adapter") echo "merge --help -h";;
     "adapter merge") echo "--output -o --dtype --max-shard-size --overwrite --no-overwrite --config --debug --quiet -q --help -h";;
     "board") echo "--host --port --workspace --token --config --debug --quiet -q --help -h";;
-    "chat") echo "--model -m --adapter --template --system --max-tokens --temperature --attn --config --debug --quiet -q --help -h";;
+    "chat") echo "--model -m --adapter --template --system --max-tokens --temperature --repetition-penalty --frequency-penalty --presence-penalty --attn --url --api-key --config --debug --quiet -q --help -h";;
     "completion") echo "--config --debug --quiet -q --help -h";;
     "data") echo "align merge pack show split stats templates --help -h";;
     "data align") echo "--output -o --format -f --columns --tags --dataset-info --name --skip-invalid --no-skip-invalid --max-samples --sample --seed --config --debug --quiet -q --help -h";;
     "data merge") echo "--output -o --mix --probs --seed --config --debug --quiet -q --help -h";;
-    "data pack") echo "--model -m --output -o --template -t --stage -s --cutoff --packing --no-packing --neat-packing --no-neat-packing --train-on-prompt --no-train-on-prompt --mask-history --no-mask-history --reasoning --thinking --mask-empty-think --no-mask-empty-think --num-proc --seed --image-max-pixels --image-min-pixels --config --debug --quiet -q --help -h";;
-    "data show") echo "--rows -n --schema --stats --json --config --debug --quiet -q --help -h";;
+    "data pack") echo "--model -m --output -o --template -t --stage -s --cutoff --truncation --packing --no-packing --neat-packing --no-neat-packing --train-on-prompt --no-train-on-prompt --mask-history --no-mask-history --reasoning --thinking --mask-empty-think --no-mask-empty-think --num-proc --seed --image-max-pixels --image-min-pixels --config --debug --quiet -q --help -h";;
+    "data show") echo "--rows -n --schema --stats --json --decode --model -m --config --debug --quiet -q --help -h";;
     "data split") echo "--output -o --val-size --seed --config --debug --quiet -q --help -h";;
     "data stats") echo "--json --config --debug --quiet -q --help -h";;
     "data templates") echo "--json --config --debug --quiet -q --help -h";;
     "eval") echo "ceval cmmlu generate mmlu perplexity rm --help -h";;
     "eval ceval") echo "--model -m --adapter --attn --data -d --mapping --split --shots --subjects --batch-size --template --cutoff --predictions --json --config --debug --quiet -q --help -h";;
     "eval cmmlu") echo "--model -m --adapter --attn --data -d --mapping --split --shots --subjects --batch-size --template --cutoff --predictions --json --config --debug --quiet -q --help -h";;
-    "eval generate") echo "--model -m --adapter --attn --data -d --template --max-new-tokens --temperature --top-p --seed --batch-size --max-samples --output -o --json --config --debug --quiet -q --help -h";;
+    "eval generate") echo "--model -m --adapter --attn --data -d --template --max-new-tokens --temperature --top-p --repetition-penalty --frequency-penalty --presence-penalty --seed --batch-size --max-samples --output -o --json --config --debug --quiet -q --help -h";;
     "eval mmlu") echo "--model -m --adapter --attn --data -d --mapping --split --shots --subjects --batch-size --template --cutoff --predictions --json --config --debug --quiet -q --help -h";;
     "eval perplexity") echo "--model -m --adapter --attn --data -d --batch-size --json --config --debug --quiet -q --help -h";;
     "eval rm") echo "--model -m --reward --data -d --batch-size --attn --json --config --debug --quiet -q --help -h";;
@@ -28,14 +28,15 @@ _lmforge_words() {
     "model export") echo "--adapter --output -o --format --quant --template --system --ollama --no-ollama --overwrite --no-overwrite --config --debug --quiet -q --help -h";;
     "model init") echo "--output -o --arch --layers --hidden --heads --kv-heads --intermediate --vocab-size --max-position --tokenizer --train-tokenizer --seed --overwrite --no-overwrite --config --debug --quiet -q --help -h";;
     "model quantize") echo "--output -o --method --bits --group-size --calib --calib-samples --eval-data --eval-samples --max-length --attn --overwrite --no-overwrite --seed --config --debug --quiet -q --help -h";;
+    "run") echo "--from-llamafactory --dry-run -n --print --force -B --config --debug --quiet -q --help -h";;
     "serve") echo "--model -m --adapter --template --name --host --port --api-key --backend --max-concurrency --max-batch --attn --max-request-bytes --media-dir --max-images --max-image-bytes --max-image-pixels --config --debug --quiet -q --help -h";;
     "train") echo "dpo grpo ppo pt rm sft --help -h";;
-    "train dpo") echo "--model -m --data -d --output -o --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --train-projector --no-train-projector --train-vision-tower --no-train-vision-tower --learning-rate --lr --warmup --weight-decay --max-grad-norm --scheduler --optim --epochs --max-steps --batch-size --grad-accum --gradient-checkpointing --no-gradient-checkpointing --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --report --eval-data --shift-attn --no-shift-attn --checkpointing --checkpoint-every --kernels --eval-steps --deepspeed --fsdp --no-fsdp --loss --beta --ftx --simpo-gamma --precompute-ref --no-precompute-ref --desirable-weight --undesirable-weight --config --debug --quiet -q --help -h";;
-    "train grpo") echo "--model -m --data -d --output -o --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --train-projector --no-train-projector --train-vision-tower --no-train-vision-tower --learning-rate --lr --warmup --weight-decay --max-grad-norm --scheduler --optim --epochs --max-steps --batch-size --grad-accum --gradient-checkpointing --no-gradient-checkpointing --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --report --reward -r --reward-weights --reward-timeout --num-generations --max-new-tokens --temperature --top-p --top-k --kl-coef --loss-type --clip-range --clip-range-high --num-iterations --scale-rewards --mask-truncated --no-mask-truncated --vllm --no-vllm --config --debug --quiet -q --help -h";;
+    "train dpo") echo "--model -m --data -d --output -o --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --train-projector --no-train-projector --train-vision-tower --no-train-vision-tower --learning-rate --lr --warmup --weight-decay --max-grad-norm --scheduler --optim --epochs --max-steps --batch-size --grad-accum --gradient-checkpointing --no-gradient-checkpointing --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --report --eval-data --shift-attn --no-shift-attn --checkpointing --checkpoint-every --kernels --eval-steps --deepspeed --context-parallel --context-parallel-mode --loss --beta --ftx --simpo-gamma --precompute-ref --no-precompute-ref --desirable-weight --undesirable-weight --config --debug --quiet -q --help -h";;
+    "train grpo") echo "--model -m --data -d --output -o --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --train-projector --no-train-projector --train-vision-tower --no-train-vision-tower --learning-rate --lr --warmup --weight-decay --max-grad-norm --scheduler --optim --epochs --max-steps --batch-size --grad-accum --gradient-checkpointing --no-gradient-checkpointing --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --report --reward -r --reward-weights --reward-timeout --num-generations --max-new-tokens --temperature --top-p --top-k --kl-coef --loss-type --clip-range --clip-range-high --num-iterations --scale-rewards --mask-truncated --no-mask-truncated --vllm --no-vllm --log-completions --tools --tool --environment --max-turns --tool-timeout --tool-output-cap --environment-timeout --config --debug --quiet -q --help -h";;
     "train ppo") echo "--model -m --reward --data -d --output -o --sft --overwrite --no-overwrite --resume --no-resume --layout --lora-rank --lora-alpha --lora-target --learning-rate --lr --batch-size --mini-batch-size --ppo-epochs --max-steps --epochs --max-new-tokens --temperature --top-k --top-p --kl-coef --kl-target --kl-horizon --gamma --lam --clip-range --clip-range-value --vf-coef --reward-scale --reward-clip --reward-norm --no-reward-norm --missing-eos-penalty --whiten-advantages --no-whiten-advantages --max-grad-norm --precision --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --report --config --debug --quiet -q --help -h";;
-    "train pt") echo "--model -m --data -d --output -o --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --train-projector --no-train-projector --train-vision-tower --no-train-vision-tower --learning-rate --lr --warmup --weight-decay --max-grad-norm --scheduler --optim --epochs --max-steps --batch-size --grad-accum --gradient-checkpointing --no-gradient-checkpointing --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --report --eval-data --shift-attn --no-shift-attn --checkpointing --checkpoint-every --kernels --eval-steps --deepspeed --fsdp --no-fsdp --loraplus-ratio --neftune-alpha --config --debug --quiet -q --help -h";;
-    "train rm") echo "--model -m --data -d --output -o --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --train-projector --no-train-projector --train-vision-tower --no-train-vision-tower --learning-rate --lr --warmup --weight-decay --max-grad-norm --scheduler --optim --epochs --max-steps --batch-size --grad-accum --gradient-checkpointing --no-gradient-checkpointing --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --report --eval-data --shift-attn --no-shift-attn --checkpointing --checkpoint-every --kernels --eval-steps --deepspeed --fsdp --no-fsdp --config --debug --quiet -q --help -h";;
-    "train sft") echo "--model -m --data -d --output -o --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --train-projector --no-train-projector --train-vision-tower --no-train-vision-tower --learning-rate --lr --warmup --weight-decay --max-grad-norm --scheduler --optim --epochs --max-steps --batch-size --grad-accum --gradient-checkpointing --no-gradient-checkpointing --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --report --eval-data --shift-attn --no-shift-attn --checkpointing --checkpoint-every --kernels --eval-steps --deepspeed --fsdp --no-fsdp --loraplus-ratio --neftune-alpha --config --debug --quiet -q --help -h";;
+    "train pt") echo "--model -m --data -d --output -o --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --train-projector --no-train-projector --train-vision-tower --no-train-vision-tower --learning-rate --lr --warmup --weight-decay --max-grad-norm --scheduler --optim --epochs --max-steps --batch-size --grad-accum --gradient-checkpointing --no-gradient-checkpointing --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --report --eval-data --shift-attn --no-shift-attn --checkpointing --checkpoint-every --kernels --eval-steps --deepspeed --context-parallel --context-parallel-mode --loraplus-ratio --neftune-alpha --fsdp --config --debug --quiet -q --help -h";;
+    "train rm") echo "--model -m --data -d --output -o --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --train-projector --no-train-projector --train-vision-tower --no-train-vision-tower --learning-rate --lr --warmup --weight-decay --max-grad-norm --scheduler --optim --epochs --max-steps --batch-size --grad-accum --gradient-checkpointing --no-gradient-checkpointing --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --report --eval-data --shift-attn --no-shift-attn --checkpointing --checkpoint-every --kernels --eval-steps --deepspeed --context-parallel --context-parallel-mode --config --debug --quiet -q --help -h";;
+    "train sft") echo "--model -m --data -d --output -o --overwrite --no-overwrite --resume --no-resume --method --quant --lora-rank --lora-alpha --lora-dropout --lora-target --rslora --no-rslora --freeze-layers --freeze-modules --freeze-extra --expand-layers --galore-rank --galore-scale --galore-update-interval --galore-target --badam-mode --badam-switch-interval --train-projector --no-train-projector --train-vision-tower --no-train-vision-tower --learning-rate --lr --warmup --weight-decay --max-grad-norm --scheduler --optim --epochs --max-steps --batch-size --grad-accum --gradient-checkpointing --no-gradient-checkpointing --precision --attn --rope-scaling --seed --save-steps --keep-checkpoints --no-keep-checkpoints --logging-steps --report --eval-data --shift-attn --no-shift-attn --checkpointing --checkpoint-every --kernels --eval-steps --deepspeed --context-parallel --context-parallel-mode --loraplus-ratio --neftune-alpha --fsdp --config --debug --quiet -q --help -h";;
   esac
 }
 
@@ -52,11 +53,16 @@ _lmforge_value() {
     "board|--config") echo "@file";;
     "chat|--model"|"chat|-m") echo "@file";;
     "chat|--adapter") echo "@file";;
-    "chat|--template") echo "@any";;
+    "chat|--template") echo "auto none alpaca chatml default gemma llama2 llama3 mistral phi qwen qwen3 qwen3-nothink smollm";;
     "chat|--system") echo "@any";;
     "chat|--max-tokens") echo "@any";;
     "chat|--temperature") echo "@any";;
+    "chat|--repetition-penalty") echo "@any";;
+    "chat|--frequency-penalty") echo "@any";;
+    "chat|--presence-penalty") echo "@any";;
     "chat|--attn") echo "auto sdpa eager flash_attention_2";;
+    "chat|--url") echo "@any";;
+    "chat|--api-key") echo "@any";;
     "chat|--config") echo "@file";;
     "completion|--config") echo "@file";;
     "data align|--output"|"data align|-o") echo "@file";;
@@ -76,9 +82,10 @@ _lmforge_value() {
     "data merge|--config") echo "@file";;
     "data pack|--model"|"data pack|-m") echo "@file";;
     "data pack|--output"|"data pack|-o") echo "@file";;
-    "data pack|--template"|"data pack|-t") echo "@any";;
+    "data pack|--template"|"data pack|-t") echo "auto none alpaca chatml default gemma llama2 llama3 mistral phi qwen qwen3 qwen3-nothink smollm";;
     "data pack|--stage"|"data pack|-s") echo "pt sft rm dpo kto ppo";;
     "data pack|--cutoff") echo "@any";;
+    "data pack|--truncation") echo "auto left right drop";;
     "data pack|--reasoning") echo "auto keep drop";;
     "data pack|--thinking") echo "auto on off";;
     "data pack|--num-proc") echo "@any";;
@@ -87,6 +94,7 @@ _lmforge_value() {
     "data pack|--image-min-pixels") echo "@any";;
     "data pack|--config") echo "@file";;
     "data show|--rows"|"data show|-n") echo "@any";;
+    "data show|--model"|"data show|-m") echo "@file";;
     "data show|--config") echo "@file";;
     "data split|--output"|"data split|-o") echo "@file";;
     "data split|--val-size") echo "@any";;
@@ -103,7 +111,7 @@ _lmforge_value() {
     "eval ceval|--shots") echo "@any";;
     "eval ceval|--subjects") echo "@any";;
     "eval ceval|--batch-size") echo "@any";;
-    "eval ceval|--template") echo "@any";;
+    "eval ceval|--template") echo "auto none alpaca chatml default gemma llama2 llama3 mistral phi qwen qwen3 qwen3-nothink smollm";;
     "eval ceval|--cutoff") echo "@any";;
     "eval ceval|--predictions") echo "@file";;
     "eval ceval|--config") echo "@file";;
@@ -116,7 +124,7 @@ _lmforge_value() {
     "eval cmmlu|--shots") echo "@any";;
     "eval cmmlu|--subjects") echo "@any";;
     "eval cmmlu|--batch-size") echo "@any";;
-    "eval cmmlu|--template") echo "@any";;
+    "eval cmmlu|--template") echo "auto none alpaca chatml default gemma llama2 llama3 mistral phi qwen qwen3 qwen3-nothink smollm";;
     "eval cmmlu|--cutoff") echo "@any";;
     "eval cmmlu|--predictions") echo "@file";;
     "eval cmmlu|--config") echo "@file";;
@@ -124,10 +132,13 @@ _lmforge_value() {
     "eval generate|--adapter") echo "@file";;
     "eval generate|--attn") echo "auto sdpa eager flash_attention_2";;
     "eval generate|--data"|"eval generate|-d") echo "@file";;
-    "eval generate|--template") echo "@any";;
+    "eval generate|--template") echo "auto none alpaca chatml default gemma llama2 llama3 mistral phi qwen qwen3 qwen3-nothink smollm";;
     "eval generate|--max-new-tokens") echo "@any";;
     "eval generate|--temperature") echo "@any";;
     "eval generate|--top-p") echo "@any";;
+    "eval generate|--repetition-penalty") echo "@any";;
+    "eval generate|--frequency-penalty") echo "@any";;
+    "eval generate|--presence-penalty") echo "@any";;
     "eval generate|--seed") echo "@any";;
     "eval generate|--batch-size") echo "@any";;
     "eval generate|--max-samples") echo "@any";;
@@ -142,7 +153,7 @@ _lmforge_value() {
     "eval mmlu|--shots") echo "@any";;
     "eval mmlu|--subjects") echo "@any";;
     "eval mmlu|--batch-size") echo "@any";;
-    "eval mmlu|--template") echo "@any";;
+    "eval mmlu|--template") echo "auto none alpaca chatml default gemma llama2 llama3 mistral phi qwen qwen3 qwen3-nothink smollm";;
     "eval mmlu|--cutoff") echo "@any";;
     "eval mmlu|--predictions") echo "@file";;
     "eval mmlu|--config") echo "@file";;
@@ -162,7 +173,7 @@ _lmforge_value() {
     "model export|--output"|"model export|-o") echo "@file";;
     "model export|--format") echo "gguf";;
     "model export|--quant") echo "f16 bf16 f32 q8_0 q6_k q5_k_m q5_k_s q5_0 q5_1 q4_k_m q4_k_s q4_0 q4_1 q3_k_l q3_k_m q3_k_s q2_k";;
-    "model export|--template") echo "@any";;
+    "model export|--template") echo "auto none alpaca chatml default gemma llama2 llama3 mistral phi qwen qwen3 qwen3-nothink smollm";;
     "model export|--system") echo "@any";;
     "model export|--config") echo "@file";;
     "model init|--output"|"model init|-o") echo "@file";;
@@ -190,9 +201,11 @@ _lmforge_value() {
     "model quantize|--attn") echo "auto sdpa eager flash_attention_2";;
     "model quantize|--seed") echo "@any";;
     "model quantize|--config") echo "@file";;
+    "run|--print") echo "yaml shell make";;
+    "run|--config") echo "@file";;
     "serve|--model"|"serve|-m") echo "@file";;
     "serve|--adapter") echo "@file";;
-    "serve|--template") echo "@any";;
+    "serve|--template") echo "auto none alpaca chatml default gemma llama2 llama3 mistral phi qwen qwen3 qwen3-nothink smollm";;
     "serve|--name") echo "@any";;
     "serve|--host") echo "@any";;
     "serve|--port") echo "@any";;
@@ -249,6 +262,8 @@ _lmforge_value() {
     "train dpo|--kernels") echo "none liger unsloth";;
     "train dpo|--eval-steps") echo "@any";;
     "train dpo|--deepspeed") echo "@any";;
+    "train dpo|--context-parallel") echo "@any";;
+    "train dpo|--context-parallel-mode") echo "auto ulysses ring";;
     "train dpo|--loss") echo "sigmoid ipo hinge orpo simpo kto";;
     "train dpo|--beta") echo "@any";;
     "train dpo|--ftx") echo "@any";;
@@ -306,6 +321,14 @@ _lmforge_value() {
     "train grpo|--clip-range-high") echo "@any";;
     "train grpo|--num-iterations") echo "@any";;
     "train grpo|--scale-rewards") echo "group batch none";;
+    "train grpo|--log-completions") echo "@any";;
+    "train grpo|--tools") echo "@any";;
+    "train grpo|--tool") echo "@any";;
+    "train grpo|--environment") echo "@any";;
+    "train grpo|--max-turns") echo "@any";;
+    "train grpo|--tool-timeout") echo "@any";;
+    "train grpo|--tool-output-cap") echo "@any";;
+    "train grpo|--environment-timeout") echo "@any";;
     "train grpo|--config") echo "@file";;
     "train ppo|--model"|"train ppo|-m") echo "@file";;
     "train ppo|--reward") echo "@any";;
@@ -386,8 +409,11 @@ _lmforge_value() {
     "train pt|--kernels") echo "none liger unsloth";;
     "train pt|--eval-steps") echo "@any";;
     "train pt|--deepspeed") echo "@any";;
+    "train pt|--context-parallel") echo "@any";;
+    "train pt|--context-parallel-mode") echo "auto ulysses ring";;
     "train pt|--loraplus-ratio") echo "@any";;
     "train pt|--neftune-alpha") echo "@any";;
+    "train pt|--fsdp") echo "full hybrid offload";;
     "train pt|--config") echo "@file";;
     "train rm|--model"|"train rm|-m") echo "@file";;
     "train rm|--data"|"train rm|-d") echo "@file";;
@@ -431,6 +457,8 @@ _lmforge_value() {
     "train rm|--kernels") echo "none liger unsloth";;
     "train rm|--eval-steps") echo "@any";;
     "train rm|--deepspeed") echo "@any";;
+    "train rm|--context-parallel") echo "@any";;
+    "train rm|--context-parallel-mode") echo "auto ulysses ring";;
     "train rm|--config") echo "@file";;
     "train sft|--model"|"train sft|-m") echo "@file";;
     "train sft|--data"|"train sft|-d") echo "@file";;
@@ -474,8 +502,11 @@ _lmforge_value() {
     "train sft|--kernels") echo "none liger unsloth";;
     "train sft|--eval-steps") echo "@any";;
     "train sft|--deepspeed") echo "@any";;
+    "train sft|--context-parallel") echo "@any";;
+    "train sft|--context-parallel-mode") echo "auto ulysses ring";;
     "train sft|--loraplus-ratio") echo "@any";;
     "train sft|--neftune-alpha") echo "@any";;
+    "train sft|--fsdp") echo "full hybrid offload";;
     "train sft|--config") echo "@file";;
     *) return 1;;
   esac
@@ -509,7 +540,7 @@ _lmforge() {
   for w in $all; do [[ "$w" == -* ]] || subs="$subs $w"; done
   COMPREPLY=($(compgen -W "$subs" -- "$cur"))
   case "$path" in
-    "adapter merge"|"completion"|"data align"|"data merge"|"data pack"|"data show"|"data split"|"data stats"|"model export"|"model quantize") COMPREPLY+=($(compgen -f -- "$cur"));;
+    "adapter merge"|"completion"|"data align"|"data merge"|"data pack"|"data show"|"data split"|"data stats"|"model export"|"model quantize"|"run") COMPREPLY+=($(compgen -f -- "$cur"));;
   esac
   return 0
 }

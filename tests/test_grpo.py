@@ -151,13 +151,21 @@ def test_grpo_runs_and_logs_every_reward(prompts, tmp_path):
     assert "first_reward" in record["metrics"]
     steps = _steps(out)
     assert [e["step"] for e in steps] == [1, 2]
-    for key in ("reward", "reward_std", "reward_group_std", "rewards/exact/mean", "rewards/cmd/mean", "kl",
+    for key in ("reward", "reward_std", "reward_group_std", "rewards/exact/mean", "rewards/cmd:short.awk/mean", "kl",
                 "completions/mean_length", "clip_ratio/region_mean"):
         assert all(key in e for e in steps), key
     for e in steps:   # the total is the weighted sum of the terms
-        assert e["reward"] == pytest.approx(2 * e["rewards/exact/mean"] + 0.5 * e["rewards/cmd/mean"], abs=1e-5)
+        assert e["reward"] == pytest.approx(2 * e["rewards/exact/mean"] + 0.5 * e["rewards/cmd:short.awk/mean"],
+                                            abs=1e-5)
         assert e["completions/mean_length"] <= 6
     assert "reward" in result.stderr.decode()                                 # on the progress line
+    # sample completions: one line per logging step, the first prompt's group with each reward
+    samples = [json.loads(x) for x in (out / "completions.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1, 2] and all(len(s["completions"]) == 3 for s in samples)
+    for c in samples[0]["completions"]:
+        assert set(c["rewards"]) == {"exact", "cmd:short.awk"}
+        assert c["reward"] == pytest.approx(2 * c["rewards"]["exact"] + 0.5 * c["rewards"]["cmd:short.awk"])
+    assert result.stderr.decode().count("completions.jsonl") == 1                # said once, not printed per step
     assert (out / "adapter_model.safetensors").exists() and not (out / "checkpoints").exists()
 
 

@@ -132,3 +132,23 @@ def test_the_import_reader_sees_every_form(tmp_path):
     assert {"lmforge.shared.core.log", "lmforge.shared.train", "lmforge.shared.model.models",
             "lmforge.tools", "lmforge.shared.infer.mcq"} <= got
     assert {_subpackage(n) for n in got} >= {"core", "train", "model", "infer"}
+
+
+def test_pyproject_lists_every_package_and_only_those_git_tracks():
+    """A package listed but absent from a clean clone stops `pip install` (setuptools: "package
+    directory does not exist"); one present but not listed is missing from the installed wheel."""
+    import subprocess
+    import tomllib
+
+    root = SHARED.parent
+    config = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    listed = set(config["packages"])
+    tracked = subprocess.run(["git", "ls-files", "shared", "tools"], cwd=root, capture_output=True, text=True)
+    if tracked.returncode != 0 or not tracked.stdout:
+        import pytest
+
+        pytest.skip("not a git checkout")
+    dirs = {str(Path(f).parent) for f in tracked.stdout.split() if Path(f).name == "__init__.py"}
+    dirs |= {str(Path(f).parent) for f in tracked.stdout.split() if Path(f).parent.name in ("static", "locales")}
+    names = {"lmforge." + d.replace("/", ".") for d in dirs}
+    assert listed == names, f"pyproject lists {sorted(listed - names)} that git lacks; git has {sorted(names - listed)} unlisted"

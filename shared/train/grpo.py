@@ -24,6 +24,11 @@ them with the processor, so it stays unused; instead each prompt keeps its row n
 batch ("lmforge_row"), and the rows' images are processed (pixel values, Qwen's grids, token types)
 where the model runs: for sampling (`_tokenize_prompts`), and for every log-prob pass (old policy,
 reference, the loss), whose batches TRL may shuffle and split but which keep the row numbers.
+
+Agents (--tools, --tool, --environment): each sample is an episode of several turns, played by
+shared/train/agent through TRL's `rollout_func` hook (generation stays TRL's, one call per turn);
+what tools and the environment wrote is masked out of the loss by TRL's tool mask, the rewards
+score the episode, and the environment's reward is one more term (`env`).
 """
 
 from __future__ import annotations
@@ -54,9 +59,39 @@ def validate(o: TrainGRPO) -> None:
         if not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None:
             raise BadInput("--vllm needs a CUDA GPU and the vllm package",
                            "pip install 'lmforge[gpu]' on a GPU machine, or drop --vllm (transformers generates)")
-    for spec in o.reward:
+    for spec in o.reward or []:
         rewards_.parse(spec)
-    rewards_.weights(o.reward_weights, len(o.reward))
+    rewards_.weights(o.reward_weights, len(o.reward or []), environment=bool(o.environment))
+    if o.agentic:   # the tools' programs and the environment's exist (it starts on first use)
+        from lmforge.shared.train.agent.environment import Environment
+        from lmforge.shared.train.agent.tools import toolset
+
+        toolset(o.tools, o.tool, timeout=o.tool_timeout, cap=o.tool_output_cap)
+        if o.environment:
+            Environment(o.environment, o.environment_timeout)
+
+
+def agent_rollout(o: TrainGRPO, tokenizer, data, stop_ids: list[int]):
+    """With tools or an environment: the rollout that plays each prompt as an episode (TRL's
+    rollout_func), with the template the prompts were packed with."""
+    from lmforge.shared.data import templates
+    from lmforge.shared.train.agent.environment import Environment
+    from lmforge.shared.train.agent.rollout import Agent
+    from lmforge.shared.train.agent.tools import toolset
+    from lmforge.shared.train.agent.trainer import AgentRollout
+
+    recorded = data.meta.get("template") or {}
+    if not recorded.get("name"):
+        raise BadInput(f"--data {data.path}: records no template, and tools and environments need the one its prompts "
+                       "were packed with", "pack the prompts with `data pack --stage ppo -t TEMPLATE`")
+    known = {k: v for k, v in (recorded.get("reasoning") or {}).items() if k in ("keep", "thinking", "mask_empty_think")}
+    renderer = templates.renderer(recorded["name"], tokenizer, templates.Reasoning(**known) if known else None)
+    tools = toolset(o.tools, o.tool, timeout=o.tool_timeout, cap=o.tool_output_cap)
+    environment = Environment(o.environment, o.environment_timeout) if o.environment else None
+    agent = Agent(renderer, tokenizer, stop_ids, tools, environment, max_turns=o.max_turns,
+                  max_tokens=o.max_new_tokens)
+    # prompt ids: the trainer's map from prompt text to packed ids (PackedGRPOTrainer)
+    return AgentRollout(agent)
 
 
 def prompts_dataset(data, tokenizer, stop_words: list[str]):
@@ -102,6 +137,9 @@ def build_grpo_trainer(o: TrainGRPO, model, tokenizer, args, data, eval_data):
     media = modalities.of_packed(data)
     images = None
     if media is not None:   # a vision-language model's image prompts
+        if o.agentic:
+            raise BadInput("--tools, --tool and --environment with image prompts: not supported yet",
+                           "train the agent on text prompts")
         if o.vllm:
             raise BadInput("--vllm with image prompts: the prompts' images do not reach vLLM here",
                            "drop --vllm (transformers generates, with the images)")
@@ -109,7 +147,7 @@ def build_grpo_trainer(o: TrainGRPO, model, tokenizer, args, data, eval_data):
 
     rewards: list = []
     device = choose_device(o.precision)
-    for spec in o.reward:
+    for spec in o.reward or []:
         parsed = rewards_.parse(spec, o.reward_timeout)
         if isinstance(parsed, Path):
             parsed = rewards_.RewardModel(parsed, model, o.model, tokenizer, device)
@@ -120,7 +158,14 @@ def build_grpo_trainer(o: TrainGRPO, model, tokenizer, args, data, eval_data):
                            "pack prompts with their answers (`data pack --stage ppo` keeps one assistant answer)")
         rewards.append(parsed)
     rewards_.unique_names(rewards)
-    weights = rewards_.weights(o.reward_weights, len(rewards))
+    weights = rewards_.weights(o.reward_weights, len(rewards), environment=bool(o.environment))
+    rollout = agent_rollout(o, tokenizer, data, stop_ids) if o.agentic else None
+    if o.environment:
+        from lmforge.shared.train.agent.trainer import EnvironmentReward
+
+        rewards.append(EnvironmentReward())   # its name, env, is no built-in's: unique after the others'
+        if any(r.__name__ == "env" for r in rewards[:-1]):
+            raise BadInput("a --reward named env meets the environment's reward term", "rename the reward function")
     samples = rewards_.Samples() if o.log_completions else None
     for reward in rewards:
         reward.samples = samples
@@ -141,14 +186,24 @@ def build_grpo_trainer(o: TrainGRPO, model, tokenizer, args, data, eval_data):
     counter = TokenCount()
     from lmforge.shared.train.patches.grpo import packed_grpo_trainer_class
 
+    agent_kwargs: dict = {}
+    if rollout is not None:
+        import os
+
+        from lmforge.shared.train.agent.trainer import close_callback
+
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")   # rollout_func is TRL's documented hook
+        agent_kwargs = {"rollout_func": rollout, "callbacks": [close_callback(rollout)]}
     trainer = packed_grpo_trainer_class()(model=model, reward_funcs=rewards, args=config, train_dataset=dataset,
-                               processing_class=tokenizer, prompt_ids=ids_by_text, counter=counter, images=images)
+                               processing_class=tokenizer, prompt_ids=ids_by_text, counter=counter, images=images,
+                               closing=rollout.close if rollout is not None else None, **agent_kwargs)
     if samples is not None:
         trainer.add_callback(completion_log(samples, Path(o.output), o.log_completions,
                                             [r.__name__ for r in rewards], weights))
     log.info(f"grpo: {len(dataset):,} prompts x {o.num_generations} completions; rewards "
              f"{', '.join(f'{w:g} x {r.__name__}' for w, r in zip(weights, rewards))}; loss {o.loss_type}, "
-             f"beta {o.kl_coef:g}" + (f"; sample completions in {COMPLETIONS}" if samples is not None else ""))
+             f"beta {o.kl_coef:g}" + (f"; sample completions in {COMPLETIONS}" if samples is not None else "")
+             + (f"; episodes of up to {o.max_turns} turns and {o.max_new_tokens} tokens" if rollout is not None else ""))
     return trainer, counter
 
 

@@ -14,7 +14,8 @@ from lmforge.shared.train.patches import trainer as trainer_seams
 
 PROGRESS = "lmforge_progress.json"   # in each checkpoint: the run's totals so far (for --resume)
 # what a log line holds that the progress line shows too, and how it is labelled there
-SHOWN = {"reward": "reward", "kl": "kl", "rewards/accuracies": "acc", "rewards/margins": "margin", "accuracy": "acc"}
+SHOWN = {"reward": "reward", "kl": "kl", "rewards/accuracies": "acc", "rewards/margins": "margin", "accuracy": "acc",
+         "agent/turns": "turns"}
 
 
 def step_of(checkpoint: Path | None) -> int:
@@ -124,8 +125,14 @@ def make_callbacks(collator, out: Path, total_hint: int, resumed_step: int, prev
                 self.show()
 
         def on_save(self, args, state, control, **kw):
-            """Beside the checkpoint: the totals a resumed run starts from."""
-            if not state.is_world_process_zero or self.trainer is None:
+            """Beside the checkpoint: the totals a resumed run starts from (the tokens of every
+            process's batches: a collective, so every process comes here)."""
+            if self.trainer is None:
+                return
+            from lmforge.shared.train.distributed import total
+
+            tokens = total(self.trained_tokens(), replicas)
+            if not state.is_world_process_zero:
                 return
             logged, pending, last_logged = trainer_seams.loss_totals(self.trainer)
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -134,7 +141,7 @@ def make_callbacks(collator, out: Path, total_hint: int, resumed_step: int, prev
                     "step": state.global_step, "loss_sum": before["loss_sum"] + logged,
                     "pending_loss": pending,
                     "last_logged_step": state.global_step if last_logged is None else last_logged,
-                    "tokens": before["tokens"] + self.trained_tokens(),
+                    "tokens": before["tokens"] + tokens,
                     "runtime_seconds": before["runtime_seconds"] + time.monotonic() - self.start})
 
         def on_train_end(self, args, state, control, **kw):

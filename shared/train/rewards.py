@@ -11,8 +11,17 @@ A spec names one reward:
 - a reward model directory from `train rm` (its adapter and value head), scored at the last token.
 
 Each is a callable in TRL's reward-function form: f(prompts=..., completions=..., completion_ids=...,
-reference=[...], **kwargs) -> list[float], with a `__name__` that names it in the logs. "The answer"
-is what follows the last `</think>` when there is one, stripped.
+reference=[...], **kwargs) -> list[float], with a `__name__` that names it in the logs and metrics
+(rewards/NAME/mean): the built-in's name (exact, numeric, format, regex, length), `cmd:` and the
+command's script or program (`cmd:./score.sh` -> cmd:score.sh), a function's name, rm for a reward
+model; made unique with _2, _3 (`unique_names`). "The answer" is what follows the last `</think>`
+when there is one, stripped. A reward given a `Samples` keeps the latest batch it scored, for the
+run's completions.jsonl.
+
+With tools or an environment, a completion is the whole episode (every turn, tool results and
+observations); exact, numeric and regex judge the model's last turn, cmd: rewards get "answer",
+"transcript" and "env_reward" on each line too, Python functions answers=, transcripts=,
+env_rewards=, and a reward model scores the episode after the prompt it was played from.
 """
 
 from __future__ import annotations
@@ -48,16 +57,52 @@ def number_in(text: str) -> float | None:
 _FLOAT32_MAX = 3.4028234663852886e38   # TRL holds rewards as float32: anything larger becomes inf
 
 
+class Samples:
+    """The latest batch of completions with each reward's scores. TRL scores a batch with each reward
+    in turn, on the same lists: a reward already in the batch, or other completions, start the next."""
+
+    def __init__(self) -> None:
+        self.batch: dict | None = None
+        self.serial = 0   # batches seen
+
+    def add(self, name: str, prompts: list, completions: list, references: list, values: list[float]) -> None:
+        batch = self.batch
+        if batch is None or name in batch["rewards"] or batch["completions"] != completions:
+            self.serial += 1
+            batch = self.batch = {"prompts": list(prompts), "completions": list(completions),
+                                  "references": list(references), "rewards": {}}
+        batch["rewards"][name] = list(values)
+
+
+# What an agent rollout (agent/trainer.py) adds to each completion, and the names rewards read
+# them by: the content of the model's last turn, the turns as chat messages, the environment's reward
+EPISODE = {"lmforge_answer": "answer", "lmforge_transcript": "transcript", "lmforge_env_reward": "env_reward"}
+
+
 class Reward:
-    """A named reward function in TRL's calling convention."""
+    """A named reward function in TRL's calling convention.
+
+    With tools or an environment a completion is a whole episode: `episode` then holds, while a
+    batch is scored, the lists named in EPISODE (answer, transcript, env_reward) per completion, and
+    rewards that judge the answer (`judges_answer`) compare the model's last turn, not the episode's
+    text (where a tool's output could hold the right number)."""
 
     __name__ = "reward"
+    samples: Samples | None = None   # where the scored batch is kept for the run's log (grpo.py)
+    judges_answer = False
+    episode: dict[str, list] | None = None
 
     def __call__(self, prompts: list, completions: list, completion_ids: list | None = None,
                  reference: list | None = None, **kwargs: Any) -> list[float]:
         references = reference if reference is not None else [None] * len(completions)
-        values = self.score(list(prompts), list(completions), list(completion_ids or [[]] * len(completions)),
-                            list(references))
+        episode = {name: list(kwargs[key]) for key, name in EPISODE.items() if kwargs.get(key) is not None}
+        texts = episode["answer"] if self.judges_answer and "answer" in episode else completions
+        self.episode = episode or None
+        try:
+            values = self.score(list(prompts), list(texts), list(completion_ids or [[]] * len(completions)),
+                                list(references))
+        finally:
+            self.episode = None
         # TRL sums the terms with nansum: a NaN would silently count as 0, an inf ruin the advantages
         for i, value in enumerate(values):
             if not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
@@ -66,6 +111,8 @@ class Reward:
                          if rows is not None and i < len(rows) else f"completion {i + 1} of the batch")
                 raise BadInput(f"reward {self.__name__} gave {value!r} for {where}: not a finite number",
                                "make the reward return finite numbers")
+        if self.samples is not None:
+            self.samples.add(self.__name__, list(prompts), list(completions), references, values)
         return values
 
     def score(self, prompts: list[str], completions: list[str], completion_ids: list[list[int]],
@@ -75,6 +122,7 @@ class Reward:
 
 class Exact(Reward):
     __name__ = "exact"
+    judges_answer = True
 
     def score(self, prompts, completions, completion_ids, references):
         return [float(ref is not None and answer_of(c) == answer_of(ref)) for c, ref in zip(completions, references)]
@@ -82,6 +130,7 @@ class Exact(Reward):
 
 class Numeric(Reward):
     __name__ = "numeric"
+    judges_answer = True
 
     def score(self, prompts, completions, completion_ids, references):
         out = []
@@ -92,8 +141,10 @@ class Numeric(Reward):
 
 
 class Pattern(Reward):
-    def __init__(self, pattern: re.Pattern, name: str):
+    def __init__(self, pattern: re.Pattern, name: str, judges_answer: bool = False):
         self.pattern, self.__name__ = pattern, name
+        # format looks for the think block that opens the first turn; a regex judges the answer
+        self.judges_answer = judges_answer
 
     def score(self, prompts, completions, completion_ids, references):
         return [float(self.pattern.fullmatch(c) is not None) for c in completions]
@@ -110,14 +161,16 @@ class Length(Reward):
 class Command(Reward):
     """A program: JSON lines {"prompt", "completion", "reference"} on stdin, one number per line out."""
 
-    __name__ = "cmd"
-
     def __init__(self, command: str, timeout: float = 60.0):
         self.command, self.timeout = command, timeout
+        self.__name__ = command_name(command)
 
     def score(self, prompts, completions, completion_ids, references):
-        lines = "".join(json.dumps({"prompt": p, "completion": c, "reference": r}, ensure_ascii=False) + "\n"
-                        for p, c, r in zip(prompts, completions, references))
+        episode = self.episode or {}
+        lines = "".join(json.dumps({"prompt": p, "completion": c, "reference": r,
+                                    **{name: values[i] for name, values in episode.items()}},
+                                   ensure_ascii=False) + "\n"
+                        for i, (p, c, r) in enumerate(zip(prompts, completions, references)))
         where = f"reward command `{self.command}`"
         # its own process group (session), so that stopping it stops whatever it started too
         proc = subprocess.Popen(self.command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -151,6 +204,22 @@ class Command(Reward):
         return out
 
 
+def command_name(command: str) -> str:
+    """A reward command's name in logs: cmd: and the first word that names a file (the script, as in
+    `python3 score.py` or `awk -f short.awk`), else the program, without its directory."""
+    import os
+    import shlex
+
+    try:
+        words = shlex.split(command)
+    except ValueError:   # unbalanced quotes: the shell will say so when it runs
+        words = command.split()
+    words = [w for w in words if "=" not in w.split("/")[0]][:8] or ["cmd"]   # VAR=value prefixes
+    named = next((w for w in words if not w.startswith("-") and os.path.isfile(w)), words[0])
+    base = os.path.basename(named.rstrip("/")) or named
+    return "cmd:" + (re.sub(r"[^\w.+-]", "_", base)[:40] or "command")
+
+
 def _stop(proc: subprocess.Popen) -> None:
     """Kill a command's whole process group and reap it, without reading its pipes further (a
     child that left the group may hold them open)."""
@@ -178,12 +247,15 @@ class Function(Reward):
 
     def __init__(self, spec: str, function: Callable):
         self.spec, self.function = spec, function
-        self.__name__ = getattr(function, "__name__", "function")
+        name = getattr(function, "__name__", "")
+        # a lambda or a callable object: the name it was given by in the spec
+        self.__name__ = name if name.isidentifier() else spec.rpartition(":")[2]
 
     def score(self, prompts, completions, completion_ids, references):
         try:
+            episode = {name + "s": values for name, values in (self.episode or {}).items()}   # answers=, ...
             values = list(self.function(prompts=prompts, completions=completions, references=references,
-                                        completion_ids=completion_ids))
+                                        completion_ids=completion_ids, **episode))
         except (BadInput, RunFailure):
             raise
         except SystemExit as exc:   # would end the whole run, with its exit code (0: "success", no model)
@@ -252,7 +324,7 @@ def parse(spec: str, timeout: float = 60.0) -> Reward | Path:
         return Pattern(FORMAT, "format")
     if head == "regex":
         try:
-            return Pattern(re.compile(rest, re.DOTALL), "regex")
+            return Pattern(re.compile(rest, re.DOTALL), "regex", judges_answer=True)
         except re.error as exc:
             raise BadInput(f"--reward {spec}: not a regular expression ({exc})") from None
     if head == "length":
@@ -276,14 +348,22 @@ def parse(spec: str, timeout: float = 60.0) -> Reward | Path:
     raise BadInput(f"--reward {spec}: not one of {SPEC_FORMS}")
 
 
-def weights(text: str | None, count: int) -> list[float]:
+def weights(text: str | None, count: int, environment: bool = False) -> list[float]:
+    """The weights of `count` --reward terms, plus the environment's term (last, default 1) when
+    there is one: --reward-weights gives one per --reward, and may give the environment's too."""
+    extra = [1.0] if environment else []
     if not text:
-        return [1.0] * count
+        return [1.0] * count + extra
     try:
         values = [float(w) for w in text.split(",")]
     except ValueError:
         raise BadInput(f"--reward-weights {text}: give comma-separated numbers") from None
-    if len(values) != count:
+    if environment and len(values) == count:
+        values += extra
+    elif len(values) != count + len(extra):
+        if environment:
+            raise BadInput(f"--reward-weights {text}: {len(values)} weights for {count} --reward terms and the "
+                           "environment's", f"give {count} (the environment's is then 1) or {count + 1} (its own last)")
         raise BadInput(f"--reward-weights {text}: {len(values)} weights for {count} --reward terms",
                        "give one weight per --reward, in order")
     for n, value in enumerate(values, 1):
@@ -294,13 +374,17 @@ def weights(text: str | None, count: int) -> list[float]:
 
 
 def unique_names(rewards: list) -> None:
-    """Each reward's log name once: exact, cmd, cmd_2, ..."""
-    seen: dict[str, int] = {}
-    for r in rewards:
-        n = seen.get(r.__name__, 0) + 1
-        seen[r.__name__] = n
-        if n > 1:
-            r.__name__ = f"{r.__name__}_{n}"
+    """Each reward's log name once: exact, cmd:score.sh, cmd:score.sh_2, ... (a suffix that would
+    meet another reward's own name moves on to the next number)."""
+    taken: set[str] = set()
+    names = [r.__name__ for r in rewards]
+    for i, r in enumerate(rewards):
+        name, n = names[i], 1
+        while name in taken or (n > 1 and name in names):
+            n += 1
+            name = f"{names[i]}_{n}"
+        taken.add(name)
+        r.__name__ = name
 
 
 class RewardModel(Reward):
@@ -346,14 +430,17 @@ class RewardModel(Reward):
         self.prompt_ids: dict[str, list[int]] = {}
         self.images: Any = None     # multimodal.PromptImages when the prompts hold images
         self._rows: list[int] | None = None
+        self._heads: list[list[int]] | None = None
         self._torch = torch
 
     def __call__(self, prompts, completions, completion_ids=None, reference=None, **kwargs):
         self._rows = kwargs.get("lmforge_row")   # image prompts: their row numbers (grpo's dataset column)
+        # episodes: the ids each was played from (an environment may have written the prompt)
+        self._heads = kwargs.get("lmforge_prompt_ids")
         try:
             return super().__call__(prompts, completions, completion_ids, reference, **kwargs)
         finally:
-            self._rows = None
+            self._rows = self._heads = None
 
     def score(self, prompts, completions, completion_ids, references):
         torch = self._torch
@@ -363,6 +450,8 @@ class RewardModel(Reward):
 
         if self.images is not None and self._rows is not None:   # the exact ids of each row, and its images
             heads = self.images.prompt_ids(list(self._rows))
+        elif self._heads is not None:
+            heads = [list(h) for h in self._heads]
         else:
             heads = [self.prompt_ids[p] for p in prompts]
         rows = [h + list(c) for h, c in zip(heads, completion_ids)]

@@ -13,7 +13,7 @@ from lmforge.shared.core.commands.training import (EPOCHS, GRAD_ACCUM, KEEP_CHEC
                                                     TRAIN_OUTPUT, TRAIN_OVERWRITE, Base, ContextParallel, Distributed,
                                                     Efficiency,
                                                     EvalData, EvalSteps, LoraPlus, Method, Neftune, Optimiser,
-                                                    Precision, Run, Steps)
+                                                    Precision, Run, Sharding, Steps)
 from lmforge.shared.core.errors import BadInput
 from lmforge.shared.core.options import REQUIRED, Opt, Options, declaration, options_of
 
@@ -52,7 +52,7 @@ class Supervised(Training, EvalData, Efficiency, EvalSteps, Distributed, Context
 
 
 @declaration
-class TrainPT(Supervised, LoraPlus, Neftune):
+class TrainPT(Supervised, LoraPlus, Neftune, Sharding):
     summary: ClassVar[str] = "Continued pre-training on packed text (`data pack --stage pt`)."
     examples: ClassVar[tuple[str, ...]] = (
         "lmforge train pt -m ./base -d corpus.packed -o runs/pt --method full --lr 1e-5",
@@ -63,7 +63,7 @@ class TrainPT(Supervised, LoraPlus, Neftune):
 
 
 @declaration
-class TrainSFT(Supervised, LoraPlus, Neftune):
+class TrainSFT(Supervised, LoraPlus, Neftune, Sharding):
     summary: ClassVar[str] = "Supervised fine-tuning on packed chat data (`data pack --stage sft`)."
     examples: ClassVar[tuple[str, ...]] = (
         "lmforge train sft -m ./base -d sft.packed -o runs/sft --method lora --lora-rank 16 --epochs 2",
@@ -211,6 +211,7 @@ class TrainPPO(Options):
 
 
 GR = "GRPO"
+AG = "Agent"
 GRPO_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo")
 
 
@@ -234,13 +235,14 @@ class TrainGRPO(Training):
     method: str = _methods("badam")
     data: str = Opt(default=REQUIRED, flags=("--data", "-d"), panel=P,
                     help="Prompts (with reference answers where the data has them) packed with `data pack --stage ppo`.")
-    reward: list[str] = REWARD.but(panel=GR, flags=("--reward", "-r"),
-                                   help="A reward (repeat for several): exact, numeric, format, regex:PATTERN, length:N, "
-                                        "cmd:COMMAND (JSON lines in, one number per line out), module:function or "
-                                        "file.py:function, or a reward model directory (`train rm`).")
+    reward: list[str] | None = REWARD.but(default=None, panel=GR, flags=("--reward", "-r"),
+                                          help="A reward (repeat for several; at least one, or an --environment): "
+                                               "exact, numeric, format, regex:PATTERN, length:N, cmd:COMMAND (JSON "
+                                               "lines in, one number per line out), module:function or "
+                                               "file.py:function, or a reward model directory (`train rm`).")
     reward_weights: str | None = Opt(default=None, panel=GR,
                                      help="Weights of the --reward terms, comma-separated in their order (default: 1 "
-                                          "each).")
+                                          "each); with --environment, its term may be weighed last.")
     reward_timeout: float = Opt(default=60.0, min=0, min_open=True, panel=GR,
                                 help="Seconds a cmd: reward may take per batch; one that takes longer is stopped with "
                                      "its children.")
@@ -251,7 +253,9 @@ class TrainGRPO(Training):
                                help="Group size: completions sampled per prompt; advantages are relative to the group.")
     epochs: float = EPOCHS.but(default=1.0, panel=GR)
     max_steps: int = MAX_STEPS.but(panel=GR)
-    max_new_tokens: int = MAX_NEW_TOKENS.but(default=64, help="Longest completion sampled.", panel=GR)
+    max_new_tokens: int = MAX_NEW_TOKENS.but(default=64, panel=GR,
+                                             help="Longest completion sampled (with tools or an environment: the "
+                                                  "whole episode, what tools and the environment wrote included).")
     temperature: float = TEMPERATURE.but(default=1.0, min_open=True, help="Sampling temperature (above 0: GRPO "
                                                                           "samples).", panel=GR)
     top_p: float = TOP_P.but(panel=GR)
@@ -274,12 +278,42 @@ class TrainGRPO(Training):
                                help="Leave completions that hit --max-new-tokens out of the loss (DAPO).")
     vllm: bool = Opt(default=False, panel=GR,
                      help="Generate with vLLM colocated on the training GPU (CUDA with vllm installed).")
+    log_completions: int = Opt(default=4, min=0, panel=GR,
+                               help="At each logging step, write the first prompt of the latest batch with its "
+                                    "first N completions, each reward and the total to OUT/completions.jsonl (0: "
+                                    "none).")
+    tools: str | None = Opt(default=None, panel=AG,
+                            help="JSON file of tools the model may call: OpenAI tool schemas, each with a \"command\" "
+                                 "(text or a list of words) that reads the call's arguments as JSON on stdin and "
+                                 "prints the result.")
+    tool: list[str] | None = Opt(default=None, panel=AG,
+                                 help="A tool run by a command, NAME=COMMAND (repeat for several; replaces the command "
+                                      "of a --tools entry of that name).")
+    environment: str | None = Opt(default=None, panel=AG,
+                                  help="A command that plays episodes over JSON lines (docs/guides/agents.md); its "
+                                       "reward is one more reward term, env.")
+    max_turns: int = Opt(default=4, min=1, panel=AG, help="Model turns per episode at most.")
+    tool_timeout: float = Opt(default=10.0, min=0, min_open=True, panel=AG,
+                              help="Seconds a tool call may take; it is then stopped with its children and the model "
+                                   "reads an error.")
+    tool_output_cap: int = Opt(default=4096, min=1, panel=AG,
+                               help="Bytes of a tool's output the model reads; the rest is cut.")
+    environment_timeout: float = Opt(default=60.0, min=0, min_open=True, panel=AG,
+                                     help="Seconds the environment may take to answer one line.")
     save_steps: int = SAVE_STEPS.but(default=50)
     logging_steps: int = LOGGING_STEPS.but(default=1)
 
     def accepts(self) -> tuple[str, ...]:
         return ("ppo",)
 
+    @property
+    def agentic(self) -> bool:
+        """Episodes of several turns: tools the model calls, or an environment it plays."""
+        return bool(self.tools or self.tool or self.environment)
+
     def check_own(self) -> None:
-        if not self.reward:
-            raise BadInput("give at least one --reward", "e.g. --reward exact")
+        if not self.reward and not self.environment:
+            raise BadInput("give at least one --reward (or an --environment, whose reward is a term)",
+                           "e.g. --reward exact")
+        if self.tools is not None and not Path(self.tools).is_file():
+            raise BadInput(f"--tools {self.tools}: no such file", "give a JSON file listing the tools")

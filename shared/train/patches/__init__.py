@@ -12,6 +12,7 @@ an upgrade changes one.
       lossfn.py      the output layer's loss in chunks (the model's loss_function)
     lorafused.py   PEFT's lora.Linear forward in the base's precision, as one autograd node
     trainer.py     the Trainer's pending-loss totals, for an exact resume
+    fsdp.py        the Trainer's checkpoint steps for a model sharded with FSDP2 (--fsdp)
     grpo.py        TRL GRPOTrainer's private hooks: packed prompt ids, image rows, reward checks
     preference.py  TRL's DPO/KTO and the Trainer's private hooks for reward models and preference losses
 """
@@ -27,6 +28,8 @@ __all__ = ["model_patches", "trainer_patches", "trainer_state_kept", "seams"]
 def seams() -> list[tuple]:
     """Every seam of every patch module: (upstream name, kind, expected parameters or None,
     checked versions)."""
-    from lmforge.shared.train.patches import grpo, lorafused, lossfn, model, preference, trainer
+    from lmforge.shared.train.agent import trainer as agent
+    from lmforge.shared.train.patches import fsdp, grpo, lorafused, lossfn, model, preference, trainer
 
-    return [*model.SEAMS, *trainer.SEAMS, *grpo.SEAMS, *preference.SEAMS, *lorafused.SEAMS, *lossfn.SEAMS]
+    return [*model.SEAMS, *trainer.SEAMS, *grpo.SEAMS, *preference.SEAMS, *lorafused.SEAMS, *lossfn.SEAMS,
+            *fsdp.SEAMS, *agent.SEAMS]

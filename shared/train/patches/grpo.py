@@ -6,7 +6,9 @@
 - `_generate_and_score_completions`, `_compute_loss`, `_get_per_token_logps_and_entropies`: the
   rows' images follow their prompts through TRL's shuffles and splits (a row number per sample);
 - `_save`: with a reward model's adapter on the same base, only the policy's adapter is saved;
-- `_metrics`: read to add lmforge's figures to TRL's log lines.
+- `_metrics`: read to add lmforge's figures to TRL's log lines;
+- with tools or an environment, agent/trainer.py's seams: the rollout plugged in as TRL's
+  `rollout_func`, generating through `_generate_single_turn`.
 
 Checked against TRL 1.16.
 """
@@ -32,12 +34,16 @@ SEAMS = [
 def packed_grpo_trainer_class():
     """TRL's GRPOTrainer on lmforge's packed prompts (made at run time: TRL loads lazily)."""
     import torch
+    from lmforge.shared.train.agent.trainer import AgentTrainerMixin
     from trl import GRPOTrainer
 
-    class PackedGRPOTrainer(GRPOTrainer):
-        """GRPOTrainer on packed prompts: the ids come from the data, not from re-tokenizing text."""
+    class PackedGRPOTrainer(AgentTrainerMixin, GRPOTrainer):
+        """GRPOTrainer on packed prompts: the ids come from the data, not from re-tokenizing text.
+        The agent mixin keeps each batch's rows for an agent rollout (tools, environments); `closing`
+        is called when training ends, however it ends (an environment's process is stopped)."""
 
-        def __init__(self, *args, prompt_ids: dict, counter, images=None, **kwargs):
+        def __init__(self, *args, prompt_ids: dict, counter, images=None, closing=None, **kwargs):
+            self.lmforge_closing = closing
             self.lmforge_prompt_ids = prompt_ids
             self.lmforge_counter = counter
             self.lmforge_images = images
@@ -45,6 +51,13 @@ def packed_grpo_trainer_class():
             self.lmforge_group_std: list[float] = []
             self.lmforge_rewards: list[float] = []
             super().__init__(*args, **kwargs)
+
+        def train(self, *args, **kwargs):
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                if self.lmforge_closing is not None:
+                    self.lmforge_closing()
 
         def _tokenize_prompts(self, prompts: list):
             rows, images = self.lmforge_rows, self.lmforge_images

@@ -133,7 +133,9 @@ def install(model) -> Callable[[], None] | None:
         flat = hidden.reshape(-1, hidden.shape[-1])
         targets = shift_labels.reshape(-1).to(flat.device)
         keep = targets != ignore_index
-        total = linear_cross_entropy(flat[keep], stand_in.weight, stand_in.bias, targets[keep])
+        # the real layer's tensors, as they are now: under FSDP2 they are the whole weights only while
+        # the model computes, set on the layer FSDP knows (the stand-in keeps the sharded parameter)
+        total = linear_cross_entropy(flat[keep], head.weight, head.bias, targets[keep])
         if num_items_in_batch is None:
             return total / keep.sum().clamp(min=1)
         if torch.is_tensor(num_items_in_batch):
