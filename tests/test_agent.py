@@ -276,6 +276,32 @@ def test_failures_become_observations_and_are_counted(tmp_path):
                  "agent/well_formed_calls": 0.8, "agent/truncated": 0.0}
 
 
+def test_a_row_offering_tools_may_call_those_alone(tmp_path):
+    """A prompt row that offers tools (its packed `tools` column): a call to one of them runs its
+    command; a call to another tool, even one a --tool command runs, is an unknown tool. A row
+    offering none may call every tool, as before."""
+    from lmforge.shared.core.errors import BadInput
+    from lmforge.shared.train.agent.tools import check_rows, names_of, toolset
+
+    tools = toolset(specs=[f"calc={_script(tmp_path, 'calc.py', CALC)}", "mine=sh -c 'touch mine; ls'"])
+    turns = [_call("calc", '{"expr": "6*7"}'), _call("mine", "{}"), _call("mine", "{}")]
+    tok, renderer = _setup(tmp_path, "chatml", [t + " ok 42" for t in turns])
+    model = Scripted(tok, {k: [t, "ok<|im_end|>"] for k, t in enumerate(turns)})
+    agent = _agent(renderer, tok, tools, max_turns=3, max_tokens=300)
+    prompt = tok("<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    rows = [{"prompt": "p", "tools": CALC_TOOLS}, {"prompt": "p", "tools": CALC_TOOLS}, {"prompt": "p", "tools": ""}]
+    episodes = agent.play(agent.episodes(rows, lambda row: prompt), model)
+    assert [e.offered for e in episodes] == [{"calc"}, {"calc"}, None]
+    told = [e.messages[1]["content"] for e in episodes]
+    assert told == ["42", "error: there is no tool named 'mine' (tools: calc)", "mine"]
+    assert [e.errors for e in episodes] == [0, 1, 0] and all(e.done and e.answer == "ok" for e in episodes)
+    assert names_of(CALC_TOOLS) == ["calc"] and names_of("") == names_of("{") == names_of('{"a": 1}') == []
+    check_rows(tools, [CALC_TOOLS, "", None])
+    with pytest.raises(BadInput, match="^--data x: row 2 offers the tool 'calc', which no command runs"):
+        check_rows(toolset(specs=["mine=cat"]), ["", CALC_TOOLS], where="--data x: ")
+    check_rows(toolset(specs=["mine=cat"]), ["", CALC_TOOLS], env_handles=True)   # the environment may run it
+
+
 def test_max_turns_and_the_token_budget_end_episodes(tmp_path):
     tok, renderer = _setup(tmp_path, "chatml", [_call("calc", '{"expr": "1+1"}') + " 2"])
     again = _call("calc", '{"expr": "1+1"}')
@@ -337,6 +363,32 @@ def test_environment_plays_episodes_in_one_process(tmp_path):
     assert won.mask == [1] * n1 + [0] * (len(won.ids) - n1 - n2) + [1] * n2
     assert [m["role"] for m in won.messages] == ["assistant", "user", "assistant"]
     assert metrics([won, lost], environment=True)["agent/env_reward"] == pytest.approx(0.4)
+
+
+def test_an_environment_written_prompt_shows_the_rows_tools(tmp_path):
+    """When the environment writes the prompt, it shows the tools the row offers (and the
+    environment's), not every tool a command runs; a row offering none shows them all."""
+    from lmforge.shared.train.agent.environment import Environment
+    from lmforge.shared.train.agent.tools import toolset
+
+    spec = json.loads(CALC_TOOLS)
+    spec[0]["command"] = ["cat"]
+    (tmp_path / "tools.json").write_text(json.dumps(spec + [{"name": "mine", "description": "x", "command": "cat"}]))
+    tools = toolset(str(tmp_path / "tools.json"))
+    env = _script(tmp_path, "env.py", "import json, sys\nfor line in sys.stdin:\n    m = json.loads(line)\n"
+                  "    a = {'episode': m['episode']}\n    if m['type'] == 'reset':\n        a['observation'] = 'hello'\n"
+                  "    elif m['type'] == 'step':\n        a['done'] = True\n    print(json.dumps(a), flush=True)\n")
+    tok, renderer = _setup(tmp_path, "chatml", [json.dumps(tools.schemas()) + " hello ok"])
+    agent = _agent(renderer, tok, tools, environment=Environment(env), max_turns=2, max_tokens=200)
+    rows = [{"prompt": "p", "tools": CALC_TOOLS}, {"prompt": "p", "tools": ""}]
+    try:
+        episodes = agent.play(agent.episodes(rows, lambda row: [0]), Scripted(tok, {0: ["ok<|im_end|>"],
+                                                                                 1: ["ok<|im_end|>"]}))
+    finally:
+        agent.environment.close()
+    shown = [tok.decode(e.prompt_ids, skip_special_tokens=False) for e in episodes]
+    assert all('"calc"' in text and "hello" in text for text in shown), shown
+    assert '"mine"' not in shown[0] and '"mine"' in shown[1], shown
 
 
 def test_an_environment_left_open_goes_with_its_object(tmp_path):

@@ -104,6 +104,70 @@ def prompts(tmp_path_factory):
     return {"base": base, "ppo": work / "ppo.arrow"}
 
 
+@pytest.fixture(scope="module")
+def tool_prompts(tmp_path_factory):
+    """Prompts of which every other row offers the calc tool (its `tools` column), packed for
+    stories260K with the default template (which writes the tools into the prompt)."""
+    work = tmp_path_factory.mktemp("agent-tools")
+    calc = json.dumps([{"name": "calc", "parameters": {"type": "object", "properties": {"expr": {"type": "string"}}}}])
+    with open(work / "rows.jsonl", "w") as f:
+        for i in range(8):
+            row: dict = {"conversations": [{"from": "human", "value": f"{i} plus {i}?"},
+                                           {"from": "gpt", "value": str(2 * i)}]}
+            if i % 2 == 0:
+                row["tools"] = calc
+            f.write(json.dumps(row) + "\n")
+    ok(["data", "align", work / "rows.jsonl", "-o", work / "rows.arrow"])
+    ok(["data", "pack", work / "rows.arrow", "-m", shared_path(STORIES), "-t", "default", "-s", "ppo",
+        "--cutoff", "192", "-o", work / "ppo.arrow"])
+    return {"base": shared_path(STORIES), "ppo": work / "ppo.arrow"}
+
+
+def test_grpo_runs_the_tools_the_rows_offer(tool_prompts, tmp_path):
+    """Rows offering calc, and calc run by a --tool command: the run trains (each row's episodes
+    may call its own tools: tests/test_agent.py checks the calls)."""
+    (tmp_path / "calc.py").write_text(guide_calc())
+    out = tmp_path / "run"
+    result = ok(["train", "grpo", "-m", tool_prompts["base"], "-d", tool_prompts["ppo"], "-o", out,
+                 "--max-steps", "1", "--reward", "exact", "--tool", f"calc={sys.executable} {tmp_path / 'calc.py'}",
+                 "--max-new-tokens", "16", "--batch-size", "2", "--num-generations", "2", "--logging-steps", "1",
+                 "--max-turns", "2"])
+    assert result.stdout.decode().strip() == str(out)
+    assert [e["step"] for e in _entries(out)] == [1]
+
+
+def test_the_prompts_trl_reads_carry_each_rows_tools(tool_prompts):
+    """The rows TRL hands to the rollout carry `tools`; packs made before that column (or whose
+    rows offer none) give no such column, and every tool stays callable."""
+    from types import SimpleNamespace
+
+    import datasets
+    from lmforge.shared.data.packed import open_packed
+    from lmforge.shared.train.grpo import prompts_dataset
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tool_prompts["base"]))
+    data = open_packed(str(tool_prompts["ppo"]), ("ppo",))
+    dataset, _, _ = prompts_dataset(data, tokenizer, ["</s>"])
+    assert [json.loads(t)[0]["function"]["name"] if t else "" for t in dataset["tools"]] == ["calc", ""] * 4
+    old = SimpleNamespace(dataset=datasets.Dataset.from_dict({"prompt_ids": [[1, 2]], "response_ids": [[3]]}))
+    assert "tools" not in prompts_dataset(old, tokenizer, ["</s>"])[0].column_names
+    none = SimpleNamespace(dataset=old.dataset.add_column("tools", [""]))
+    assert "tools" not in prompts_dataset(none, tokenizer, ["</s>"])[0].column_names
+
+
+def test_a_row_offering_a_tool_no_command_runs_is_refused_in_one_line(tool_prompts, tmp_path):
+    err = bad(["train", "grpo", "-m", tool_prompts["base"], "-d", tool_prompts["ppo"], "-o", tmp_path / "x",
+               "--reward", "exact", "--tool", "other=cat"])
+    assert f"--data {tool_prompts['ppo']}: row 1 offers the tool 'calc', which no command runs" in err, err
+    assert "--tool calc=COMMAND" in err, err
+    assert not (tmp_path / "x").exists()
+    piped = bad(["train", "grpo", "-m", tool_prompts["base"], "-d", "-", "-o", tmp_path / "y", "--reward", "exact",
+                 "--tool", "other=cat"], input=tool_prompts["ppo"].read_bytes())   # checked once read
+    assert piped.startswith("error: --data -: row 1 offers the tool 'calc'"), piped
+    assert not (tmp_path / "y" / "lmforge.json").exists()
+
+
 def _entries(out: Path) -> list[dict]:
     return [e for e in (json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines()) if "reward" in e]
 

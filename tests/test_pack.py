@@ -272,6 +272,29 @@ def test_pairwise_kto_and_ppo_stages(tmp_path):
     assert all(r["prompt_ids"][-len(header):] == header and r["response_ids"][-1] == end for r in rows)
 
 
+def test_ppo_rows_keep_their_tools(tmp_path, words_model):
+    """`data pack --stage ppo` keeps each row's tool schemas (the aligned `tools` column, "" when
+    none) beside its prompt: an agent's episode of that prompt may call those tools."""
+    import pyarrow as pa
+
+    tool = '[{"type": "function", "function": {"name": "f", "parameters": {}}}]'
+    rows = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}], "tools": tool},
+            TWO_TURNS]
+    data = aligned(tmp_path, "tools", rows)
+    want = [r["tools"] for r in read_rows(data)]
+    assert want[0] and json.loads(want[0])[0]["function"]["name"] == "f" and want[1] == ""
+    out = tmp_path / "ppo.arrow"
+    ok(["data", "pack", data, "-m", words_model, "-t", "chatml", "-s", "ppo", "-o", out])
+    packed = read_rows(out)
+    assert [r["tools"] for r in packed] == want
+    assert all(r["prompt_ids"] and r["response_ids"] for r in packed)
+    assert pa.ipc.open_stream(pa.memory_map(str(out))).schema.field("tools").type == pa.string()
+    sft = read_rows(ok(["data", "pack", data, "-m", words_model, "-t", "chatml"]).stdout)
+    assert all("tools" not in r for r in sft)                      # other stages: as they were
+    assert "prompt_ids" in ok(["data", "stats", out]).stdout.decode()
+    assert "row 1" in ok(["data", "show", out, "--decode", "-m", words_model]).stdout.decode()
+
+
 def test_determinism_and_num_proc(tmp_path):
     tokdir = shared_path("tokenizers/qwen3")
     data = tmp_path / "a.arrow"

@@ -6,7 +6,9 @@ Per stage (columns of the packed Arrow data):
     sft     input_ids, labels, lengths       chat-rendered; labels -100 outside assistant outputs
     rm/dpo  prompt_ids, chosen_ids, rejected_ids
     kto     prompt_ids, response_ids, label
-    ppo     prompt_ids, response_ids         the generation prompt (+ the reference answer, if any)
+    ppo     prompt_ids, response_ids, tools  the generation prompt (+ the reference answer, if any), and
+                                             the row's tool schemas (JSON text, "" when none): the
+                                             tools an agent's episode of that prompt may call
 
 `lengths` lists the examples inside a row: one entry unpacked; with --packing several (the row
 is their concatenation); with --neat-packing training restarts position ids at each boundary so
@@ -44,7 +46,7 @@ SCHEMAS = {
     "rm": pa.schema([("prompt_ids", IDS), ("chosen_ids", IDS), ("rejected_ids", IDS)]),
     "dpo": pa.schema([("prompt_ids", IDS), ("chosen_ids", IDS), ("rejected_ids", IDS)]),
     "kto": pa.schema([("prompt_ids", IDS), ("response_ids", IDS), ("label", pa.bool_())]),
-    "ppo": pa.schema([("prompt_ids", IDS), ("response_ids", IDS)]),
+    "ppo": pa.schema([("prompt_ids", IDS), ("response_ids", IDS), ("tools", pa.string())]),
 }
 IGNORE = -100
 IGNORE_ROW = array("i", [IGNORE])
@@ -69,6 +71,7 @@ class Columns:
         self.flat = {n: array("i") for n in names}
         self.lens = {n: array("i") for n in names}
         self.flags: list[bool] = []
+        self.tools: list[str] = []            # ppo: each row's tool schemas (JSON text, "" when none)
         self.images: list[list[bytes]] = []   # vision-language sft: each row's images, in token order
         # the examples that were cut: (row here, example in the row, aligned row number, what it lost)
         self.marks: list[tuple[int, int, int, Cut]] = []
@@ -458,6 +461,8 @@ class Encoder:
                 out.put(name, ids)
             if stage == "kto":
                 out.flags.append(bool(rows[i]["label"]))
+            elif stage == "ppo":
+                out.tools.append(rows[i]["tools"] or "")
         return out, counts
 
 

@@ -108,7 +108,7 @@ class RowWriter:
             yield from self._pt_blocks(final=True)
 
     def _emit(self, out: Columns, capacity: int = 0) -> Iterator[pa.RecordBatch]:
-        names = [n for n in self.schema.names if n not in ("label", "images", "prompt_images")]
+        names = [n for n in self.schema.names if n not in ("label", "tools", "images", "prompt_images")]
         rows = len(out.lens[names[0]])
         for row, example, source, cut in out.marks:
             if len(self.stats.cut_examples) < RECORDS:
@@ -121,6 +121,8 @@ class RowWriter:
         arrays = [out.arrow(n) for n in names]
         if self.o.stage == "kto":
             arrays.append(columns.bools(out.flags))
+        elif self.o.stage == "ppo":
+            arrays.append(pa.array(out.tools, type=pa.string()))
         if len(self.schema.names) > len(SCHEMAS[self.o.stage].names):   # the rows' images, in token order
             self.stats.images += sum(len(x) for x in out.images)
             arrays.append(pa.array(out.images, type=IMAGES))

@@ -63,12 +63,18 @@ def validate(o: TrainGRPO) -> None:
         rewards_.parse(spec)
     rewards_.weights(o.reward_weights, len(o.reward or []), environment=bool(o.environment))
     if o.agentic:   # the tools' programs and the environment's exist (it starts on first use)
+        from lmforge.shared.core.arrowio import is_stdin, open_arrow
         from lmforge.shared.train.agent.environment import Environment
-        from lmforge.shared.train.agent.tools import toolset
+        from lmforge.shared.train.agent.tools import check_rows, toolset
 
-        toolset(o.tools, o.tool, timeout=o.tool_timeout, cap=o.tool_output_cap)
+        tools = toolset(o.tools, o.tool, timeout=o.tool_timeout, cap=o.tool_output_cap)
         if o.environment:
             Environment(o.environment, o.environment_timeout)
+        if not is_stdin(o.data):   # piped data is checked once read (agent_rollout)
+            source = open_arrow(o.data)
+            if "tools" in source.schema.names:
+                column = (t for batch in source.batches() for t in batch.column("tools").to_pylist())
+                check_rows(tools, column, env_handles=bool(o.environment), where=f"--data {o.data}: ")
 
 
 def agent_rollout(o: TrainGRPO, tokenizer, data, stop_ids: list[int]):
@@ -77,7 +83,7 @@ def agent_rollout(o: TrainGRPO, tokenizer, data, stop_ids: list[int]):
     from lmforge.shared.data import templates
     from lmforge.shared.train.agent.environment import Environment
     from lmforge.shared.train.agent.rollout import Agent
-    from lmforge.shared.train.agent.tools import toolset
+    from lmforge.shared.train.agent.tools import check_rows, toolset
     from lmforge.shared.train.agent.trainer import AgentRollout
 
     recorded = data.meta.get("template") or {}
@@ -87,6 +93,8 @@ def agent_rollout(o: TrainGRPO, tokenizer, data, stop_ids: list[int]):
     known = {k: v for k, v in (recorded.get("reasoning") or {}).items() if k in ("keep", "thinking", "mask_empty_think")}
     renderer = templates.renderer(recorded["name"], tokenizer, templates.Reasoning(**known) if known else None)
     tools = toolset(o.tools, o.tool, timeout=o.tool_timeout, cap=o.tool_output_cap)
+    if "tools" in data.dataset.column_names:   # each row's tools: those its episodes may call
+        check_rows(tools, data.dataset["tools"], env_handles=bool(o.environment), where=f"--data {o.data}: ")
     environment = Environment(o.environment, o.environment_timeout) if o.environment else None
     agent = Agent(renderer, tokenizer, stop_ids, tools, environment, max_turns=o.max_turns,
                   max_tokens=o.max_new_tokens)
@@ -96,8 +104,9 @@ def agent_rollout(o: TrainGRPO, tokenizer, data, stop_ids: list[int]):
 
 def prompts_dataset(data, tokenizer, stop_words: list[str]):
     """Packed ppo rows -> the dataset TRL reads: prompt text (decoded, specials kept), the
-    reference answer text (and, for image data, the row number); plus the map from prompt text back
-    to its exact ids."""
+    reference answer text, the row number and, when rows offer tools, their schemas (`tools`, the
+    agent rollout's per-row tool set; TRL hands the batch's rows to it); plus the map from prompt
+    text back to its exact ids."""
     import datasets
 
     ids_by_text: dict[str, list[int]] = {}
@@ -117,6 +126,10 @@ def prompts_dataset(data, tokenizer, stop_words: list[str]):
     # the row number reaches the rewards: two image prompts may read the same (the row tells them
     # apart), and a reward's error names the row
     columns: dict = {"prompt": prompts, "reference": references, "lmforge_row": list(range(len(prompts)))}
+    # (packs made before the column existed have none: every row may then call every tool)
+    tools = data.dataset["tools"] if "tools" in data.dataset.column_names else []
+    if any(tools):
+        columns["tools"] = [t or "" for t in tools]
     return datasets.Dataset.from_dict(columns), ids_by_text, has_reference
 
 

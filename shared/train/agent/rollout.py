@@ -28,7 +28,7 @@ from lmforge.shared.core.errors import BadInput
 from lmforge.shared.data.aligned import ASSISTANT, TOOL, USER
 from lmforge.shared.data.templates import prompt_opens_think
 from lmforge.shared.train.agent.environment import Environment, row_for_environment
-from lmforge.shared.train.agent.tools import Result, ToolSet
+from lmforge.shared.train.agent.tools import Result, ToolSet, names_of
 from lmforge.shared.train.agent.turns import Reply, Writer, malformed_message, read_reply
 
 
@@ -47,6 +47,7 @@ class Episode:
     row: dict
     prompt_ids: list[int]
     tools_json: str = ""               # the schemas shown to the model (for templates that need them)
+    offered: set[str] | None = None    # the tools its row offers (None: the row names none, so all run)
     env_tools: set[str] = field(default_factory=set)
     ids: list[int] = field(default_factory=list)       # the completion: all turns
     mask: list[int] = field(default_factory=list)      # 1 = written by the model
@@ -106,8 +107,13 @@ class Agent:
     # -- episodes
     def episodes(self, rows: list[dict], prompt_ids: Callable[[dict], list[int]]) -> list[Episode]:
         self._count += 1
-        return [Episode(i, f"{self._count}-{i}", row, list(prompt_ids(row)), row.get("tools") or "")
-                for i, row in enumerate(rows)]
+        out = []
+        for i, row in enumerate(rows):
+            shown = row.get("tools") or ""
+            # a row that offers tools (packed with its prompt) may call those alone
+            out.append(Episode(i, f"{self._count}-{i}", row, list(prompt_ids(row)), shown,
+                               set(names_of(shown)) or None))
+        return out
 
     def play(self, episodes: list[Episode], generate: Generate) -> list[Episode]:
         """Run the episodes to their end; their fields hold the outcome."""
@@ -160,7 +166,8 @@ class Agent:
         if e.env_tools:
             self._need_tool_style()
         if reply.get("observation") is not None:   # the environment writes the prompt
-            listed = [*self.tools.schemas(), *tools]
+            mine = json.loads(e.tools_json) if e.offered is not None else self.tools.schemas()
+            listed = [*mine, *(t for t in tools if (t.get("function") or t).get("name") not in (e.offered or ()))]
             shown = json.dumps(listed, ensure_ascii=False) if listed else ""
             e.prompt_ids, text = self.writer.prompt_ids(reply["observation"], reply.get("system") or "", shown)
             e.spaces = text[len(text.rstrip(" ")):]
@@ -203,10 +210,11 @@ class Agent:
                 if e.turns < self.max_turns:   # results that would never be read are not fetched
                     for j, c in enumerate(reply.calls):
                         if c["name"] not in e.env_tools:
-                            if e.workdir is None and c["name"] in self.tools.tools:   # before the threads
+                            runs = c["name"] in self.tools.tools and (e.offered is None or c["name"] in e.offered)
+                            if e.workdir is None and runs:   # before the threads
                                 e.workdir = tempfile.mkdtemp(prefix="lmforge-episode-", dir=self.workdir_root)
                             jobs.append((e, j, pool.submit(self.tools.call, c["name"], c["arguments"], e.workdir,
-                                                           e.id)))
+                                                           e.id, e.offered)))
             elif self.environment is not None:
                 follow.append((e, reply, "observation"))
             else:

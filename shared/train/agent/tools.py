@@ -24,6 +24,7 @@ import shlex
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Collection, Iterable
 
 from lmforge.shared.core.errors import BadInput, RunFailure, close_names
 from lmforge.shared.train.agent import commands
@@ -79,19 +80,15 @@ class ToolSet:
 
     def missing(self, schemas_json: str) -> list[str]:
         """The names in a row's tools column (JSON text) that no command runs."""
-        if not schemas_json:
-            return []
-        try:
-            listed = json.loads(schemas_json)
-        except ValueError:
-            return []
-        names = [((t.get("function") or t) if isinstance(t, dict) else {}).get("name") for t in listed or []]
-        return [n for n in names if isinstance(n, str) and n not in self.tools]
+        return [n for n in names_of(schemas_json) if n not in self.tools]
 
-    def call(self, name: str, arguments: object, workdir: str | None, episode: str = "") -> Result:
+    def call(self, name: str, arguments: object, workdir: str | None, episode: str = "",
+             offered: Collection[str] | None = None) -> Result:
+        """Run one call. `offered`: the tools the episode's prompt offers (its row's), when it
+        names them; a call to any other is an unknown tool, even one a command runs."""
         tool = self.tools.get(name)
-        if tool is None:
-            known = ", ".join(self.tools) or "none"
+        if tool is None or (offered is not None and name not in offered):
+            known = ", ".join(n for n in self.tools if offered is None or n in offered) or "none"
             return Result(f"error: there is no tool named {name!r} (tools: {known})", True, "unknown")
         if not isinstance(arguments, dict):
             return Result(f"error: the arguments of {name} must be a JSON object, not {_kind(arguments)}",
@@ -119,6 +116,21 @@ class ToolSet:
             said = _last_line(ran.stderr.decode("utf-8", "replace")) or _last_line(out) or "no message"
             return Result(f"error: {name} failed (exit {ran.code}): {said}", True, "exit")
         return Result(out[:-1] if out.endswith("\n") else out)
+
+
+def names_of(schemas_json: str) -> list[str]:
+    """The tool names of a tools column's JSON text (OpenAI schemas or bare functions); none for
+    "" or text that is no JSON list."""
+    if not schemas_json:
+        return []
+    try:
+        listed = json.loads(schemas_json)
+    except ValueError:
+        return []
+    if not isinstance(listed, list):
+        return []
+    names = [((t.get("function") or t) if isinstance(t, dict) else {}).get("name") for t in listed]
+    return [n for n in names if isinstance(n, str)]
 
 
 def _kind(value: object) -> str:
@@ -236,14 +248,14 @@ def toolset(files: list[str] | str | None = None, specs: list[str] | None = None
     return ToolSet(found, timeout, cap)
 
 
-def check_rows(tools: ToolSet, column: list[str], env_handles: bool = False) -> None:
+def check_rows(tools: ToolSet, column: Iterable[str | None], env_handles: bool = False, where: str = "") -> None:
     """Refuse data whose rows offer the model a tool that nothing runs (unless an environment
-    may run it)."""
+    may run it). `where` begins the message (say, "--data FILE: ")."""
     if env_handles:
         return
     for n, text in enumerate(column, 1):
         absent = tools.missing(text or "")
         if absent:
-            raise BadInput(f"row {n} offers the tool {absent[0]!r}, which no command runs",
+            raise BadInput(f"{where}row {n} offers the tool {absent[0]!r}, which no command runs",
                            f"add --tool {absent[0]}=COMMAND or an entry in the --tools file "
                            f"({close_names(absent[0], tools.names) if tools.names else 'no tools given'})")
