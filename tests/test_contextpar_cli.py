@@ -54,8 +54,9 @@ def _losses(out: Path) -> list[float]:
 
 
 @pytest.mark.parametrize("stage, mode, more", [("sft", "ulysses", []), ("sft", "ring", []), ("dpo", "auto", []),
-                                               ("sft", "ulysses", ["--deepspeed", "z2"])],
-                         ids=["sft-ulysses", "sft-ring", "dpo", "sft-zero2"])
+                                               ("sft", "ulysses", ["--deepspeed", "z2"]),
+                                               ("sft", "ring", ["--deepspeed", "z1"])],
+                         ids=["sft-ulysses", "sft-ring", "dpo", "sft-zero2", "sft-zero1"])
 def test_two_processes_train_what_one_does(data, tmp_path, stage, mode, more):
     # SGD, not Adam: Adam's update divides by the gradient's own size, so a gradient of 1e-9 in one run
     # and -1e-9 in the other (rounding) moves a weight by +-lr; SGD's difference stays that of the gradients

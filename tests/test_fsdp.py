@@ -220,6 +220,13 @@ def test_sharded_checkpoints_resume_on_another_number_of_processes(runs, tmp_pat
     _close(up, reference)
     _same_run(up, reference)
     assert _record(up)["hyperparameters"]["world_size"] == 2
+    # 2 -> 4: four processes of one row each resume what two wrote (the same global batch of 4)
+    four = _cut(work / "fsdp-full", tmp_path / "four")
+    _ok(_launch(4, ["train", "sft", *common, *FULL, "--batch-size", "1", "--grad-accum", "1", "--fsdp", "full",
+                    "--resume", "-o", four]))
+    _close(four, reference)
+    _same_run(four, reference)
+    assert _record(four)["hyperparameters"]["world_size"] == 4
 
 
 @pytest.mark.slow   # several torchrun launches: `make test` runs it, `make test-fast` leaves it out

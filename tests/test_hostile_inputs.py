@@ -204,7 +204,7 @@ def test_grpo_with_a_nan_reward_stops_with_exit_2(ppo_prompts, tmp_path):
     line = bad(["train", "grpo", "-m", ppo_prompts["base"], "-d", ppo_prompts["ppo"], "-o", tmp_path / "run",
                 "--reward", "cmd:awk '{print \"nan\"}'", "--max-steps", "1", "--max-new-tokens", "4",
                 "--batch-size", "2", "--num-generations", "2"])
-    assert "reward cmd gave nan for row" in line and "of the data" in line, line
+    assert "reward cmd:awk gave nan for row" in line and "of the data" in line, line
     assert not (tmp_path / "run").exists()
 
 

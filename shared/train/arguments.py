@@ -13,10 +13,12 @@ from lmforge.shared.train.checkpointing import checkpointing_kwargs
 
 
 def deepspeed_config(spec: str) -> dict | str:
-    """z2 | z3 | z3-offload, or a JSON file of one's own."""
+    """z1 | z2 | z3 | z3-offload, or a JSON file of one's own."""
     base = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
             "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
+    if spec == "z1":   # optimizer state sharded; gradients reduced whole, as under DDP
+        return {**base, "zero_optimization": {"stage": 1}}
     if spec == "z2":
         return {**base, "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True}}
     if spec in ("z3", "z3-offload"):
@@ -28,7 +30,7 @@ def deepspeed_config(spec: str) -> dict | str:
         return {**base, "zero_optimization": zero}
     path = Path(spec)
     if not path.is_file():
-        raise BadInput(f"--deepspeed {spec}: not z2, z3, z3-offload or a config file")
+        raise BadInput(f"--deepspeed {spec}: not z1, z2, z3, z3-offload or a config file")
     return str(path)
 
 

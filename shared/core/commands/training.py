@@ -291,7 +291,7 @@ class ContextParallel:
 @declaration
 class Distributed:
     deepspeed: str | None = Opt(default=None, panel=D,
-                                help="DeepSpeed: z2, z3, z3-offload, or a config JSON (launch with torchrun/deepspeed).")
+                                help="DeepSpeed: z1, z2, z3, z3-offload, or a config JSON (launch with torchrun/deepspeed).")
 
     def check_own(self) -> None:
         if getattr(self, "checkpointing", None) == "selective" and zero3(self.deepspeed):
