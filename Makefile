@@ -87,7 +87,7 @@ TEMPLATE ?= chatml
 PT_ARGS  ?= --method full --learning-rate 3e-3 --warmup 0.05 --epochs 40 --batch-size 8 --grad-accum 1
 SFT_ARGS ?= --method lora --lora-rank 16 --lora-target all --learning-rate 5e-3 --epochs 5 --batch-size 8 --grad-accum 1
 DPO_ARGS ?= --method lora --lora-rank 16 --lora-target all --learning-rate 5e-4 --ftx 1.0 --epochs 1 --batch-size 8 --grad-accum 1
-GRPO_ARGS ?= --method lora --lora-rank 16 --learning-rate 2e-3 --reward exact --num-generations 8 --batch-size 4 --max-new-tokens 16 --max-steps 40
+GRPO_ARGS ?= --method lora --lora-rank 16 --learning-rate 2e-3 --reward exact --num-generations 8 --batch-size 32 --max-new-tokens 16 --max-steps 40
 else
 OUT      ?= demo-out-$(notdir $(MODEL))
 BASE     := $(MODEL)
@@ -146,21 +146,28 @@ $(OUT)/sft/lmforge.json: $(OUT)/sft-lora/lmforge.json
 $(OUT)/dpo/lmforge.json: $(OUT)/dpo.packed $(OUT)/sft/lmforge.json
 	$(LM) train dpo -m $(OUT)/sft -d $< -o $(OUT)/dpo $(DPO_ARGS) --overwrite
 
-# GRPO after SFT: the demo's tasks as prompts with their answers; the reward is exact match
-$(OUT)/grpo.packed: $(OUT)/tasks.arrow $(OUT)/sft/lmforge.json
+# GRPO after SFT on prompts with their answers, reward exact match: the built-in demo's prompts are of
+# the tasks the SFT model gets partly right (capitals, last word), a MODEL's run takes every task
+ifeq ($(strip $(MODEL)),)
+GRPO_DATA := $(OUT)/grpo.arrow
+else
+GRPO_DATA := $(OUT)/tasks.arrow
+endif
+$(OUT)/grpo.packed: $(GRPO_DATA) $(OUT)/sft/lmforge.json
 	$(LM) data pack $< -m $(OUT)/sft -t $(TEMPLATE) --stage ppo --cutoff 256 -o $@
 $(OUT)/grpo/lmforge.json: $(OUT)/grpo.packed $(OUT)/sft/lmforge.json
 	$(LM) train grpo -m $(OUT)/sft -d $< -o $(OUT)/grpo $(GRPO_ARGS) --overwrite
 
+# each report beside its predictions (NAME.jsonl), which the table reads for exact match per task
 $(OUT)/eval-before.json: $(OUT)/eval.arrow $(BASE_READY)
-	$(LM) eval generate -m $(BASE) -d $< --template $(TEMPLATE) $(EVAL) > $@.tmp && mv $@.tmp $@
+	$(LM) eval generate -m $(BASE) -d $< --template $(TEMPLATE) $(EVAL) -o $(@:.json=.jsonl) > $@.tmp && mv $@.tmp $@
 $(OUT)/eval-sft.json: $(OUT)/eval.arrow $(OUT)/sft/lmforge.json
-	$(LM) eval generate -m $(OUT)/sft -d $< $(EVAL) > $@.tmp && mv $@.tmp $@
+	$(LM) eval generate -m $(OUT)/sft -d $< $(EVAL) -o $(@:.json=.jsonl) > $@.tmp && mv $@.tmp $@
 $(OUT)/eval-dpo.json: $(OUT)/eval.arrow $(OUT)/dpo/lmforge.json
-	$(LM) eval generate -m $(OUT)/sft --adapter $(OUT)/dpo -d $< $(EVAL) > $@.tmp && mv $@.tmp $@
+	$(LM) eval generate -m $(OUT)/sft --adapter $(OUT)/dpo -d $< $(EVAL) -o $(@:.json=.jsonl) > $@.tmp && mv $@.tmp $@
 
 $(OUT)/eval-grpo.json: $(OUT)/eval.arrow $(OUT)/grpo/lmforge.json
-	$(LM) eval generate -m $(OUT)/sft --adapter $(OUT)/grpo -d $< $(EVAL) > $@.tmp && mv $@.tmp $@
+	$(LM) eval generate -m $(OUT)/sft --adapter $(OUT)/grpo -d $< $(EVAL) -o $(@:.json=.jsonl) > $@.tmp && mv $@.tmp $@
 
 $(OUT)/served.txt: $(OUT)/dpo/lmforge.json
 	$(BIN)/python tests/demo.py --serve-once $(OUT)/sft $(OUT)/dpo > $@.tmp && mv $@.tmp $@
@@ -176,6 +183,7 @@ demo: $(OUT)/eval-before.json $(OUT)/eval-sft.json $(OUT)/eval-dpo.json $(OUT)/e
 	@echo "== eval generate on held-out tasks, before and after training:"
 	@$(BIN)/python tests/demo.py --table before=$(OUT)/eval-before.json \
 		"after sft"=$(OUT)/eval-sft.json "after dpo"=$(OUT)/eval-dpo.json "after grpo"=$(OUT)/eval-grpo.json | sed 's/^/   /'
+	@$(BIN)/python tests/demo.py --reward $(OUT)/grpo/lmforge.json | sed 's/^/   /'
 
 clean-demo:
 	rm -rf $(OUT)

@@ -6,7 +6,9 @@ writes, deterministically,
     chat.json     sharegpt rows {"conversations": [...]} with two tasks per conversation
     prefs.jsonl   pairwise rows {"instruction", "input", "chosen", "rejected"}
     corpus.jsonl  plain text {"text"}, one worked example per document, for pre-training
-    eval.jsonl    held-out alpaca rows for before/after evaluation
+    eval.jsonl    held-out alpaca rows for before/after evaluation (50 per task)
+    grpo.jsonl    prompts of the two tasks the SFT model gets partly right (capitals, last word) with
+                  their answers, for GRPO: a group of sampled answers then holds right and wrong ones
 
 The tasks (reverse a list of words, say its first or last word, count it, write it in capitals)
 are learnable by a model of about a million parameters in minutes, so the metrics really move.
@@ -45,8 +47,8 @@ def answer(task: str, words: list[str]) -> str:
     return " ".join(w.upper() for w in words)
 
 
-def example(rng: random.Random) -> tuple[str, str, str]:
-    task = rng.choice(TASKS)
+def example(rng: random.Random, tasks: tuple[str, ...] = TASKS) -> tuple[str, str, str]:
+    task = rng.choice(tasks)
     words = rng.sample(WORDS, rng.randint(2, 5))
     return INSTRUCTIONS[task], " ".join(words), answer(task, words)
 
@@ -83,20 +85,44 @@ def write(out: Path, rows: int = 2000, seed: int = 0) -> None:
             ins, inp, outp = example(rng)
             f.write(json.dumps({"text": f"{ins}\n{inp}\n{outp}"}) + "\n")
     with open(out / "eval.jsonl", "w", encoding="utf-8") as f:
-        for _ in range(100):
-            ins, inp, outp = example(rng)
+        for task in TASKS:
+            for _ in range(50):
+                ins, inp, outp = example(rng, (task,))
+                f.write(json.dumps({"instruction": ins, "input": inp, "output": outp}) + "\n")
+    with open(out / "grpo.jsonl", "w", encoding="utf-8") as f:
+        for _ in range(rows // 4):
+            ins, inp, outp = example(rng, ("upper", "last"))
             f.write(json.dumps({"instruction": ins, "input": inp, "output": outp}) + "\n")
 
 
 def table(reports: list[tuple[str, Path]]) -> str:
-    """The before/after table `make demo` ends with: one column per model, from `eval --json` files."""
-    loaded = [(name, json.loads(Path(path).read_text())) for name, path in reports]
-    metrics = ["exact_match", "rouge-l", "bleu-4"]
-    width = max(len(name) for name, _ in loaded) + 2
-    lines = ["metric (held-out demo tasks)".ljust(30) + "".join(name.rjust(width) for name, _ in loaded)]
-    for metric in metrics:
-        lines.append(metric.ljust(30) + "".join(f"{report[metric]:.1f}".rjust(width) for _, report in loaded))
+    """The before/after table `make demo` ends with: one column per model, from `eval --json` files,
+    and exact match per task from the predictions saved beside each (`-o NAME.jsonl`)."""
+    loaded = [(name, json.loads(Path(path).read_text()), _per_task(Path(path).with_suffix(".jsonl")))
+              for name, path in reports]
+    width = max(len(name) for name, _, _ in loaded) + 2
+    lines = ["metric (held-out demo tasks)".ljust(30) + "".join(name.rjust(width) for name, _, _ in loaded)]
+    for metric in ["exact_match", "rouge-l", "bleu-4"]:
+        lines.append(metric.ljust(30) + "".join(f"{report[metric]:.1f}".rjust(width) for _, report, _ in loaded))
+    for task in TASKS:
+        if all(task in tasks for _, _, tasks in loaded):
+            lines.append(f"  exact match: {task}".ljust(30)
+                         + "".join(f"{tasks[task]:.1f}".rjust(width) for _, _, tasks in loaded))
     return "\n".join(lines)
+
+
+def _per_task(predictions: Path) -> dict[str, float]:
+    """Exact match (in %) of each task, from `eval generate -o` predictions (none: {})."""
+    if not predictions.exists():
+        return {}
+    by_instruction = {text: task for task, text in INSTRUCTIONS.items()}
+    right: dict[str, list[bool]] = {}
+    for line in predictions.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        task = by_instruction.get(row["prompt"].split("\n")[0])
+        if task is not None:
+            right.setdefault(task, []).append(" ".join(row["prediction"].split()) == " ".join(row["reference"].split()))
+    return {task: 100.0 * sum(marks) / len(marks) for task, marks in right.items()}
 
 
 def serve_once(model: str, adapter: str | None, question: str) -> str:
@@ -138,6 +164,7 @@ def serve_once(model: str, adapter: str | None, question: str) -> str:
 
 USAGE = """usage: python tests/demo.py OUT_DIR [ROWS]          write the demo data
        python tests/demo.py --table NAME=EVAL.json...   the before/after table
+       python tests/demo.py --reward RUN/lmforge.json   a GRPO run's reward, first steps -> last
        python tests/demo.py --serve-once MODEL [ADAPTER]  one request through `lmforge serve`"""
 
 if __name__ == "__main__":
@@ -147,6 +174,10 @@ if __name__ == "__main__":
         sys.exit(2)
     if args[0] == "--table":
         print(table([tuple(a.split("=", 1)) for a in args[1:]]))
+    elif args[0] == "--reward":
+        metrics = json.loads(Path(args[1]).read_text())["metrics"]
+        print(f"GRPO reward on its prompts (sampled answers, mean of the first and of the last steps): "
+              f"{metrics['first_reward']:.2f} -> {metrics['final_reward']:.2f}")
     elif args[0] == "--serve-once":
         question = "Write the words in capital letters.\nowl fox bee"
         print(f"POST /v1/chat/completions  user: {question!r}")
