@@ -98,8 +98,8 @@ CASES = [
     ("config-bad-yaml", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [ALPACA]), "--config",
                                    _file(t, "c.yaml", "columns: [unclosed\n")], "config file"),
     ("unknown-option", lambda t: ["data", "align", "--colour", "x"], "No such option"),
-    ("output-dir-missing", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [ALPACA]), "-o",
-                                      t / "no" / "such" / "out.arrow"], "does not exist"),
+    ("output-through-a-file", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [ALPACA]), "-o",
+                                         t / "a.jsonl" / "out.arrow"], "not a directory"),
     ("output-not-writable", lambda t: ["data", "align", write_jsonl(t / "a.jsonl", [ALPACA]), "-o",
                                        "/proc/out.arrow"], "/proc/out.arrow: no such file or directory"),
     # the slips a hostile review found (nothing half-written is taken for whole)

@@ -124,7 +124,7 @@ def test_a_non_finite_reward_from_a_command_names_the_reward_and_the_row(output)
     from lmforge.shared.core.errors import BadInput
 
     reward = _rewards().parse(f"cmd:echo 1; echo {output}")
-    with pytest.raises(BadInput, match=r"reward cmd gave .* for row 8 of the data \(completion 2 of the batch\)"):
+    with pytest.raises(BadInput, match=r"reward cmd:echo gave .* for row 8 of the data \(completion 2 of the batch\)"):
         reward(prompts=["p", "p"], completions=["a", "b"], lmforge_row=[7, 7])
     with pytest.raises(BadInput, match=r"for completion 2 of the batch: not a finite number"):
         reward(prompts=["p", "p"], completions=["a", "b"])

@@ -322,8 +322,8 @@ def test_train_refuses_mismatches(task, tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("")
     assert "not empty" in bad(["train", "sft", "-m", task["base"], "-d", task["train"], "-o", tmp_path / "busy"])
-    assert "needs CUDA" in bad(["train", "sft", "-m", task["base"], "-d", task["train"], "-o", tmp_path / "o2",
-                                "--fsdp", "--max-steps", "1"])
+    assert "these processes run on the CPU already" in bad(["train", "sft", "-m", task["base"], "-d", task["train"],
+                                                            "-o", tmp_path / "o2", "--fsdp", "offload", "--max-steps", "1"])
     assert "adapters only" in bad(["train", "sft", "-m", task["base"], "-d", task["train"], "-o", tmp_path / "o3",
                                    "--method", "full", "--quant", "8"])
     assert "is aligned data" in bad(["train", "sft", "-m", task["base"], "-d", data, "-o", tmp_path / "o4"])

@@ -24,8 +24,9 @@ from typer.core import TyperCommand, TyperGroup
 _invocation: dict[str, Any] = {"command": "", "options": {}, "given": set()}
 
 # --help into a pipe or a file (a CI log, `| less`): rich would lay it out for 80 columns and cut
-# long flags and help lines; 120 holds every command's (TERMINAL_WIDTH, typer's own setting, still wins)
-if not os.environ.get("TERMINAL_WIDTH") and not sys.stdout.isatty():
+# long flags and help lines; 120 holds every command's (TERMINAL_WIDTH, typer's own setting, still wins).
+# A closed stdout (`>&-`) leaves sys.stdout None: the command itself says so in one line.
+if not os.environ.get("TERMINAL_WIDTH") and sys.stdout is not None and not sys.stdout.isatty():
     import typer.rich_utils
 
     typer.rich_utils.MAX_WIDTH = 120

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lmforge.shared.core.errors import BadInput, RunFailure
+from lmforge.shared.train.agent.commands import stop as stop_group  # the group, reaped, pipes closed
 
 BUILTINS = ("exact", "numeric", "format", "regex", "length")
 FORMAT = re.compile(r"\s*<think>.*?</think>\s*\S.*", re.DOTALL)
@@ -178,13 +179,13 @@ class Command(Reward):
         try:
             stdout, stderr = proc.communicate(lines, timeout=self.timeout)
         except subprocess.TimeoutExpired:
-            _stop(proc)
+            stop_group(proc)
             raise RunFailure(f"{where}: no answer within {self.timeout:g}s (--reward-timeout); stopped it",
                              "make it faster, or raise --reward-timeout") from None
         except BaseException:   # Ctrl-C, SIGTERM: the command goes with the run
-            _stop(proc)
+            stop_group(proc)
             raise
-        _stop(proc)   # what it left running in the background goes too: a reward runs per batch
+        stop_group(proc)   # what it left running in the background goes too: a reward runs per batch
         if proc.returncode != 0:
             said = (stderr.strip().splitlines() or ["(nothing on stderr)"])[-1][:200]
             raise RunFailure(f"{where} failed (exit {proc.returncode}): {said}", "run it by hand on a few JSON lines")
@@ -218,28 +219,6 @@ def command_name(command: str) -> str:
     named = next((w for w in words if not w.startswith("-") and os.path.isfile(w)), words[0])
     base = os.path.basename(named.rstrip("/")) or named
     return "cmd:" + (re.sub(r"[^\w.+-]", "_", base)[:40] or "command")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Kill a command's whole process group and reap it, without reading its pipes further (a
-    child that left the group may hold them open)."""
-    import os
-    import signal
-
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-    for pipe in (proc.stdin, proc.stdout, proc.stderr):
-        try:
-            if pipe is not None:
-                pipe.close()
-        except OSError:
-            pass
 
 
 class Function(Reward):
