@@ -15,7 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common import LMFORGE, record, table, versions
+from common import LMFORGE, command, record, table, versions
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -32,7 +32,7 @@ def main() -> None:
         s.close()
         start = time.perf_counter()
         token = "bench-board-token-0123456789"
-        board = subprocess.Popen([LMFORGE, "board", "--workspace", ws, "--port", str(port), "--token", token],
+        board = subprocess.Popen(command([LMFORGE, "board", "--workspace", ws, "--port", str(port), "--token", token]),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  env={**os.environ, "LMFORGE_LOG_INTERVAL": "1000"})
         url = f"http://127.0.0.1:{port}/?token={token}"

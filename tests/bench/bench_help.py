@@ -7,14 +7,14 @@ import subprocess
 import sys
 import time
 
-from common import LMFORGE, record, table
+from common import LMFORGE, command, record, table
 
 
 def wall(cmd: list[str], repeat: int = 15) -> float:
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
-        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        subprocess.run(command(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

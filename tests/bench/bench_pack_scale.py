@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import LMFORGE, WORK, record, shared, table, versions
+from common import LMFORGE, WORK, command, record, shared, table, versions
 
 ROWS = 1_000_000
 CUTOFF = 1024
@@ -83,7 +83,7 @@ def sampled(cmd: list, cwd: Path | None = None, env: dict | None = None) -> dict
     import os
 
     start = time.perf_counter()
-    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd,
+    proc = subprocess.Popen(command(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd,
                             env={**os.environ, **(env or {})})
     peak = {"tree": 0, "largest": 0, "anon": 0}
 
