@@ -269,11 +269,13 @@ def _equal(report: dict) -> None:
     assert report["grad_param_rel"] <= 20 * TOLERANCE, report   # each parameter against its own largest
 
 
+@pytest.mark.slow   # torchrun launches: `make test` runs it, `make test-fast` leaves it out
 @pytest.mark.parametrize("scenario", TWO)
 def test_two_processes_one_sequence_equal_one_process(two_processes, scenario):
     _equal(two_processes[(scenario, 2, 1)])
 
 
+@pytest.mark.slow   # torchrun launches: `make test` runs it, `make test-fast` leaves it out
 @pytest.mark.parametrize("scenario", MATRIX)
 def test_every_supported_architecture_equals_one_process(two_processes, scenario):
     _equal(two_processes[(scenario, 2, 1)])
@@ -284,18 +286,21 @@ def test_the_matrix_covers_every_supported_architecture():
     assert len(MATRIX) == 2 * len(checks.ARCHS)
 
 
+@pytest.mark.slow   # torchrun launches: `make test` runs it, `make test-fast` leaves it out
 @pytest.mark.parametrize("scenario", FOUR)
 @pytest.mark.parametrize("size, dp", [(2, 2), (4, 1)], ids=["N2xDP2", "N4"])
 def test_four_processes_equal_one_process(four_processes, scenario, size, dp):
     _equal(four_processes[(scenario, size, dp)])
 
 
+@pytest.mark.slow   # torchrun launches: `make test` runs it, `make test-fast` leaves it out
 def test_without_context_parallel_attention_the_shards_miss(two_processes, four_processes):
     """The control: the same shards, each attending only to itself; the comparison would catch it."""
     for report in (two_processes[("control-no-exchange", 2, 1)], four_processes[("control-no-exchange", 4, 1)]):
         assert report["grad_max_diff"] > 100 * TOLERANCE * max(1.0, report["grad_max"]), report
 
 
+@pytest.mark.slow   # torchrun launches: `make test` runs it, `make test-fast` leaves it out
 def test_loader_gives_each_group_the_same_batches_and_the_groups_all_rows(two_processes, four_processes):
     for report in (two_processes[("loader", 2, 1)], four_processes[("loader", 2, 2)],
                    four_processes[("loader", 4, 1)]):
@@ -331,6 +336,7 @@ def _same_training(got: dict, want: dict) -> None:
         assert float((got["state"][key] - value).abs().max()) <= TOLERANCE, key
 
 
+@pytest.mark.slow   # torchrun launches: `make test` runs it, `make test-fast` leaves it out
 def test_trainer_on_two_processes_sharing_each_row_trains_like_one(one_process_trainer, tmp_path):
     _same_training(_trainer(tmp_path, 2, 4, 2, "ring"), one_process_trainer)
 

@@ -53,6 +53,7 @@ def _losses(out: Path) -> list[float]:
     return [e["loss"] for e in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines()) if "loss" in e]
 
 
+@pytest.mark.slow   # torchrun launches: `make test` runs it, `make test-fast` leaves it out
 @pytest.mark.parametrize("stage, mode, more", [("sft", "ulysses", []), ("sft", "ring", []), ("dpo", "auto", []),
                                                ("sft", "ulysses", ["--deepspeed", "z2"]),
                                                ("sft", "ring", ["--deepspeed", "z1"])],

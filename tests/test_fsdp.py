@@ -112,6 +112,7 @@ def runs(tmp_path_factory):
     return found
 
 
+@pytest.mark.slow   # torchrun launches: `make test` runs it, `make test-fast` leaves it out
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_two_sharded_processes_train_what_one_does(runs, method):
     work = runs["work"]
@@ -134,7 +135,7 @@ def test_two_sharded_processes_train_what_one_does(runs, method):
         assert sum(p.numel() for p in model.parameters()) == 260_032
 
 
-@pytest.mark.slow   # several torchrun launches: `make test` runs it, `make test-fast` leaves it out
+@pytest.mark.slow   # torchrun launches: `make test` runs it, `make test-fast` leaves it out
 def test_sharding_composes_with_context_parallel_and_selective_checkpointing(runs, tmp_path):
     """Both processes split each row (one data-parallel group) while FSDP shards the model over them,
     with selective activation checkpointing inside the sharded layers: what one process trains."""
@@ -151,6 +152,7 @@ def test_sharding_composes_with_context_parallel_and_selective_checkpointing(run
     assert _record(two)["metrics"]["tokens"] == _record(one)["metrics"]["tokens"]   # each row counted once
 
 
+@pytest.mark.slow   # torchrun launches: `make test` runs it, `make test-fast` leaves it out
 def test_adapter_merge_after_fsdp_is_exact(runs, tmp_path):
     import torch
     from peft import PeftModel
@@ -185,6 +187,7 @@ def _cut(run: Path, to: Path) -> Path:
     return to
 
 
+@pytest.mark.slow   # torchrun launches: `make test` runs it, `make test-fast` leaves it out
 def test_partial_checkpoints_are_never_taken(runs, tmp_path):
     from lmforge.shared.core import rundir
 
@@ -197,7 +200,7 @@ def test_partial_checkpoints_are_never_taken(runs, tmp_path):
     assert rundir.last_checkpoint(cut).name == "checkpoint-2"
 
 
-@pytest.mark.slow   # several torchrun launches: `make test` runs it, `make test-fast` leaves it out
+@pytest.mark.slow   # torchrun launches: `make test` runs it, `make test-fast` leaves it out
 def test_sharded_checkpoints_resume_on_another_number_of_processes(runs, tmp_path):
     work, common = runs["work"], runs["common"]
     reference = work / "ref-full"
@@ -229,7 +232,7 @@ def test_sharded_checkpoints_resume_on_another_number_of_processes(runs, tmp_pat
     assert _record(four)["hyperparameters"]["world_size"] == 4
 
 
-@pytest.mark.slow   # several torchrun launches: `make test` runs it, `make test-fast` leaves it out
+@pytest.mark.slow   # torchrun launches: `make test` runs it, `make test-fast` leaves it out
 def test_two_local_nodes_reach_the_weights_of_one(runs, tmp_path):
     """Two torchrun agents (one process each) meet through a c10d rendezvous, as two machines would."""
     work, common = runs["work"], runs["common"]
@@ -249,7 +252,7 @@ def test_two_local_nodes_reach_the_weights_of_one(runs, tmp_path):
     assert _record(out)["hyperparameters"]["world_size"] == 2
 
 
-@pytest.mark.slow   # several torchrun launches: `make test` runs it, `make test-fast` leaves it out
+@pytest.mark.slow   # torchrun launches: `make test` runs it, `make test-fast` leaves it out
 def test_a_lost_process_restarts_the_job_from_its_last_checkpoint(runs, tmp_path):
     work, common = runs["work"], runs["common"]
     out = tmp_path / "elastic"
@@ -262,7 +265,7 @@ def test_a_lost_process_restarts_the_job_from_its_last_checkpoint(runs, tmp_path
     assert not (out / "checkpoints").exists()
 
 
-@pytest.mark.slow   # several torchrun launches: `make test` runs it, `make test-fast` leaves it out
+@pytest.mark.slow   # torchrun launches: `make test` runs it, `make test-fast` leaves it out
 def test_processes_that_disagree_are_refused_in_one_line(runs, tmp_path):
     out = tmp_path / "split"
     result = _launch(2, ["train", "sft", *runs["common"], *FULL, "--fsdp", "full", "-o", out], "rank1-lr=0.5")
@@ -274,7 +277,7 @@ def test_processes_that_disagree_are_refused_in_one_line(runs, tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
-@pytest.mark.slow   # several torchrun launches: `make test` runs it, `make test-fast` leaves it out
+@pytest.mark.slow   # torchrun launches: `make test` runs it, `make test-fast` leaves it out
 def test_an_output_directory_a_process_does_not_see_is_refused(runs, tmp_path):
     """Rank 1 runs elsewhere, so the relative -o is another directory for it, as a directory local to
     each node would be."""
@@ -291,6 +294,7 @@ def test_an_output_directory_a_process_does_not_see_is_refused(runs, tmp_path):
     assert not (tmp_path / "node0" / "run").exists()
 
 
+@pytest.mark.slow   # torchrun launches: `make test` runs it, `make test-fast` leaves it out
 def test_refusals_before_anything_loads(runs, tmp_path):
     common = ["-m", runs["base"], "-d", runs["work"] / "sft.packed", "-o", tmp_path / "x"]
     assert "exclude each other" in bad(["train", "sft", *common, "--fsdp", "full", "--deepspeed", "z2"])
@@ -303,6 +307,7 @@ def test_refusals_before_anything_loads(runs, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow   # torchrun launches: `make test` runs it, `make test-fast` leaves it out
 def test_resuming_a_checkpoint_this_run_cannot_continue_is_refused(runs, tmp_path):
     from lmforge.shared.core.errors import BadInput
     from lmforge.shared.train import sharded

@@ -349,6 +349,7 @@ def _launch(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow   # torchrun launches: `make test` runs it, `make test-fast` leaves it out
 def test_ddp_two_processes(task, tmp_path):
     out = tmp_path / "ddp"
     result = _launch(2, ["train", "sft", "-m", task["base"], "-d", task["train"], "-o", out, "--max-steps", "4",
@@ -359,6 +360,7 @@ def test_ddp_two_processes(task, tmp_path):
     assert record["hyperparameters"]["world_size"] == 2 and record["metrics"]["steps"] == 4
 
 
+@pytest.mark.slow   # torchrun launches: `make test` runs it, `make test-fast` leaves it out
 @pytest.mark.parametrize("zero, method", [("z2", "lora"), ("z3", "full")])
 def test_deepspeed_zero_on_cpu(task, tmp_path, zero, method):
     pytest.importorskip("deepspeed")
