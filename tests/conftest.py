@@ -22,6 +22,25 @@ if not Path(LMFORGE[0]).exists():  # not installed as a script: run the module
     LMFORGE = [sys.executable, "-m", "lmforge.tools.main"]
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a server or a torchrun rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, args: list, *launch: str, program: list[str] | None = None, timeout: int = 900,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """`lmforge ARGS` (or PROGRAM ARGS) on NPROC local processes under torchrun, one thread each;
+    `launch` adds torchrun's own options (a rendezvous, --max-restarts)."""
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", str(nproc), "--master-port",
+           str(free_port()), *launch, *(program or [LMFORGE[-1]]), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
 def shared_path(relative: str) -> Path:
     """A path inside the reference folder, or skip the test saying what is missing."""
     path = SHARED / relative

@@ -5,25 +5,17 @@ rounding; and the refusals, each one line before anything loads."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import LMFORGE, bad, ok, shared_path
+from conftest import bad, ok, shared_path, torchrun
 
 STORIES = "models/stories260K"
 
 
 def _launch(nproc: int, args: list) -> subprocess.CompletedProcess:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc-per-node", str(nproc), "--master-port", str(port), LMFORGE[-1], *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return torchrun(nproc, args)
 
 
 @pytest.fixture(scope="module")

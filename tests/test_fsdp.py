@@ -14,25 +14,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import LMFORGE, bad, ok, shared_path
+from conftest import LMFORGE, bad, free_port, ok, shared_path, torchrun
 
 STORIES = "models/stories260K"
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 STEPS = ["--max-steps", "4", "--batch-size", "2", "--logging-steps", "1", "--save-steps", "2"]
 FULL = ["--method", "full", "--lr", "3e-3"]
 LORA = ["--method", "lora", "--lora-rank", "4", "--lr", "0.1", "--optim", "sgd"]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchrun(*launch: str) -> list[str]:
@@ -45,11 +38,8 @@ def _env() -> dict:
 
 def _launch(nproc: int, args: list, fault: str | None = None, *launch: str) -> subprocess.CompletedProcess:
     """`lmforge ARGS` on NPROC local processes (through the fault-injecting worker when asked)."""
-    program = [sys.executable, str(WORKER), fault] if fault else [LMFORGE[-1]]
-    cmd = _torchrun("--nproc-per-node", str(nproc), "--master-port", str(_port()), *launch)
-    if fault:
-        cmd += ["--no-python"]
-    return subprocess.run([*cmd, *program, *map(str, args)], capture_output=True, timeout=600, env=_env())
+    program = ["--no-python", sys.executable, str(WORKER), fault] if fault else None
+    return torchrun(nproc, args, *launch, program=program, timeout=600, env={"LMFORGE_LOG_INTERVAL": "1000"})
 
 
 def _ok(result: subprocess.CompletedProcess) -> str:
@@ -237,7 +227,7 @@ def test_two_local_nodes_reach_the_weights_of_one(runs, tmp_path):
     """Two torchrun agents (one process each) meet through a c10d rendezvous, as two machines would."""
     work, common = runs["work"], runs["common"]
     out = tmp_path / "nodes"
-    port = _port()
+    port = free_port()
     args = ["train", "sft", *common, *FULL, "--grad-accum", "1", "--fsdp", "hybrid", "-o", out]
     nodes = [subprocess.Popen([*_torchrun("--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
                                           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
@@ -283,7 +273,7 @@ def test_an_output_directory_a_process_does_not_see_is_refused(runs, tmp_path):
     each node would be."""
     (tmp_path / "node0").mkdir()
     (tmp_path / "node1").mkdir()
-    cmd = _torchrun("--nproc-per-node", "2", "--master-port", str(_port()), "--no-python", sys.executable,
+    cmd = _torchrun("--nproc-per-node", "2", "--master-port", str(free_port()), "--no-python", sys.executable,
                     str(WORKER), f"rank1-cwd={tmp_path / 'node1'}", "train", "sft",
                     *map(str, runs["common"]), *FULL, "--fsdp", "full", "-o", "run")
     result = subprocess.run(cmd, capture_output=True, timeout=600, env=_env(), cwd=tmp_path / "node0")

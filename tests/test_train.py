@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import LMFORGE, aligned, bad, ok, read_meta, shared_path
+from conftest import LMFORGE, aligned, bad, ok, read_meta, shared_path, torchrun
 
 STORIES = "models/stories260K"
 FAST = ["--batch-size", "4", "--grad-accum", "1", "--logging-steps", "5"]
@@ -339,14 +337,7 @@ def test_train_refuses_mismatches(task, tmp_path):
 
 
 def _launch(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
-    torchrun = Path(sys.executable).parent / "torchrun"
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [str(torchrun), "--nproc-per-node", str(nproc), "--master-port", str(port), LMFORGE[-1], *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return torchrun(nproc, args)
 
 
 @pytest.mark.slow   # torchrun launches: `make test` runs it, `make test-fast` leaves it out
